@@ -1,0 +1,1 @@
+"""Ferry channels: everything that moves bytes."""

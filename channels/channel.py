@@ -1,0 +1,188 @@
+"""Channel objects: each owns its QEMUFile writer (or reader) and its own last block.
+
+A page record omits the block name (CONTINUE) when the block is the one last
+sent *on that channel*; each receiver keeps its own last-received block (in
+its decoder). The PRECOPY channel is the main stream (header, sections,
+commands); the POSTCOPY channel carries bare page records only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import codec
+from . import constants as C
+from .codec import NEED_DATA, StreamDecoder
+from .errors import ProtocolError
+from .qemufile import QEMUFileReader, QEMUFileWriter
+
+PAGE = C.TARGET_PAGE_SIZE
+RAM_CHANNEL_PRECOPY = 0
+RAM_CHANNEL_POSTCOPY = 1
+
+
+class RamSendChannel:
+    """Sender side of a channel that carries RAM page records."""
+
+    kind = "ram"
+
+    def __init__(self, writer: QEMUFileWriter, name: str = ""):
+        self.writer = writer
+        self.name = name or self.kind
+        self.last_sent_block: str | None = None
+        self.normal_pages = 0
+        self.zero_pages = 0
+
+    @property
+    def transferred(self) -> int:
+        return self.writer.transferred
+
+    def reset_last_block(self) -> None:
+        """Forget the last block, so the next record names its block."""
+        self.last_sent_block = None
+
+    def send_range(self, block, p0: int, p1: int) -> tuple[int, int]:
+        """Send target pages [p0, p1) of ``block`` (a RAMBlock) as PAGE/ZERO records.
+
+        Page data goes out by reference (memoryviews of guest RAM); zero pages
+        become ZERO records. Returns (normal, zero) page counts.
+        """
+        w = self.writer
+        nonzero = block.words[p0:p1].any(axis=1)
+        i = p0
+        if self.last_sent_block != block.idstr:
+            # The first record on this channel for this block names it.
+            if nonzero[0]:
+                w.put_bytes(codec.encode_page_header(p0 << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, block.idstr))
+                w.put_ref(block.view[p0 * PAGE:(p0 + 1) * PAGE])
+            else:
+                w.put_bytes(codec.encode_zero_page(p0 << C.TARGET_PAGE_BITS, block.idstr))
+            self.last_sent_block = block.idstr
+            i += 1
+        if i < p1:
+            sub = nonzero[i - p0:]
+            cuts = (np.flatnonzero(sub[1:] != sub[:-1]) + 1).tolist()
+            start = 0
+            for end in cuts + [len(sub)]:
+                s, e = i + start, i + end
+                if sub[start]:
+                    self._put_page_run(block, s, e)
+                else:
+                    w.put_bytes(codec.zero_run_records(np.arange(s, e)))
+                start = end
+        normal = int(np.count_nonzero(nonzero))
+        zero = (p1 - p0) - normal
+        self.normal_pages += normal
+        self.zero_pages += zero
+        return normal, zero
+
+    def _put_page_run(self, block, s: int, e: int) -> None:
+        k = e - s
+        hdr = codec.page_run_headers(np.arange(s, e), C.RAM_SAVE_FLAG_PAGE).view(np.uint8)
+        hb = memoryview(hdr)
+        view = block.view
+        iov = [None] * (2 * k)
+        iov[0::2] = [hb[j:j + 8] for j in range(0, 8 * k, 8)]
+        iov[1::2] = [view[p:p + PAGE] for p in range(s * PAGE, e * PAGE, PAGE)]
+        self.writer.put_iov(iov, k * codec.PAGE_RECORD)
+
+    def send_eos(self) -> None:
+        self.writer.put_bytes(codec.encode_eos())
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def shutdown(self) -> None:
+        self.writer.shutdown()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class PrecopyChannel(RamSendChannel):
+    """The main migration stream: header, commands, sections, RAM records, EOF."""
+
+    kind = "precopy"
+
+    def __init__(self, writer: QEMUFileWriter, name: str = "precopy"):
+        super().__init__(writer, name)
+        self._next_section_id = 0
+
+    def new_section_id(self) -> int:
+        sid = self._next_section_id
+        self._next_section_id += 1
+        return sid
+
+    def send_header(self) -> None:
+        self.writer.put_bytes(codec.encode_header())
+
+    def send_raw(self, data: bytes) -> None:
+        """Commands and other small pre-encoded pieces."""
+        self.writer.put_bytes(data)
+
+    def ram_start(self, section_id: int, blocks, postcopy: bool) -> None:
+        """START section of 'ram': the MEM_SIZE block list, EOS, footer."""
+        w = self.writer
+        w.put_bytes(codec.encode_section_start(C.QEMU_VM_SECTION_START, section_id, C.RAM_SECTION_IDSTR,
+                                               C.RAM_SECTION_INSTANCE, C.RAM_SECTION_VERSION))
+        w.put_bytes(codec.encode_ram_mem_size(((b.idstr, b.length, b.page_size) for b in blocks), postcopy))
+        w.put_bytes(codec.encode_footer(section_id))
+
+    def section_part(self, section_id: int, end: bool = False) -> None:
+        self.writer.put_bytes(codec.encode_section_part(
+            C.QEMU_VM_SECTION_END if end else C.QEMU_VM_SECTION_PART, section_id))
+
+    def section_footer(self, section_id: int) -> None:
+        self.writer.put_bytes(codec.encode_footer(section_id))
+
+    def device_full(self, section_id: int, idstr: str, version: int, payload: bytes) -> None:
+        """A FULL section of one of Ferry's own devices: be32 length + payload."""
+        w = self.writer
+        w.put_bytes(codec.encode_section_start(C.QEMU_VM_SECTION_FULL, section_id, idstr, 0, version))
+        w.put_be32(len(payload))
+        w.put_bytes(payload)
+        w.put_bytes(codec.encode_footer(section_id))
+
+    def send_eof(self, vmdesc: dict | None) -> None:
+        self.writer.put_bytes(codec.encode_eof())
+        if vmdesc is not None:
+            self.writer.put_bytes(codec.encode_vmdesc(vmdesc))
+
+
+class RamRecvChannel:
+    """Receiver side of a channel: a reader and the decoder holding its last block."""
+
+    def __init__(self, reader: QEMUFileReader, decoder: StreamDecoder, name: str = "precopy"):
+        self.reader = reader
+        self.decoder = decoder
+        self.name = name
+
+    @property
+    def last_recv_block(self):
+        return self.decoder.last_block
+
+    @property
+    def transferred(self) -> int:
+        return self.reader.transferred
+
+    def next_event(self):
+        """Next decoded event, or None at a clean end of stream.
+
+        Events that carry page data point into the reader's buffer: use them
+        before calling next_event again.
+        """
+        reader, dec = self.reader, self.decoder
+        while True:
+            ev, n = dec.next_event(reader.view())
+            if ev is not NEED_DATA:
+                reader.consume(n)
+                return ev
+            if not reader.fill(n):
+                have = reader.available()
+                if have == 0 and dec.at_boundary():
+                    return None
+                raise ProtocolError(f"truncated stream on channel {self.name}: {dec.expecting()} needs "
+                                    f"{n} bytes, only {have} before the end of the stream "
+                                    f"(stream offset {dec.offset})")
+
+    def shutdown(self) -> None:
+        self.reader.shutdown()

@@ -1,0 +1,274 @@
+"""QEMUFile-like buffered writer and reader over a Transport.
+
+The writer gathers small fields in a buffer and page data *by reference*
+(memoryviews of guest RAM) into one iovec list that goes out with sendmsg, so
+page bytes are never copied in Python. The reader keeps a byte window that
+parsers look into without copying.
+
+Both keep a sticky error: the first failure is kept and every later call fails
+fast with it, as QEMUFile does.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+from .errors import ChannelError, ProtocolError
+from .ratelimit import RateLimiter
+from .transport import IOV_MAX, Transport
+
+_be16 = struct.Struct(">H")
+_be32 = struct.Struct(">I")
+_be64 = struct.Struct(">Q")
+
+# Flush by itself once this much is queued (by reference or buffered).
+AUTO_FLUSH_BYTES = 1 << 20
+
+
+class QEMUFileWriter:
+    """Buffered big-endian writer; page data is queued by reference."""
+
+    def __init__(self, transport: Transport, rate_limit: int = 0, name: str = ""):
+        self.transport = transport
+        self.name = name or transport.name
+        self._small = bytearray()  # small fields not yet moved to the iovec list
+        self._iov: list = []
+        self._iov_bytes = 0
+        self.transferred = 0  # bytes that reached the transport
+        self.limiter = RateLimiter(rate_limit)
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # flush may be called from two threads
+
+    # -- error handling --
+    def _check(self) -> None:
+        if self.error is not None:
+            raise ChannelError(f"{self.name}: {self.error}") from self.error
+
+    def set_error(self, err: BaseException) -> None:
+        """Keep the first error; later calls fail fast with it."""
+        if self.error is None:
+            self.error = err
+
+    @property
+    def rate_limit(self) -> int:
+        return self.limiter.rate
+
+    @rate_limit.setter
+    def rate_limit(self, rate: int) -> None:
+        self.limiter.set_rate(rate)
+
+    # -- small fields --
+    def put_byte(self, v: int) -> None:
+        self._check()
+        self._small.append(v & 0xFF)
+
+    def put_be16(self, v: int) -> None:
+        self._check()
+        self._small += _be16.pack(v)
+
+    def put_be32(self, v: int) -> None:
+        self._check()
+        self._small += _be32.pack(v)
+
+    def put_be64(self, v: int) -> None:
+        self._check()
+        self._small += _be64.pack(v)
+
+    def put_bytes(self, data) -> None:
+        """Copy small data into the buffer (headers, names, commands)."""
+        self._check()
+        self._small += data
+
+    # -- data by reference --
+    def _move_small(self) -> None:
+        if self._small:
+            self._iov.append(bytes(self._small))
+            self._iov_bytes += len(self._small)
+            self._small.clear()
+
+    def put_ref(self, buf) -> None:
+        """Queue a buffer (e.g. a memoryview of guest RAM) without copying it.
+
+        The bytes are read when the writer flushes, so the caller must keep
+        the memory mapped until then.
+        """
+        self._check()
+        self._move_small()
+        self._iov.append(buf)
+        self._iov_bytes += len(buf)
+        if self._iov_bytes >= AUTO_FLUSH_BYTES or len(self._iov) >= IOV_MAX:
+            self.flush()
+
+    def put_iov(self, bufs, nbytes: int) -> None:
+        """Queue many buffers at once (interleaved headers and pages)."""
+        self._check()
+        self._move_small()
+        self._iov.extend(bufs)
+        self._iov_bytes += nbytes
+        if self._iov_bytes >= AUTO_FLUSH_BYTES or len(self._iov) >= IOV_MAX:
+            self.flush()
+
+    def pending(self) -> int:
+        """Bytes queued and not yet sent."""
+        return self._iov_bytes + len(self._small)
+
+    def flush(self) -> None:
+        """Send everything queued. Raises ChannelError on failure (sticky)."""
+        with self._lock:
+            self._check()
+            self._move_small()
+            iov, self._iov = self._iov, []
+            total, self._iov_bytes = self._iov_bytes, 0
+            if not iov:
+                return
+            try:
+                self._send_all(iov)
+            except OSError as e:
+                self.set_error(ChannelError(f"write failed: {e.strerror or e}"))
+                self._check()
+            except ChannelError as e:
+                self.set_error(e)
+                self._check()
+            self.transferred += total
+            self.limiter.consume(total)
+
+    def _send_all(self, iov: list) -> None:
+        send = self.transport.send_iov
+        i = 0
+        n_iov = len(iov)
+        while i < n_iov:
+            chunk = iov[i:i + IOV_MAX]
+            sent = send(chunk)
+            if sent <= 0:
+                raise ChannelError("connection closed while writing")
+            # Advance past whole buffers, then trim the partly sent one.
+            for buf in chunk:
+                blen = len(buf)
+                if sent >= blen:
+                    sent -= blen
+                    i += 1
+                else:
+                    iov[i] = memoryview(buf).cast("B")[sent:]
+                    break
+
+    def shutdown(self) -> None:
+        """Fail all later calls and unblock a thread stuck in send."""
+        self.set_error(ChannelError("channel shut down"))
+        self.limiter.interrupt()
+        self.transport.shutdown()
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class QEMUFileReader:
+    """Buffered big-endian reader with a zero-copy look into its window.
+
+    ``view()`` returns a memoryview of the buffered bytes; ``consume(n)``
+    drops n of them; ``fill(n)`` reads until at least n are buffered.
+    """
+
+    def __init__(self, transport: Transport, bufsize: int = 4 << 20, name: str = ""):
+        self.transport = transport
+        self.name = name or transport.name
+        self._buf = bytearray(bufsize)
+        self._mv = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        self.transferred = 0  # bytes read from the transport
+        self.error: BaseException | None = None
+        self.eof = False
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise ChannelError(f"{self.name}: {self.error}") from self.error
+
+    def set_error(self, err: BaseException) -> None:
+        if self.error is None:
+            self.error = err
+
+    def available(self) -> int:
+        return self._end - self._start
+
+    def view(self) -> memoryview:
+        """The buffered bytes, without copying. Valid until the next fill()."""
+        return self._mv[self._start:self._end]
+
+    def consume(self, n: int) -> None:
+        self._start += n
+        if self._start == self._end:
+            self._start = self._end = 0
+
+    def fill(self, need: int = 1) -> bool:
+        """Read until at least ``need`` bytes are buffered. False at a clean EOF."""
+        self._check()
+        while self._end - self._start < need:
+            if self.eof:
+                return False
+            if len(self._buf) - self._start < need:
+                self._make_room(need)
+            elif self._end == len(self._buf):
+                self._make_room(need)
+            try:
+                n = self.transport.recv_into(self._mv[self._end:])
+            except OSError as e:
+                self.set_error(ChannelError(f"read failed: {e.strerror or e}"))
+                self._check()
+            if n == 0:
+                self.eof = True
+                return self._end - self._start >= need
+            self._end += n
+            self.transferred += n
+        return True
+
+    def _make_room(self, need: int) -> None:
+        avail = self._end - self._start
+        size = len(self._buf)
+        if need > size:
+            # Grow (e.g. a large PACKAGED blob): a new buffer, old views stay valid.
+            newbuf = bytearray(max(need, size * 2))
+            newbuf[:avail] = self._mv[self._start:self._end]
+            self._buf = newbuf
+            self._mv = memoryview(newbuf)
+        else:
+            self._mv[:avail] = self._mv[self._start:self._end]
+        self._start, self._end = 0, avail
+
+    def _need(self, n: int, what: str) -> memoryview:
+        if not self.fill(n):
+            raise ProtocolError(
+                f"truncated stream: {what} needs {n} bytes, {self.available()} left before end of stream"
+            )
+        return self._mv[self._start:self._start + n]
+
+    def get_byte(self, what: str = "byte") -> int:
+        v = self._need(1, what)[0]
+        self.consume(1)
+        return v
+
+    def get_be16(self, what: str = "be16") -> int:
+        v = _be16.unpack_from(self._need(2, what))[0]
+        self.consume(2)
+        return v
+
+    def get_be32(self, what: str = "be32") -> int:
+        v = _be32.unpack_from(self._need(4, what))[0]
+        self.consume(4)
+        return v
+
+    def get_be64(self, what: str = "be64") -> int:
+        v = _be64.unpack_from(self._need(8, what))[0]
+        self.consume(8)
+        return v
+
+    def get_bytes(self, n: int, what: str = "bytes") -> bytes:
+        v = bytes(self._need(n, what))
+        self.consume(n)
+        return v
+
+    def shutdown(self) -> None:
+        self.set_error(ChannelError("channel shut down"))
+        self.transport.shutdown()
+
+    def close(self) -> None:
+        self.transport.close()

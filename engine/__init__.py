@@ -1,0 +1,1 @@
+"""Ferry engine: everything that decides."""

@@ -1,0 +1,132 @@
+"""Run a migration between two local worker processes, without the control plane.
+
+Used by benchmarks and tests: a destination process and a source process are
+started with multiprocessing (spawn), each owns its own guest RAM, and they
+talk over a real socket (or file). Results come back over pipes.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from .params import MigrationConfig
+from .ram import GuestRAM, parse_size
+from .workload import WorkloadConfig
+
+
+@dataclass
+class GuestConfig:
+    """Shape and contents of the guest on both sides."""
+
+    size: int = 256 << 20
+    page_size: int = 4096
+    backing: str = "anon"
+    nblocks: int = 1
+    fill: str = "mixed"
+    workload: WorkloadConfig | None = field(default_factory=WorkloadConfig)
+
+    def make_ram(self) -> GuestRAM:
+        return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks)
+
+
+def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float):
+    from .destination import MigrationDestination
+
+    try:
+        g = GuestConfig(**{**guest, "workload": None})
+        ram = g.make_ram()
+        cfg = MigrationConfig()
+        cfg.set_capabilities(caps)
+        cfg.set_parameters(params)
+        d = MigrationDestination(ram, cfg)
+        real = d.listen(uri)
+        d.start()
+        conn.send(("listening", real))
+        d.wait(timeout)
+        conn.send(("done", d.query()))
+    except Exception as e:  # noqa: BLE001 - report to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _source_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float, warm: float):
+    from .source import MigrationSource
+    from .workload import Workload
+
+    try:
+        wl = guest.get("workload")
+        g = GuestConfig(**{**guest, "workload": None})
+        ram = g.make_ram()
+        ram.fill(g.fill)
+        cfg = MigrationConfig()
+        cfg.set_capabilities(caps)
+        cfg.set_parameters(params)
+        workload = None
+        if wl:
+            workload = Workload(ram, WorkloadConfig(**wl))
+            workload.start()
+            time.sleep(warm)
+        before = ram.digests()
+        s = MigrationSource(ram, workload, cfg)
+        conn.send(("ready", None))
+        s.start(uri)
+        s.wait(timeout)
+        if s.status != "completed":
+            s.cancel()
+        res = s.query()
+        res["passes"] = s.passes
+        if workload is None:
+            res["guest-unchanged"] = before == ram.digests()
+        conn.send(("done", res))
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None = None,
+                        caps: dict | None = None, params: dict | None = None,
+                        timeout: float = 300.0, warm: float = 0.0) -> tuple[dict, dict]:
+    """Migrate between two fresh processes; returns (source query, destination query)."""
+    guest = guest or GuestConfig()
+    gd = asdict(guest)
+    ctx = mp.get_context("spawn")
+    dp, dc = ctx.Pipe()
+    sp, sc = ctx.Pipe()
+    dproc = ctx.Process(target=_dest_main, args=(dc, gd, caps or {}, params or {}, uri, timeout),
+                        name="ferry-destination", daemon=True)
+    sproc = None
+    try:
+        dproc.start()
+        if not dp.poll(60):
+            raise RuntimeError("destination process did not start")
+        kind, val = dp.recv()
+        if kind != "listening":
+            raise RuntimeError(f"destination: {val}")
+        sproc = ctx.Process(target=_source_main, args=(sc, gd, caps or {}, params or {}, val, timeout, warm),
+                            name="ferry-source", daemon=True)
+        sproc.start()
+        results = {}
+        for name, pipe in (("source", sp), ("destination", dp)):
+            while True:
+                if not pipe.poll(timeout + 60):
+                    raise RuntimeError(f"{name} process did not report in time")
+                kind, val = pipe.recv()
+                if kind == "ready":
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"{name}: {val}")
+                results[name] = val
+                break
+        return results["source"], results["destination"]
+    finally:
+        for p in (sproc, dproc):
+            if p is not None and p.pid is not None:
+                p.join(5)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        if uri.startswith("unix:"):
+            try:
+                os.unlink(uri[5:])
+            except OSError:
+                pass

@@ -1,0 +1,115 @@
+"""Migration capabilities and parameters, with QEMU's names, defaults and ranges.
+
+Validation errors name the field, the value and the allowed range. A
+capability or parameter Ferry knows from QEMU but does not implement yet is
+refused, never silently ignored.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class ParameterError(ValueError):
+    """A capability or parameter was unknown, unimplemented or out of range."""
+
+
+# name -> (default, implemented, description)
+CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
+    "return-path": (True, True, "destination answers on the reverse direction of the main stream "
+                                "(Ferry enables it by default: the source waits for the destination's "
+                                "confirmation before it releases the guest)"),
+    "postcopy-ram": (False, False, "switch the guest to the destination early and fetch pages on demand"),
+    "postcopy-preempt": (False, False, "send requested pages on a separate POSTCOPY channel"),
+    "postcopy-blocktime": (False, False, "measure time guest threads spend blocked on faults"),
+    "xbzrle": (False, False, "delta-compress repeated pages"),
+    "auto-converge": (False, False, "throttle the guest until precopy converges"),
+    "multifd": (False, False, "several parallel precopy channels"),
+    "zero-blocks": (False, False, "skip zero blocks of block devices"),
+    "events": (True, True, "emit MIGRATION events (always on in Ferry)"),
+    "pause-before-switchover": (False, False, "pause before the switchover"),
+}
+
+_MAX_U64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: object
+    lo: int | float | None
+    hi: int | float | None
+    unit: str
+    implemented: bool
+    doc: str
+    kind: type = int
+
+
+PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
+    ParamSpec("max-bandwidth", 0, 0, _MAX_U64, "bytes/second", True,
+              "rate limit of the precopy channel; 0 = unlimited (QEMU's default is 128 MiB/s)"),
+    ParamSpec("downtime-limit", 300, 0, 2_000_000, "milliseconds", True,
+              "largest pause of the guest allowed for the stop-and-copy phase"),
+    ParamSpec("max-postcopy-bandwidth", 0, 0, _MAX_U64, "bytes/second", False,
+              "rate limit of background pages in postcopy; 0 = unlimited"),
+    ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
+    ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
+    ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),
+    ParamSpec("cpu-throttle-initial", 20, 1, 99, "percent", False, "auto-converge start"),
+    ParamSpec("cpu-throttle-increment", 10, 1, 99, "percent", False, "auto-converge step"),
+]}
+
+
+def validate_capability(name: str, value) -> bool:
+    if name not in CAPABILITIES:
+        raise ParameterError(f"capability {name!r} is unknown; known: {', '.join(sorted(CAPABILITIES))}")
+    if not isinstance(value, bool):
+        raise ParameterError(f"capability {name!r}: state must be true or false, got {value!r}")
+    default, implemented, _ = CAPABILITIES[name]
+    if value != default and not implemented:
+        raise ParameterError(f"capability {name!r} is not implemented in this version of Ferry")
+    return value
+
+
+def validate_parameter(name: str, value):
+    spec = PARAMETERS.get(name)
+    if spec is None:
+        raise ParameterError(f"parameter {name!r} is unknown; known: {', '.join(sorted(PARAMETERS))}")
+    if spec.kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParameterError(f"Parameter {name!r} expects an integer in the range of {spec.lo} to "
+                                 f"{spec.hi} {spec.unit}, got {value!r}")
+    elif spec.kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParameterError(f"Parameter {name!r} expects a number in the range of {spec.lo} to "
+                                 f"{spec.hi} {spec.unit}, got {value!r}")
+    elif not isinstance(value, spec.kind):
+        raise ParameterError(f"Parameter {name!r} expects a {spec.kind.__name__}, got {value!r}")
+    if spec.lo is not None and (value < spec.lo or value > spec.hi):
+        raise ParameterError(f"Parameter {name!r} expects a value in the range of {spec.lo} to "
+                             f"{spec.hi} {spec.unit}, got {value}")
+    if value != spec.default and not spec.implemented:
+        raise ParameterError(f"parameter {name!r} is not implemented in this version of Ferry")
+    return value
+
+
+class MigrationConfig:
+    """Capabilities and parameters of one side, with validated updates."""
+
+    def __init__(self):
+        self.caps = {n: v[0] for n, v in CAPABILITIES.items()}
+        self.params = {n: s.default for n, s in PARAMETERS.items()}
+
+    def set_capabilities(self, caps: dict) -> None:
+        """All-or-nothing: nothing changes if one entry is bad."""
+        checked = {n: validate_capability(n, v) for n, v in caps.items()}
+        self.caps.update(checked)
+
+    def set_parameters(self, params: dict) -> None:
+        checked = {n: validate_parameter(n, v) for n, v in params.items()}
+        self.params.update(checked)
+
+    def cap(self, name: str) -> bool:
+        return self.caps[name]
+
+    def param(self, name: str):
+        return self.params[name]
