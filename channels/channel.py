@@ -136,11 +136,7 @@ class PrecopyChannel(RamSendChannel):
 
     def device_full(self, section_id: int, idstr: str, version: int, payload: bytes) -> None:
         """A FULL section of one of Ferry's own devices: be32 length + payload."""
-        w = self.writer
-        w.put_bytes(codec.encode_section_start(C.QEMU_VM_SECTION_FULL, section_id, idstr, 0, version))
-        w.put_be32(len(payload))
-        w.put_bytes(payload)
-        w.put_bytes(codec.encode_footer(section_id))
+        self.writer.put_bytes(codec.encode_device_full(section_id, idstr, version, payload))
 
     def send_eof(self, vmdesc: dict | None) -> None:
         self.writer.put_bytes(codec.encode_eof())

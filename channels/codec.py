@@ -93,6 +93,12 @@ def encode_footer(section_id: int) -> bytes:
     return _sec_full.pack(C.QEMU_VM_SECTION_FOOTER, section_id)
 
 
+def encode_device_full(section_id: int, idstr: str, version_id: int, payload: bytes) -> bytes:
+    """A FULL section of one of Ferry's own devices: be32 length + payload, footer."""
+    return (encode_section_start(C.QEMU_VM_SECTION_FULL, section_id, idstr, 0, version_id)
+            + _be32.pack(len(payload)) + payload + encode_footer(section_id))
+
+
 def encode_eof() -> bytes:
     return bytes([C.QEMU_VM_EOF])
 
@@ -371,10 +377,14 @@ class StreamDecoder:
     ``mode``: "stream" (header first), "packaged" (a PACKAGED blob: no header),
     or "pages" (a POSTCOPY channel: bare page records ended by EOS).
     ``devices``: non-RAM device sections accepted (by idstr).
+    ``learn_blocks``: accept blocks MEM_SIZE names that are not in ``blocks`` and
+    add them (for tools that read a stream without a destination, e.g. a dump).
     """
 
-    def __init__(self, blocks, mode: str = "stream", devices=(), channel_name: str = "main"):
+    def __init__(self, blocks, mode: str = "stream", devices=(), channel_name: str = "main",
+                 learn_blocks: bool = False):
         self.blocks: dict[str, BlockInfo] = {b.idstr: b for b in blocks}
+        self.learn_blocks = learn_blocks
         self.devices = {d.idstr: d for d in devices}
         self.mode = mode
         self.channel_name = channel_name
@@ -441,11 +451,13 @@ class StreamDecoder:
                 return NEED_DATA, 5 + n
             try:
                 desc = json.loads(bytes(buf[5:5 + n]))
-            except ValueError as e:
+            except (ValueError, RecursionError) as e:  # RecursionError: too deeply nested
                 raise self._err(f"VMDESCRIPTION: invalid JSON ({e})") from None
             self.state = _S_DONE
             return VMDescription(desc), 5 + n
-        raise self._err("data after the end of the stream")
+        if len(buf) < 1:
+            return NEED_DATA, 1  # _S_DONE: a clean end of stream is allowed here
+        raise self._err(f"data after the end of the stream: byte 0x{buf[0]:02x}")
 
     def _header(self, buf):
         if len(buf) < 8:
@@ -483,7 +495,11 @@ class StreamDecoder:
                     return NEED_DATA, 9 + blen
                 return Command(cmd, bytes(buf[9:9 + blen])), 9 + blen
             if cmd == C.MIG_CMD_POSTCOPY_ADVISE:
-                if parse_postcopy_advise(payload) is not None:
+                try:
+                    advise = parse_postcopy_advise(payload)
+                except ProtocolError as e:
+                    raise self._err(f"command {e}") from None  # with channel and offset, as elsewhere
+                if advise is not None:
                     self.postcopy_advised = True
             return Command(cmd, payload), 5 + ln
         if t in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL):
@@ -599,6 +615,10 @@ class StreamDecoder:
             length = _be64.unpack_from(buf, pos + 1 + ln)[0]
             pos += 1 + ln + 8
             blk = self.blocks.get(name)
+            if blk is None and self.learn_blocks:
+                blk = self._learn_block(buf, pos, name, length)
+                if blk is None:
+                    return NEED_DATA, pos + 8
             if blk is None:
                 raise self._err(f"MEM_SIZE: unknown RAM block {name!r}")
             if length != blk.length:
@@ -619,6 +639,23 @@ class StreamDecoder:
             raise self._err(f"MEM_SIZE: blocks add up to 0x{seen:x}, total says 0x{total:x}")
         self.state = _S_RAM
         return RamBlockList(total, blocks), pos
+
+    def _learn_block(self, buf, pos: int, name: str, length: int) -> BlockInfo | None:
+        """learn_blocks: add a block named in MEM_SIZE; None if the next be64 is not buffered yet.
+
+        Its page size is on the wire only after POSTCOPY_ADVISE and only when not
+        4 KiB: then the next be64 is a host page size. Otherwise it is the next
+        entry (first byte: a non-zero name length) or EOS (0x10), never one.
+        """
+        psize = C.PAGE_SIZE_4K
+        if self.postcopy_advised:
+            if len(buf) < pos + 8:
+                return None
+            v = _be64.unpack_from(buf, pos)[0]
+            if v in C.HOST_PAGE_SIZES:
+                psize = v
+        blk = self.blocks[name] = BlockInfo(len(self.blocks), name, length, psize)
+        return blk
 
     def _block(self, buf, pos: int, flags: int):
         """Resolve the record's block; returns (block, new_pos) or (None, need)."""

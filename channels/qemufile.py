@@ -215,6 +215,9 @@ class QEMUFileReader:
                 self.set_error(ChannelError(f"read failed: {e.strerror or e}"))
                 self._check()
             if n == 0:
+                # Woken by shutdown() from another thread: that is the sticky
+                # error, not a clean end of stream.
+                self._check()
                 self.eof = True
                 return self._end - self._start >= need
             self._end += n

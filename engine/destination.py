@@ -1,9 +1,14 @@
 """The destination side: accept the stream, validate every record, fill guest RAM.
 
 Each channel has its own loader (reader + decoder with its own last-received
-block). After EOF the destination confirms over the return path (SHUT 0),
-then sends its per-block digests so the source can verify before it lets go
-of the guest.
+block). In precopy, pages are written as they come (a later version
+overwrites an earlier one). After POSTCOPY_LISTEN, pages are assembled per
+host page and placed whole (engine/postcopy.py), and guest threads that
+touch a page not yet received request it over the return path and wait.
+
+At the end the destination confirms over the return path (SHUT 0) once every
+page is placed, then sends its per-block digests so the source can verify
+before it lets go of the guest.
 """
 from __future__ import annotations
 
@@ -23,33 +28,49 @@ from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
 from . import stats as S
-from .bitmap import PageBitmap
 from .params import MigrationConfig
-from .ram import GuestRAM
+from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
+from .ram import GuestRAM, RAMBlock, fingerprint_digest
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
+from .workload import Workload
 
 ACCEPT_POLL = 0.2  # s between checks for cancel while waiting for the source
+_DEVICES = [DeviceSpec(GUEST_DEVICE, GUEST_DEVICE_VERSION)]
 
 
 class MigrationDestination:
-    """Receives a migration into a GuestRAM of the same shape as the source's."""
+    """Receives a migration into a GuestRAM of the same shape as the source's.
+
+    ``workload``, if given, is the guest's workload on this side: it starts at
+    POSTCOPY_RUN with the source's progress counters and faults pages in.
+    """
 
     def __init__(self, ram: GuestRAM, config: MigrationConfig | None = None,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None,
+                 workload: Workload | None = None):
         self.ram = ram
         self.config = config or MigrationConfig()
         self.on_event = on_event or (lambda name, data: None)
+        self.workload = workload
         self.stats = S.MigrationStats()
         self.stats.total = ram.total
-        self.received = {b.idstr: PageBitmap(b.npages) for b in ram.blocks}
+        self.received = ReceivedPages(ram)
+        self.faults = FaultHandler(ram, self.received, self._send_request)
         self.listener: Listener | None = None
         self.guest_state: dict | None = None
         self.vmdesc: dict | None = None
+        self.postcopy_advised = False
+        self.listening = False  # after POSTCOPY_LISTEN
+        self.running = False  # after POSTCOPY_RUN: the guest runs here
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._cancel = False
         self._channel: RamRecvChannel | None = None
+        self._assembler: HostPageAssembler | None = None
         self._rp: QEMUFileWriter | None = None
+        self._rp_lock = threading.Lock()
+        self._last_req_block: str | None = None
+        self._listen_bytes = 0
 
     @property
     def status(self) -> str:
@@ -79,13 +100,17 @@ class MigrationDestination:
 
     def query(self) -> dict:
         st = self.stats
+        r = st.ram
         if self._channel is not None:
             st.transferred = self._channel.transferred
             st.channels = {"precopy": {"bytes": self._channel.transferred,
-                                       "normal": st.ram.normal, "duplicate": st.ram.duplicate}}
+                                       "normal": r.normal, "duplicate": r.duplicate}}
         if st.status not in S.FINAL_STATES:
-            got = sum(bm.count() for bm in self.received.values())
-            st.remaining = (self.ram.npages - got) * C.TARGET_PAGE_SIZE
+            st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
+        if self.postcopy_advised:
+            st.extra.update(self.faults.metrics())
+            if self._channel is not None and self.listening:
+                st.extra["postcopy-bytes"] = self._channel.transferred - self._listen_bytes
         return st.to_dict()
 
     def _set_state(self, new: str) -> None:
@@ -102,6 +127,19 @@ class MigrationDestination:
             except TimeoutError:
                 continue
 
+    def _rp_send(self, data: bytes) -> None:
+        with self._rp_lock:
+            self._rp.put_bytes(data)
+            self._rp.flush()
+
+    def _send_request(self, blk: RAMBlock, start: int, length: int) -> None:
+        """One REQ_PAGES_ID (block changed since the last request) or REQ_PAGES."""
+        with self._rp_lock:
+            name = blk.idstr if blk.idstr != self._last_req_block else None
+            self._last_req_block = blk.idstr
+            self._rp.put_bytes(codec.encode_rp_req_pages(start, length, name))
+            self._rp.flush()
+
     def _run(self) -> None:
         st = self.stats
         transport = None
@@ -110,22 +148,25 @@ class MigrationDestination:
             st.start_time = time.monotonic()
             self._set_state(S.ACTIVE)
             reader = QEMUFileReader(transport, name="precopy")
-            dec = StreamDecoder(self.ram.infos(), devices=[DeviceSpec(GUEST_DEVICE, GUEST_DEVICE_VERSION)])
+            dec = StreamDecoder(self.ram.infos(), devices=_DEVICES)
             self._channel = RamRecvChannel(reader, dec, "precopy")
             self._load(self._channel, transport)
-            st.end_time = time.monotonic()
             self._finish()
+            st.end_time = time.monotonic()
             self._set_state(S.COMPLETED)
         except Exception as e:  # noqa: BLE001 - report every failure, never die silently
             st.end_time = time.monotonic()
             st.error = str(e) if not self._cancel else "incoming migration cancelled"
+            if self.running:
+                # The guest runs here and some pages never arrived: its threads
+                # stay blocked on them rather than read memory that is not there.
+                self.faults.failed = st.error
             if self._rp is not None:
                 try:
-                    self._rp.put_bytes(codec.encode_rp_shut(1))
-                    self._rp.flush()
+                    self._rp_send(codec.encode_rp_shut(1))
                 except ChannelError:
                     pass
-            self._set_state(S.CANCELLED if self._cancel else S.FAILED)
+            self._set_state(S.CANCELLED if self._cancel and not self.running else S.FAILED)
         finally:
             if transport is not None:
                 transport.shutdown()
@@ -143,72 +184,164 @@ class MigrationDestination:
                     return
                 raise ProtocolError("stream ended before EOF")
             if isinstance(ev, codec.RamRun):
-                self._place(ev)
-            elif isinstance(ev, codec.Command):
-                self._command(ev, transport)
-            elif isinstance(ev, codec.DeviceState):
-                try:
-                    self.guest_state = json.loads(ev.payload)
-                except ValueError as e:
-                    raise ProtocolError(f"section {ev.idstr!r}: state is not valid JSON ({e})") from None
+                if self.listening:
+                    self._assembler.add(ev)
+                else:
+                    self._place_precopy(ev)
             elif isinstance(ev, codec.EndOfStream):
                 got_eof = True
-                if transport.name.startswith("file:"):
+                if self.listening:
+                    return  # no VM description in postcopy
+                if transport.name.startswith("file:") or ch.reader.available() > 0:
                     continue  # a saved stream ends with the VM description
-                if ch.reader.available() > 0:
-                    continue
                 return
             elif isinstance(ev, codec.VMDescription):
                 self.vmdesc = ev.json
                 return
+            else:
+                self._event(ev)
 
-    def _place(self, run: codec.RamRun) -> None:
-        """Write a run of pages into guest RAM and mark them received."""
+    def _event(self, ev) -> None:
+        """Non-RAM events, of the main stream or of a PACKAGED blob."""
+        if isinstance(ev, codec.Command):
+            self._command(ev)
+        elif isinstance(ev, codec.DeviceState):
+            try:
+                self.guest_state = json.loads(ev.payload)
+            except ValueError as e:
+                raise ProtocolError(f"section {ev.idstr!r}: state is not valid JSON ({e})") from None
+            if not isinstance(self.guest_state, dict):
+                raise ProtocolError(f"section {ev.idstr!r}: state is not a JSON object")
+
+    def _place_precopy(self, run: codec.RamRun) -> None:
+        """Precopy: write a run of pages (newer versions overwrite) and mark them received."""
         blk = self.ram.blocks[run.block.index]
         pages = run.pages
         n = len(pages)
-        bits = self.received[blk.idstr].bits
         contiguous = n == 1 or bool(np.all(np.diff(pages) == 1))
         where = slice(int(pages[0]), int(pages[0]) + n) if contiguous else pages
         if run.data is None:
             # Like QEMU, leave pages that are already zero alone (no allocation).
             nz = blk.words[where].any(axis=1)
             if nz.any():
-                blk.pages[(pages if not contiguous else np.arange(where.start, where.stop))[nz]] = 0
+                idx = np.arange(where.start, where.stop) if contiguous else pages
+                blk.pages[idx[nz]] = 0
             self.stats.ram.duplicate += n
         else:
             blk.pages[where] = run.data
             self.stats.ram.normal += n
-        bits[where] = True
+        self.received.bitmaps[blk.idstr].bits[where] = True
 
-    def _command(self, cmd: codec.Command, transport) -> None:
+    def _command(self, cmd: codec.Command) -> None:
         c = cmd.cmd
         if c == C.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
-                self._rp = QEMUFileWriter(transport, name="return-path")
+                self._rp = QEMUFileWriter(self._channel.reader.transport, name="return-path")
         elif c == C.MIG_CMD_PING:
             if self._rp is not None:
-                self._rp.put_bytes(codec.encode_rp_pong(codec.parse_ping(cmd.payload)))
-                self._rp.flush()
+                self._rp_send(codec.encode_rp_pong(codec.parse_ping(cmd.payload)))
         elif c == C.MIG_CMD_POSTCOPY_ADVISE:
-            if codec.parse_postcopy_advise(cmd.payload) is not None:
-                raise ProtocolError("command POSTCOPY_ADVISE: postcopy is not supported by this destination")
+            self._advise(codec.parse_postcopy_advise(cmd.payload))
+        elif c == C.MIG_CMD_POSTCOPY_RAM_DISCARD:
+            self._discard(cmd.payload)
+        elif c == C.MIG_CMD_PACKAGED:
+            self._packaged(cmd.payload)
+        elif c == C.MIG_CMD_POSTCOPY_LISTEN:
+            self._listen()
+        elif c == C.MIG_CMD_POSTCOPY_RUN:
+            self._run_guest()
         else:
-            raise ProtocolError(f"command {cmd.name}: not supported by the destination in precopy")
+            raise ProtocolError(f"command {cmd.name}: not supported by this destination")
+
+    def _advise(self, adv) -> None:
+        if adv is None:
+            return  # precopy-only advise: nothing to do
+        summary, tps = adv
+        ours = 0
+        for b in self.ram.blocks:
+            ours |= b.page_size
+        if tps != C.TARGET_PAGE_SIZE:
+            raise ProtocolError(f"POSTCOPY_ADVISE: target page size 0x{tps:x}, destination has "
+                                f"0x{C.TARGET_PAGE_SIZE:x}; postcopy refused")
+        if summary != ours:
+            raise ProtocolError(f"POSTCOPY_ADVISE: source host page sizes 0x{summary:x}, destination has "
+                                f"0x{ours:x}; postcopy refused")
+        if self._rp is None:
+            raise ProtocolError("POSTCOPY_ADVISE: postcopy needs the return path (OPEN_RETURN_PATH first)")
+        self.postcopy_advised = True
+
+    def _discard(self, payload: bytes) -> None:
+        if not self.postcopy_advised:
+            raise ProtocolError("POSTCOPY_RAM_DISCARD: postcopy was not advised")
+        if self.listening:
+            raise ProtocolError("POSTCOPY_RAM_DISCARD: after POSTCOPY_LISTEN")
+        name, pairs = codec.parse_postcopy_discard(payload)
+        blk = self.ram.by_name.get(name)
+        if blk is None:
+            raise ProtocolError(f"POSTCOPY_RAM_DISCARD: unknown RAM block {name!r}")
+        for start, length in pairs:
+            if start % blk.page_size or length % blk.page_size or start + length > blk.length or length == 0:
+                raise ProtocolError(f"POSTCOPY_RAM_DISCARD: range 0x{start:x}+0x{length:x} of block {name!r} "
+                                    f"not host-page aligned (0x{blk.page_size:x}) or outside it "
+                                    f"(length 0x{blk.length:x})")
+            self.received.discard(blk, start, length)
+
+    def _packaged(self, blob: bytes) -> None:
+        dec = StreamDecoder(self.ram.infos(), mode="packaged", devices=_DEVICES, channel_name="packaged")
+        mv = memoryview(blob)
+        pos = 0
+        while pos < len(blob):
+            ev, n = dec.next_event(mv[pos:])
+            if ev is codec.NEED_DATA:
+                raise ProtocolError(f"PACKAGED: truncated blob: {dec.expecting()} at byte {pos} of {len(blob)}")
+            pos += n
+            if isinstance(ev, codec.RamRun):
+                raise ProtocolError("PACKAGED: RAM pages inside the package")
+            self._event(ev)
+
+    def _listen(self) -> None:
+        if not self.postcopy_advised:
+            raise ProtocolError("POSTCOPY_LISTEN: postcopy was not advised")
+        if self.listening:
+            raise ProtocolError("POSTCOPY_LISTEN: received twice")
+        # What memory holds now is what precopy delivered (the guest has not run here).
+        self.received.snapshot_fingerprints()
+        self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
+        self.listening = True
+        self._listen_bytes = self._channel.transferred
+        self.faults.enabled = True
+        self._set_state(S.POSTCOPY_ACTIVE)
+
+    def _run_guest(self) -> None:
+        if not self.listening:
+            raise ProtocolError("POSTCOPY_RUN: before POSTCOPY_LISTEN")
+        if self.running:
+            raise ProtocolError("POSTCOPY_RUN: received twice")
+        self.running = True
+        self.stats.extra["guest-state"] = self.guest_state or {}
+        if self.workload is not None:
+            self.workload.restore(self.guest_state or {})
+            self.workload.access_hook = self.faults.ensure
+            self.workload.start()
 
     def _finish(self) -> None:
-        """All loaded: check completeness, confirm, compare or send digests."""
-        missing = {n: bm.npages - bm.count() for n, bm in self.received.items() if bm.count() < bm.npages}
+        """All loaded: check completeness, confirm, send digests."""
+        missing = {n: bm.npages - bm.count() for n, bm in self.received.bitmaps.items()
+                   if bm.count() < bm.npages}
         if missing:
             raise ProtocolError(f"stream ended with pages never received: {missing}")
+        if self._assembler is not None and self._assembler.busy:
+            raise ProtocolError("stream ended inside a host page")
         if self._rp is not None:
-            self._rp.put_bytes(codec.encode_rp_shut(0))
-            self._rp.flush()
-        digests = self.ram.digests()
+            self._rp_send(codec.encode_rp_shut(0))
+        if self.listening:
+            # The guest may have written since RUN: compare what was received.
+            digests = {n: fingerprint_digest(fp) for n, fp in self.received.fingerprints.items()}
+        else:
+            digests = self.ram.digests()
         self.stats.digests = {n: d.hex() for n, d in digests.items()}
         if self._rp is not None:
-            self._rp.put_bytes(codec.encode_rp_digests(digests))
-            self._rp.flush()
+            self._rp_send(codec.encode_rp_digests(digests))
         expected = (self.guest_state or {}).get("digests")
         if expected is not None:
             bad = [n for n, d in self.stats.digests.items() if expected.get(n) != d]

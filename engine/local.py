@@ -26,6 +26,8 @@ class GuestConfig:
     nblocks: int = 1
     fill: str = "mixed"
     workload: WorkloadConfig | None = field(default_factory=WorkloadConfig)
+    # The guest's workload once it runs on the destination (postcopy): faults pages in.
+    dest_workload: WorkloadConfig | None = None
 
     def make_ram(self) -> GuestRAM:
         return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks)
@@ -34,17 +36,23 @@ class GuestConfig:
 def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float):
     from .destination import MigrationDestination
 
+    from .workload import Workload
+
     try:
-        g = GuestConfig(**{**guest, "workload": None})
+        dwl = guest.get("dest_workload")
+        g = GuestConfig(**{**guest, "workload": None, "dest_workload": None})
         ram = g.make_ram()
         cfg = MigrationConfig()
         cfg.set_capabilities(caps)
         cfg.set_parameters(params)
-        d = MigrationDestination(ram, cfg)
+        workload = Workload(ram, WorkloadConfig(**dwl)) if dwl else None
+        d = MigrationDestination(ram, cfg, workload=workload)
         real = d.listen(uri)
         d.start()
         conn.send(("listening", real))
         d.wait(timeout)
+        if workload is not None and d.status == "completed":
+            workload.stop()
         conn.send(("done", d.query()))
     except Exception as e:  # noqa: BLE001 - report to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
@@ -56,7 +64,7 @@ def _source_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout:
 
     try:
         wl = guest.get("workload")
-        g = GuestConfig(**{**guest, "workload": None})
+        g = GuestConfig(**{**guest, "workload": None, "dest_workload": None})
         ram = g.make_ram()
         ram.fill(g.fill)
         cfg = MigrationConfig()

@@ -18,9 +18,10 @@ CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
     "return-path": (True, True, "destination answers on the reverse direction of the main stream "
                                 "(Ferry enables it by default: the source waits for the destination's "
                                 "confirmation before it releases the guest)"),
-    "postcopy-ram": (False, False, "switch the guest to the destination early and fetch pages on demand"),
+    "postcopy-ram": (False, True, "switch the guest to the destination early and fetch pages on demand"),
     "postcopy-preempt": (False, False, "send requested pages on a separate POSTCOPY channel"),
-    "postcopy-blocktime": (False, False, "measure time guest threads spend blocked on faults"),
+    "postcopy-blocktime": (False, True, "report time guest threads spend blocked on faults "
+                                        "(Ferry measures it always)"),
     "xbzrle": (False, False, "delta-compress repeated pages"),
     "auto-converge": (False, False, "throttle the guest until precopy converges"),
     "multifd": (False, False, "several parallel precopy channels"),
@@ -49,8 +50,12 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "rate limit of the precopy channel; 0 = unlimited (QEMU's default is 128 MiB/s)"),
     ParamSpec("downtime-limit", 300, 0, 2_000_000, "milliseconds", True,
               "largest pause of the guest allowed for the stop-and-copy phase"),
-    ParamSpec("max-postcopy-bandwidth", 0, 0, _MAX_U64, "bytes/second", False,
-              "rate limit of background pages in postcopy; 0 = unlimited"),
+    ParamSpec("max-postcopy-bandwidth", 0, 0, _MAX_U64, "bytes/second", True,
+              "rate limit of the precopy channel once in postcopy; 0 = unlimited"),
+    ParamSpec("postcopy-after-passes", 0, 0, 1000, "passes", True,
+              "Ferry: switch to postcopy by itself after this many precopy passes; 0 = never"),
+    ParamSpec("postcopy-after-percent", 0, 0, 100, "percent", True,
+              "Ferry: switch to postcopy by itself once this share of pages was sent; 0 = never"),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),

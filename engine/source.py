@@ -1,12 +1,23 @@
-"""The source side: migration thread (precopy passes, stop-and-copy) and return-path thread.
+"""The source side: migration thread (precopy passes, stop-and-copy or the switch
+to postcopy) and return-path thread.
 
 Precopy: the first pass sends every page; each later pass sends the pages the
 guest dirtied meanwhile (dirty bitmap synced from the guest's dirty log). The
 migration thread estimates bandwidth every 100 ms; once the bytes still to
 send fit the downtime limit at that bandwidth, it stops the guest, sends the
-rest (stop-and-copy), the guest's non-RAM state and EOF. It reports
-``completed`` only after the destination confirmed the load (SHUT 0) and its
-per-block digests matched ours; until then the guest's memory is kept as it is.
+rest (stop-and-copy), the guest's non-RAM state and EOF.
+
+Postcopy (capability postcopy-ram): on migrate-start-postcopy, or after
+``postcopy-after-passes`` passes, or once ``postcopy-after-percent`` of the
+pages went out, the guest stops here, every page dirtied or not yet sent is
+discarded on the destination, and a PACKAGED blob (LISTEN, guest state,
+PING, RUN) starts the guest there. The remaining pages then go out in the
+background while pages the destination requests over the return path go
+first (see engine/scheduler.py).
+
+Either way the source reports ``completed`` only after the destination
+confirmed (SHUT 0) and its per-block digests matched ours; until then the
+guest's memory is kept as it is.
 """
 from __future__ import annotations
 
@@ -14,6 +25,8 @@ import json
 import threading
 import time
 from typing import Callable
+
+import numpy as np
 
 from channels import codec
 from channels import constants as C
@@ -26,14 +39,15 @@ from . import stats as S
 from .bitmap import PageBitmap
 from .params import MigrationConfig
 from .ram import GuestRAM
+from .scheduler import PRECOPY, PageScheduler, SchedBlock, SendOrder
 from .workload import Workload
 
 GUEST_DEVICE = "ferry-guest"  # Ferry's own device section: the workload's state
 GUEST_DEVICE_VERSION = 1
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 ITERATION_BUDGET = 0.05  # s of sending per PART section, QEMU's MAX_WAIT
-RUN_PAGES = 256  # most target pages sent in one go on 4 KiB-page blocks
 CONFIRM_TIMEOUT = 120.0  # s to wait for the destination's confirmation
+PING_RUN = 1  # value of the PING inside the postcopy package
 
 
 class MigrationCancelled(Exception):
@@ -53,6 +67,14 @@ def vm_description(ram: GuestRAM) -> dict:
     }
 
 
+def dirty_ranges(bits: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, page count) of each run of set bits, in bulk."""
+    padded = np.concatenate(([False], bits, [False])).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    starts, ends = edges[0::2], edges[1::2]
+    return list(zip(starts.tolist(), (ends - starts).tolist()))
+
+
 class MigrationSource:
     """Migrates a GuestRAM (and its workload) to a destination URI."""
 
@@ -66,17 +88,25 @@ class MigrationSource:
         self.stats = S.MigrationStats()
         self.stats.total = ram.total
         self.bitmaps = {b.idstr: PageBitmap(b.npages) for b in ram.blocks}
+        self.block_infos = {b.idstr: b.info for b in ram.blocks}
+        self.sched: PageScheduler | None = None
+        self._lock = threading.Lock()  # scheduler and bitmaps: migration vs return-path thread
         self._thread: threading.Thread | None = None
         self._rp_thread: threading.Thread | None = None
         self._cancel = False
         self._done = threading.Event()
+        self._postcopy_requested = threading.Event()
         self.channel: PrecopyChannel | None = None
+        self.channels: list = []  # index = scheduler channel number
+        self._cur_channel = PRECOPY
         self.uri = None
+        self.in_postcopy = False
         # Return-path results
         self._rp_shut: int | None = None
         self._rp_digests: dict | None = None
         self._rp_error: BaseException | None = None
         self._rp_event = threading.Condition()
+        self._pongs: list[int] = []
         self.passes = []  # per-pass figures (MIGRATION_PASS)
 
     # --- public API ---
@@ -88,9 +118,23 @@ class MigrationSource:
         """Begin migrating to ``uri`` in a background thread."""
         if self.stats.status not in (S.NONE, S.FAILED, S.CANCELLED):
             raise RuntimeError(f"migration already {self.stats.status}")
-        self.uri = parse_uri(uri)
+        u = parse_uri(uri)
+        if self.config.cap("postcopy-ram"):
+            if u.scheme == "file":
+                raise ValueError("postcopy-ram needs a live destination: not possible with a file: uri")
+            if not self.config.cap("return-path"):
+                raise ValueError("postcopy-ram needs the return-path capability")
+        self.uri = u
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
+
+    def start_postcopy(self) -> None:
+        """migrate-start-postcopy: switch at the end of the current iteration."""
+        if not self.config.cap("postcopy-ram"):
+            raise RuntimeError("postcopy not enabled: set the postcopy-ram capability before migrate")
+        if self.stats.status not in (S.SETUP, S.ACTIVE):
+            raise RuntimeError(f"postcopy can only start during an active migration, not {self.stats.status}")
+        self._postcopy_requested.set()
 
     def wait(self, timeout: float | None = None) -> str:
         self._done.wait(timeout)
@@ -101,19 +145,21 @@ class MigrationSource:
         if self.stats.status in S.FINAL_STATES or self.stats.status == S.NONE:
             return
         self._cancel = True
-        self._set_state(S.CANCELLING)
-        if self.channel is not None:
-            self.channel.shutdown()
+        if not self.in_postcopy:
+            self._set_state(S.CANCELLING)
+        for ch in self.channels:
+            ch.shutdown()
 
     def query(self) -> dict:
         st = self.stats
         if st.status not in S.FINAL_STATES:
             st.remaining = sum(bm.count() for bm in self.bitmaps.values()) * C.TARGET_PAGE_SIZE
-        if self.channel is not None:
-            st.transferred = self.channel.transferred
-            st.channels = {"precopy": {"bytes": self.channel.transferred,
-                                       "normal": self.channel.normal_pages,
-                                       "duplicate": self.channel.zero_pages}}
+        if self.channels:
+            st.transferred = sum(ch.transferred for ch in self.channels)
+            st.channels = {ch.name: {"bytes": ch.transferred, "normal": ch.normal_pages,
+                                     "duplicate": ch.zero_pages} for ch in self.channels}
+        if self.sched is not None and self.in_postcopy:
+            st.extra.update(self.sched.counters())
         return st.to_dict()
 
     # --- internals ---
@@ -130,7 +176,7 @@ class MigrationSource:
         if self._rp_error is not None:
             raise self._rp_error
 
-    def _sync(self) -> int:
+    def _sync(self, guest_running: bool = True) -> int:
         """Move the guest's dirty log into the migration bitmaps. Returns dirty pages."""
         now = time.monotonic()
         with self.ram.dirty_lock:
@@ -138,12 +184,12 @@ class MigrationSource:
             for b in self.ram.blocks:
                 log = self.ram.dirty_log[b.idstr].bits
                 bm = self.bitmaps[b.idstr].bits
-                newly += int(log.sum())
+                newly += int(np.count_nonzero(log))
                 bm |= log
                 log[:] = False
         r = self.stats.ram
         dt = now - self._last_sync
-        if r.dirty_sync_count > 0 and dt > 0:
+        if guest_running and dt > 0:
             r.dirty_pages_rate = int(newly / dt)
         self._last_sync = now
         r.dirty_sync_count += 1
@@ -156,73 +202,111 @@ class MigrationSource:
         self.on_event("MIGRATION_PASS", {"pass": r.dirty_sync_count})
         return remaining
 
-    def _send_dirty(self, ch: PrecopyChannel, budget: float | None) -> bool:
-        """Send dirty pages from the cursor on. True when the bitmaps are empty."""
-        deadline = None if budget is None else time.monotonic() + budget
-        blocks = self.ram.blocks
-        nblocks = len(blocks)
+    def _execute(self, order: SendOrder) -> None:
+        """Send an order's dirty target pages; stop early if a request preempts it."""
+        blk = self.ram.blocks[order.block]
+        bm = self.bitmaps[blk.idstr]
+        ch = self.channels[order.channel]
+        sched = self.sched
+        if order.channel != self._cur_channel:
+            # As QEMU: a channel switch makes the next record name its block.
+            ch.reset_last_block()
+            self._cur_channel = order.channel
+        interruptible = sched.interruptible(order)
+        step = 1 if interruptible else order.end - order.start
         r = self.stats.ram
-        checked = 0
-        while checked <= nblocks:
-            blk = blocks[self._cur_block]
-            bm = self.bitmaps[blk.idstr]
-            p = bm.next_set(self._cur_page)
-            if p >= blk.npages:
-                # Block done: next block, wrapping; a full lap with nothing = empty.
-                self._cur_block = (self._cur_block + 1) % nblocks
-                self._cur_page = 0
-                checked += 1
-                continue
-            checked = 0
-            limit = blk.host_page_of(p) + blk.tp_per_hp if blk.tp_per_hp > 1 else p + RUN_PAGES
-            e = bm.next_clear(p, min(limit, blk.npages))
-            bm.bits[p:e] = False
-            normal, zero = ch.send_range(blk, p, e)
+        p = order.start
+        while p < order.end:
+            if interruptible and sched.queue:
+                with self._lock:
+                    sched.preempted(order, p)
+                break
+            with self._lock:
+                q = bm.next_set(p, order.end)
+                if q >= order.end:
+                    break
+                e = bm.next_clear(q, min(order.end, q + step))
+                bm.bits[q:e] = False
+            normal, zero = ch.send_range(blk, q, e)
             r.normal += normal
             r.duplicate += zero
-            self._cur_page = e
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+            p = e
+        if order.requested:
+            ch.flush()  # the destination's guest is waiting for it
+
+    def _send_for(self, budget: float | None) -> bool:
+        """Send orders until the budget is spent. True when nothing is left to send."""
+        deadline = None if budget is None else time.monotonic() + budget
+        while True:
+            with self._lock:
+                order = self.sched.next()
+            if order is None:
+                return True
+            self._execute(order)
             if self._cancel or self._rp_error is not None:
                 return False
-        return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
-    def _update_bandwidth(self, ch: PrecopyChannel, force: bool = False) -> None:
+    def _update_bandwidth(self, force: bool = False) -> None:
         now = time.monotonic()
         dt = now - self._bw_t
         if dt < BANDWIDTH_WINDOW and not force:
             return
-        sent = ch.transferred - self._bw_bytes
+        total = self.channel.transferred
+        sent = total - self._bw_bytes
         pages = (self.stats.ram.normal + self.stats.ram.duplicate) - self._bw_pages
         if dt > 0 and sent > 0:
             self._bandwidth = sent / dt
             self.stats.ram.mbps = self._bandwidth * 8 / 1e6
             self.stats.ram.pages_per_second = pages / dt
-        self._bw_t, self._bw_bytes = now, ch.transferred
+        self._bw_t, self._bw_bytes = now, total
         self._bw_pages = self.stats.ram.normal + self.stats.ram.duplicate
+
+    def _should_switch(self) -> bool:
+        if not self.config.cap("postcopy-ram"):
+            return False
+        if self._postcopy_requested.is_set():
+            return True
+        after = self.config.param("postcopy-after-passes")
+        if after and self.stats.ram.dirty_sync_count > after:
+            return True
+        pct = self.config.param("postcopy-after-percent")
+        if pct:
+            sent = self.stats.ram.normal + self.stats.ram.duplicate
+            return sent * 100 >= pct * self.ram.npages
+        return False
 
     def _run(self) -> None:
         st = self.stats
         st.start_time = time.monotonic()
         self._last_sync = st.start_time
-        self._cur_block = 0
-        self._cur_page = 0
         self._bandwidth = 0.0
         self._bw_t, self._bw_bytes, self._bw_pages = st.start_time, 0, 0
         self._set_state(S.SETUP)
         transport = None
         paused_here = False
+        cfg = self.config
+        postcopy = cfg.cap("postcopy-ram")
+        self.sched = PageScheduler([SchedBlock(b.npages, b.tp_per_hp, self.bitmaps[b.idstr]) for b in self.ram.blocks])
         try:
             transport = connect(self.uri)
-            use_rp = self.config.cap("return-path") and self.uri.scheme != "file"
-            writer = QEMUFileWriter(transport, rate_limit=self.config.param("max-bandwidth"), name="precopy")
+            use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
+            writer = QEMUFileWriter(transport, rate_limit=cfg.param("max-bandwidth"), name="precopy")
             ch = self.channel = PrecopyChannel(writer)
+            self.channels = [ch]
             ch.send_header()
             if use_rp:
                 ch.send_raw(codec.encode_open_return_path())
+            if postcopy:
+                summary = 0
+                for b in self.ram.blocks:
+                    summary |= b.page_size
+                ch.send_raw(codec.encode_postcopy_advise(summary, C.TARGET_PAGE_SIZE))
+            if use_rp:
                 self._start_return_path(transport)
             self._ram_section = ch.new_section_id()
-            ch.ram_start(self._ram_section, self.ram.blocks, postcopy=False)
+            ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
             with self.ram.dirty_lock:
                 for b in self.ram.blocks:
@@ -235,15 +319,19 @@ class MigrationSource:
             ch.flush()
             st.setup_done = time.monotonic()
             self._set_state(S.ACTIVE)
-            downtime_limit = self.config.param("downtime-limit") / 1000.0
+            downtime_limit = cfg.param("downtime-limit") / 1000.0
+            switch = False
             while True:
                 self._check_cancel()
+                if self._should_switch():
+                    switch = True
+                    break
                 ch.section_part(self._ram_section)
-                self._send_dirty(ch, ITERATION_BUDGET)
+                self._send_for(ITERATION_BUDGET)
                 ch.send_eos()
                 ch.section_footer(self._ram_section)
                 ch.flush()
-                self._update_bandwidth(ch)
+                self._update_bandwidth()
                 remaining = sum(bm.count() for bm in self.bitmaps.values()) * C.TARGET_PAGE_SIZE
                 threshold = self._bandwidth * downtime_limit
                 st.remaining = remaining
@@ -251,55 +339,111 @@ class MigrationSource:
                     st.expected_downtime_ms = int(remaining / self._bandwidth * 1000)
                 if remaining <= threshold:
                     remaining = self._sync() * C.TARGET_PAGE_SIZE
-                    if remaining <= threshold:
+                    if remaining <= threshold and not self._should_switch():
                         break
             st.ram.precopy_bytes = ch.transferred
-            # Stop-and-copy.
             self._check_cancel()
             st.downtime_start = time.monotonic()
             if self.workload is not None:
                 self.workload.pause()
                 paused_here = True
-            self._set_state(S.DEVICE)
-            self._sync()
-            ch.section_part(self._ram_section, end=True)
-            self._send_dirty(ch, None)
-            ch.send_eos()
-            ch.section_footer(self._ram_section)
-            state = dict(self.workload.state()) if self.workload is not None else {}
-            if not use_rp:
-                # No return path to confirm on: the stream itself carries the digests.
-                state["digests"] = {n: d.hex() for n, d in self.ram.digests().items()}
-            ch.device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION,
-                           json.dumps(state).encode())
-            ch.send_eof(vm_description(self.ram))
-            ch.flush()
-            st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
-            st.remaining = 0
+            if switch:
+                self._postcopy(ch)
+                paused_here = False  # the guest runs on the destination from RUN on
+            else:
+                self._stop_and_copy(ch, use_rp)
             if use_rp:
                 self._await_confirmation()
             else:
-                st.digests = state["digests"]
                 st.downtime_end = time.monotonic()
             st.end_time = time.monotonic()
-            self._update_bandwidth(ch, force=True)
-            st.transferred = ch.transferred
+            # Start to the destination's confirmation, and the digest check after it.
+            st.extra["transfer-time"] = st._ms(st.start_time, self._confirmed_at or st.downtime_end)
+            st.extra["verify-time"] = st._ms(self._confirmed_at or st.downtime_end, st.end_time)
+            self._update_bandwidth(force=True)
+            st.transferred = sum(c.transferred for c in self.channels)
             if self.workload is not None:
                 self.workload.stop()  # the guest now runs on the destination
             self._set_state(S.COMPLETED)
         except MigrationCancelled:
             self._fail(None, paused_here)
-        except (ChannelError, OSError, ProtocolError, TimeoutError, ValueError) as e:
-            self._fail(e, paused_here)
         except Exception as e:  # noqa: BLE001 - a worker must report, never die silently
             self._fail(e, paused_here)
         finally:
+            for c in self.channels:
+                c.writer.transport.shutdown()
+            if self._rp_thread is not None:
+                self._rp_thread.join(5)
             if transport is not None:
-                transport.shutdown()
-                if self._rp_thread is not None:
-                    self._rp_thread.join(5)
                 transport.close()
             self._done.set()
+
+    _confirmed_at: float | None = None
+
+    def _stop_and_copy(self, ch: PrecopyChannel, use_rp: bool) -> None:
+        st = self.stats
+        self._set_state(S.DEVICE)
+        self._sync(guest_running=False)
+        ch.section_part(self._ram_section, end=True)
+        self._send_for(None)
+        ch.send_eos()
+        ch.section_footer(self._ram_section)
+        state = dict(self.workload.state()) if self.workload is not None else {}
+        if not use_rp:
+            # No return path to confirm on: the stream itself carries the digests.
+            state["digests"] = {n: d.hex() for n, d in self.ram.digests().items()}
+            st.digests = state["digests"]
+        ch.device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, json.dumps(state).encode())
+        ch.send_eof(vm_description(self.ram))
+        ch.flush()
+        st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        st.remaining = 0
+
+    def _postcopy(self, ch: PrecopyChannel) -> None:
+        """The switch (discard, package with LISTEN/state/PING/RUN), then background + requests."""
+        st = self.stats
+        self.in_postcopy = True
+        self._set_state(S.POSTCOPY_ACTIVE)
+        self._sync(guest_running=False)
+        # A host page is the unit from now on: one dirty target page makes it all dirty.
+        for b in self.ram.blocks:
+            if b.tp_per_hp > 1:
+                bits = self.bitmaps[b.idstr].bits.reshape(-1, b.tp_per_hp)
+                bits[bits.any(axis=1)] = True
+        for b in self.ram.blocks:
+            ranges = [(p << C.TARGET_PAGE_BITS, n << C.TARGET_PAGE_BITS)
+                      for p, n in dirty_ranges(self.bitmaps[b.idstr].bits)]
+            for cmd in codec.encode_postcopy_discard(b.idstr, ranges):
+                ch.send_raw(cmd)
+        state = dict(self.workload.state()) if self.workload is not None else {}
+        blob = (codec.encode_postcopy_listen()
+                + codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION,
+                                           json.dumps(state).encode())
+                + codec.encode_ping(PING_RUN) + codec.encode_postcopy_run())
+        ch.send_raw(codec.encode_packaged(blob))
+        ch.flush()
+        self.sched.postcopy = True
+        ch.writer.rate_limit = self.config.param("max-postcopy-bandwidth")
+        st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
+        st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        # Background pages and requested pages until every page went out.
+        while True:
+            self._check_cancel()
+            ch.section_part(self._ram_section)
+            done = self._send_for(ITERATION_BUDGET)
+            ch.send_eos()
+            ch.section_footer(self._ram_section)
+            ch.flush()
+            self._update_bandwidth()
+            if done:
+                break
+        ch.section_part(self._ram_section, end=True)
+        ch.send_eos()
+        ch.section_footer(self._ram_section)
+        ch.send_eof(None)  # no VM description in postcopy, as QEMU
+        ch.flush()
+        st.remaining = 0
+        st.extra["postcopy-bytes"] = ch.transferred - st.ram.precopy_bytes - st.ram.downtime_bytes
 
     def _fail(self, err, paused_here: bool) -> None:
         st = self.stats
@@ -308,12 +452,12 @@ class MigrationSource:
             err = self._rp_error  # the return path said why the stream broke
         if paused_here and self.workload is not None:
             self.workload.resume()  # the guest goes on running here, memory untouched
-        if self.channel is not None:
-            st.transferred = self.channel.transferred
-        if self._cancel and (err is None or isinstance(err, ChannelError)):
+        if self.channels:
+            st.transferred = sum(c.transferred for c in self.channels)
+        if self._cancel and (err is None or isinstance(err, ChannelError)) and not self.in_postcopy:
             self._set_state(S.CANCELLED)
             return
-        st.error = str(err) if err is not None else "migration failed"
+        st.error = str(err) if err is not None else "migration cancelled during postcopy"
         self._set_state(S.FAILED)
 
     # --- return path ---
@@ -346,8 +490,8 @@ class MigrationSource:
             with self._rp_event:
                 self._rp_error = e if isinstance(e, (ChannelError, ProtocolError)) else ChannelError(str(e))
                 self._rp_event.notify_all()
-            if self.channel is not None:
-                self.channel.shutdown()
+            for ch in self.channels:
+                ch.shutdown()
 
     def _handle_rp(self, msg: codec.RpMessage) -> None:
         t = msg.type
@@ -359,16 +503,23 @@ class MigrationSource:
                                                   "query the destination for its error")
                 self._rp_event.notify_all()
         elif t == C.MIG_RP_MSG_PONG:
-            pass
+            self._pongs.append(msg.value)
         elif t == C.MIG_RP_MSG_FERRY_DIGESTS:
             with self._rp_event:
                 self._rp_digests = msg.digests
                 self._rp_event.notify_all()
         elif t in (C.MIG_RP_MSG_REQ_PAGES, C.MIG_RP_MSG_REQ_PAGES_ID):
-            raise ProtocolError(f"return path {msg.name}: page request while not in postcopy "
-                                f"(block {msg.block!r}, start 0x{msg.start:x})")
+            if not self.in_postcopy:
+                raise ProtocolError(f"return path {msg.name}: page request while not in postcopy "
+                                    f"(block {msg.block!r}, start 0x{msg.start:x})")
+            if self._rp_shut is not None or self.stats.status in S.FINAL_STATES:
+                raise ProtocolError(f"return path {msg.name}: page request after completion "
+                                    f"(block {msg.block!r}, start 0x{msg.start:x})")
+            blk = codec.validate_page_request(self.block_infos, msg)
+            with self._lock:
+                self.sched.request(blk.index, msg.start >> C.TARGET_PAGE_BITS)
         else:
-            raise ProtocolError(f"return path {msg.name}: not expected by the source in precopy")
+            raise ProtocolError(f"return path {msg.name}: not expected by the source")
 
     def _await_confirmation(self) -> None:
         """Wait for SHUT(0) and the destination's digests; compare with ours."""
@@ -379,7 +530,9 @@ class MigrationSource:
                 if left <= 0 or self._cancel:
                     break
                 self._rp_event.wait(min(left, 0.5))
-        self.stats.downtime_end = time.monotonic()  # the destination may run the guest now
+        self._confirmed_at = time.monotonic()
+        if not self.in_postcopy:
+            self.stats.downtime_end = self._confirmed_at  # the destination may run the guest now
         self._check_cancel()
         if self._rp_shut is None:
             raise ChannelError("destination did not confirm the load in time")

@@ -54,6 +54,9 @@ class Workload:
         self._stop = False
         self._parked = threading.Semaphore(0)
         self._cond = threading.Condition()
+        # Called with (block, target pages) before the guest touches them; on a
+        # postcopy destination it blocks until they are received (demand paging).
+        self.access_hook = None
         self.pages_written = 0  # guest progress counter (part of the guest state)
         self.iterations = 0
         self._paused_count = 0
@@ -102,6 +105,11 @@ class Workload:
         """The guest's non-RAM state: its progress counters."""
         return {"pages_written": self.pages_written, "iterations": self.iterations}
 
+    def restore(self, state: dict) -> None:
+        """Take over the progress counters of the guest that ran on the source."""
+        self.pages_written = int(state.get("pages_written", 0))
+        self.iterations = int(state.get("iterations", 0))
+
     def _pick(self, rng: np.random.Generator, cursor: int, total: int) -> np.ndarray:
         cfg = self.config
         if cfg.pattern == "sequential":
@@ -140,6 +148,8 @@ class Workload:
                 local = pages[bidx == bi] - self._starts[bi]
                 # One word per page, at a spot that moves, so content really changes.
                 col = int(stamp) % 512
+                if self.access_hook is not None:
+                    self.access_hook(blk, local)
                 blk.words[local, col] = stamp ^ local.astype(np.uint64)
                 self.ram.mark_dirty(blk, local)
             self.pages_written += BATCH

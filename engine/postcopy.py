@@ -1,0 +1,274 @@
+"""Destination side of postcopy: host-page assembly and demand paging.
+
+*Placement*: target pages of a host page are collected in a per-channel
+temporary host page and the complete host page is placed into guest RAM at
+once, then marked received (a run that already holds a whole host page is
+placed straight from the stream buffer). Target pages of a host page must
+arrive in order, and no page of another host page may arrive on that channel
+before the current one is complete.
+
+*Demand paging*: a guest thread about to touch pages calls
+:meth:`FaultHandler.ensure`; for each host page not yet received it sends one
+request (deduplicated while in flight, like QEMU's page_requested) and blocks
+until the page is placed. Latency (request sent -> host page placed) and
+blocktime (time guest threads spent blocked) are recorded.
+"""
+from __future__ import annotations
+
+import mmap
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from channels import constants as C
+from channels.codec import RamRun
+from channels.errors import ProtocolError
+
+from .bitmap import PageBitmap
+from .latency import LatencyRecorder
+from .ram import GuestRAM, RAMBlock, page_fingerprints
+
+
+class ReceivedPages:
+    """What the destination holds: received bitmaps and page fingerprints, per block.
+
+    ``cond`` guards the bits; it is notified each time pages are placed.
+    """
+
+    def __init__(self, ram: GuestRAM):
+        self.ram = ram
+        self.bitmaps = {b.idstr: PageBitmap(b.npages) for b in ram.blocks}
+        self.fingerprints = {b.idstr: np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks}
+        self.cond = threading.Condition()
+        self.on_placed: Callable[[RAMBlock, str], None] | None = None
+
+    def count(self) -> int:
+        return sum(b.count() for b in self.bitmaps.values())
+
+    def snapshot_fingerprints(self) -> None:
+        """Record the fingerprints of what memory holds now (at LISTEN: all precopy data)."""
+        for b in self.ram.blocks:
+            self.fingerprints[b.idstr][:] = b.fingerprints()
+
+    def discard(self, block: RAMBlock, start: int, length: int) -> None:
+        """POSTCOPY_RAM_DISCARD: these pages are stale; drop them and their memory."""
+        p0, p1 = start >> C.TARGET_PAGE_BITS, (start + length) >> C.TARGET_PAGE_BITS
+        with self.cond:
+            self.bitmaps[block.idstr].bits[p0:p1] = False
+        try:
+            advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
+            block.mem.madvise(advice, start, length)
+        except (OSError, AttributeError, ValueError):
+            block.pages[p0:p1] = 0
+
+    def place(self, block: RAMBlock, where, data, channel: str = "precopy") -> int:
+        """Write pages (``where``: a slice or index array) and mark them received.
+
+        Pages already received are left alone (never overwrite a newer page).
+        ``data`` is (n, 4096) uint8, or None for zero pages. Returns pages placed.
+        """
+        bits = self.bitmaps[block.idstr].bits
+        fresh = ~bits[where]
+        if not fresh.all():
+            idx = np.arange(where.start, where.stop) if isinstance(where, slice) else np.asarray(where)
+            idx = idx[fresh]
+            if data is not None:
+                data = data[fresh]
+            where = idx
+            if len(idx) == 0:
+                return 0
+        if data is None:
+            nz = block.words[where].any(axis=1)
+            if nz.any():
+                idx = np.arange(where.start, where.stop) if isinstance(where, slice) else np.asarray(where)
+                block.pages[idx[nz]] = 0
+        else:
+            block.pages[where] = data
+        # Read back from guest RAM: verification then covers the placement too.
+        self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
+        with self.cond:
+            bits[where] = True
+            self.cond.notify_all()
+        if self.on_placed is not None:
+            self.on_placed(block, channel)
+        return len(bits[where]) if isinstance(where, slice) else len(where)
+
+
+class HostPageAssembler:
+    """One per channel: the temporary host page where a huge page is assembled."""
+
+    def __init__(self, ram: GuestRAM, received: ReceivedPages, channel: str):
+        self.ram = ram
+        self.received = received
+        self.channel = channel
+        self.cur: tuple[int, int] | None = None  # (block index, first target page of host page)
+        self.next_page = 0
+        self._tmp: dict[int, np.ndarray] = {}  # host page size -> (tph, 4096) buffer
+        self._tmp_zero: np.ndarray | None = None
+        self.pages_placed = 0
+        self.host_pages_placed = 0
+
+    @property
+    def busy(self) -> bool:
+        """A host page is partly assembled."""
+        return self.cur is not None
+
+    def _tmp_for(self, blk: RAMBlock) -> np.ndarray:
+        t = self._tmp.get(blk.page_size)
+        if t is None:
+            # Anonymous memory: untouched parts of a 1 GiB temp page cost nothing.
+            m = mmap.mmap(-1, blk.page_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            t = np.frombuffer(m, dtype=np.uint8).reshape(blk.tp_per_hp, C.TARGET_PAGE_SIZE)
+            self._tmp[blk.page_size] = t
+        return t
+
+    def add(self, run: RamRun) -> list[tuple[int, int]]:
+        """Take a run of records; returns the (block, host page) pairs completed."""
+        blk = self.ram.blocks[run.block.index]
+        tph = blk.tp_per_hp
+        pages = run.pages
+        n = len(pages)
+        done = []
+        if tph == 1:
+            if self.cur is not None:
+                raise self._mixed(blk, int(pages[0]))
+            contiguous = n == 1 or bool(np.all(np.diff(pages) == 1))
+            where = slice(int(pages[0]), int(pages[0]) + n) if contiguous else pages
+            self.pages_placed += self.received.place(blk, where, run.data, self.channel)
+            self.host_pages_placed += n
+            return [(blk.index, int(p)) for p in pages] if n <= 64 else [(blk.index, -1)]
+        i = 0
+        while i < n:
+            p = int(pages[i])
+            hp = p - p % tph
+            if self.cur is None:
+                if p != hp:
+                    raise ProtocolError(
+                        f"channel {self.channel}: target page at offset 0x{p << C.TARGET_PAGE_BITS:x} of block "
+                        f"{blk.idstr!r} starts host page 0x{hp << C.TARGET_PAGE_BITS:x} in its middle "
+                        f"(expected offset 0x{hp << C.TARGET_PAGE_BITS:x} first)")
+                self.cur = (blk.index, hp)
+                self.next_page = hp
+            elif self.cur != (blk.index, hp):
+                raise self._mixed(blk, p)
+            elif p != self.next_page:
+                raise ProtocolError(
+                    f"channel {self.channel}: target page at offset 0x{p << C.TARGET_PAGE_BITS:x} of block "
+                    f"{blk.idstr!r} out of order; expected offset 0x{self.next_page << C.TARGET_PAGE_BITS:x} "
+                    f"of host page 0x{hp << C.TARGET_PAGE_BITS:x}")
+            # The longest stretch of consecutive pages from i inside this host page.
+            want = min(n - i, hp + tph - p)
+            seg = pages[i:i + want]
+            bad = np.flatnonzero(seg != np.arange(p, p + want))
+            k = int(bad[0]) if len(bad) else want
+            data = None if run.data is None else run.data[i:i + k]
+            if p == hp and k == tph:
+                self.received.place(blk, slice(hp, hp + tph), data, self.channel)  # whole host page at once
+            else:
+                tmp = self._tmp_for(blk)
+                off = p - hp
+                if data is None:
+                    tmp[off:off + k] = 0
+                else:
+                    tmp[off:off + k] = data
+                if p + k == hp + tph:
+                    self.received.place(blk, slice(hp, hp + tph), tmp, self.channel)
+            self.next_page = p + k
+            i += k
+            if self.next_page == hp + tph:
+                self.cur = None
+                self.pages_placed += tph
+                self.host_pages_placed += 1
+                done.append((blk.index, hp))
+        return done
+
+    def _mixed(self, blk: RAMBlock, p: int) -> ProtocolError:
+        cb, chp = self.cur
+        cur_blk = self.ram.blocks[cb]
+        return ProtocolError(
+            f"channel {self.channel}: target page at offset 0x{p << C.TARGET_PAGE_BITS:x} of block {blk.idstr!r} "
+            f"arrived while host page at offset 0x{chp << C.TARGET_PAGE_BITS:x} of block {cur_blk.idstr!r} "
+            f"is incomplete (next expected offset 0x{self.next_page << C.TARGET_PAGE_BITS:x})")
+
+
+class FaultHandler:
+    """Demand paging: guest threads wait here for host pages not yet received.
+
+    ``send_request(block, start_bytes, length_bytes)`` sends one REQ_PAGES(_ID).
+    """
+
+    def __init__(self, ram: GuestRAM, received: ReceivedPages,
+                 send_request: Callable[[RAMBlock, int, int], None]):
+        self.ram = ram
+        self.received = received
+        self.send_request = send_request
+        self.requested: dict[tuple[int, int], float] = {}  # (block, host page) -> time sent
+        self.latency = LatencyRecorder()
+        self.latency_by_channel: dict[str, LatencyRecorder] = {}
+        self.blocktime = 0.0  # seconds, summed over guest threads
+        self.blocktime_by_thread: dict[str, float] = {}
+        self.faults = 0
+        self.requests = 0
+        self.enabled = False  # set at LISTEN; before that nothing is missing
+        self.failed: str | None = None  # the stream broke: waiters stay blocked
+        received.on_placed = self._placed
+
+    def ensure(self, blk: RAMBlock, pages: np.ndarray) -> None:
+        """Block until every target page in ``pages`` of ``blk`` is received."""
+        if not self.enabled:
+            return
+        bits = self.received.bitmaps[blk.idstr].bits
+        missing = pages[~bits[pages]]
+        if len(missing) == 0:
+            return
+        tph = blk.tp_per_hp
+        hps = np.unique(missing - missing % tph)
+        t0 = time.monotonic()
+        cond = self.received.cond
+        with cond:
+            self.faults += 1
+            for hp in hps.tolist():
+                if bits[hp]:
+                    continue
+                key = (blk.index, hp)
+                if key not in self.requested:
+                    self.requested[key] = time.monotonic()
+                    self.requests += 1
+                    self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
+            # The bit of a host page's first target page is set with the whole host page.
+            while not bits[hps].all():
+                cond.wait(0.5)
+        dt = time.monotonic() - t0
+        name = threading.current_thread().name
+        with cond:
+            self.blocktime += dt
+            self.blocktime_by_thread[name] = self.blocktime_by_thread.get(name, 0.0) + dt
+
+    def _placed(self, blk: RAMBlock, channel: str) -> None:
+        if not self.requested:
+            return
+        now = time.monotonic()
+        with self.received.cond:
+            bits = self.received.bitmaps[blk.idstr].bits
+            done = [k for k in self.requested if k[0] == blk.index and bits[k[1]]]
+            if not done:
+                return
+            rec = self.latency_by_channel.get(channel)
+            if rec is None:
+                rec = self.latency_by_channel[channel] = LatencyRecorder()
+            for k in done:
+                dt = now - self.requested.pop(k)
+                self.latency.add(dt)
+                rec.add(dt)
+
+    def metrics(self) -> dict:
+        return {
+            "postcopy-requests": self.requests,
+            "postcopy-faults": self.faults,
+            "postcopy-blocktime": int(self.blocktime * 1000),
+            "postcopy-vcpu-blocktime": {k: int(v * 1000) for k, v in self.blocktime_by_thread.items()},
+            "postcopy-latency": self.latency.summary(),
+            "postcopy-latency-by-channel": {c: r.summary() for c, r in self.latency_by_channel.items()},
+        }
