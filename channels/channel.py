@@ -7,6 +7,8 @@ commands); the POSTCOPY channel carries bare page records only.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import codec
@@ -47,6 +49,8 @@ class RamSendChannel:
         become ZERO records. Returns (normal, zero) page counts.
         """
         w = self.writer
+        if p1 - p0 == 1:
+            return self._send_one(block, p0)
         nonzero = block.words[p0:p1].any(axis=1)
         i = p0
         if self.last_sent_block != block.idstr:
@@ -74,6 +78,20 @@ class RamSendChannel:
         self.normal_pages += normal
         self.zero_pages += zero
         return normal, zero
+
+    def _send_one(self, block, p: int) -> tuple[int, int]:
+        """One target page: the path taken between preemption checks."""
+        w = self.writer
+        name = None if self.last_sent_block == block.idstr else block.idstr
+        self.last_sent_block = block.idstr
+        if block.words[p].any():
+            w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, name))
+            w.put_ref(block.view[p * PAGE:(p + 1) * PAGE])
+            self.normal_pages += 1
+            return 1, 0
+        w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, name))
+        self.zero_pages += 1
+        return 0, 1
 
     def _put_page_run(self, block, s: int, e: int) -> None:
         k = e - s
@@ -142,6 +160,21 @@ class PrecopyChannel(RamSendChannel):
         self.writer.put_bytes(codec.encode_eof())
         if vmdesc is not None:
             self.writer.put_bytes(codec.encode_vmdesc(vmdesc))
+
+
+class PostcopyChannel(RamSendChannel):
+    """A POSTCOPY channel: requested host pages only, as bare PAGE/ZERO records.
+
+    No header, sections or footers; flushed after each host page; ended with
+    EOS. ``lock`` serialises senders when requested pages are sent from the
+    return-path thread.
+    """
+
+    kind = "postcopy"
+
+    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy"):
+        super().__init__(writer, name)
+        self.lock = threading.Lock()
 
 
 class RamRecvChannel:

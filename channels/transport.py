@@ -103,6 +103,20 @@ class SocketTransport(Transport):
             except OSError:
                 pass
 
+    def tune(self, sndbuf: int = 0, rcvbuf: int = 0, notsent_lowat: int = 0) -> None:
+        """Bound the kernel's buffering on this socket (0 = leave the system default).
+
+        Bytes queued in socket buffers sit in front of anything sent later on
+        the same socket; a postcopy request competes with them on a shared link.
+        """
+        s = self.sock
+        if sndbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        if rcvbuf:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if notsent_lowat and s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), notsent_lowat)
+
     def shutdown_write(self) -> None:
         """Half-close: the peer reads EOF, we can still read."""
         try:

@@ -71,6 +71,13 @@ class MigrationDestination:
         self._rp_lock = threading.Lock()
         self._last_req_block: str | None = None
         self._listen_bytes = 0
+        # POSTCOPY channels (postcopy-preempt): loaders, each in its own thread.
+        self._pc_threads: list[threading.Thread] = []
+        self._pc_channels: list[RamRecvChannel] = []
+        self._pc_assemblers: list[HostPageAssembler] = []
+        self._pc_error: BaseException | None = None
+        self._pc_expected = 0
+        self._pc_connected = threading.Condition()
 
     @property
     def status(self) -> str:
@@ -95,16 +102,22 @@ class MigrationDestination:
 
     def cancel(self) -> None:
         self._cancel = True
-        if self._channel is not None:
-            self._channel.shutdown()
+        for ch in [self._channel, *self._pc_channels]:
+            if ch is not None:
+                ch.shutdown()
 
     def query(self) -> dict:
         st = self.stats
         r = st.ram
         if self._channel is not None:
-            st.transferred = self._channel.transferred
+            st.transferred = self._channel.transferred + sum(c.transferred for c in self._pc_channels)
             st.channels = {"precopy": {"bytes": self._channel.transferred,
                                        "normal": r.normal, "duplicate": r.duplicate}}
+            if self._assembler is not None:
+                st.channels["precopy"]["postcopy-pages-placed"] = self._assembler.pages_placed
+            for c, a in zip(self._pc_channels, self._pc_assemblers):
+                st.channels[c.name] = {"bytes": c.transferred, "pages-placed": a.pages_placed,
+                                       "host-pages-placed": a.host_pages_placed}
         if st.status not in S.FINAL_STATES:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
         if self.postcopy_advised:
@@ -122,8 +135,11 @@ class MigrationDestination:
         while True:
             if self._cancel:
                 raise ChannelError("incoming migration cancelled")
+            listener = self.listener
+            if listener is None:
+                raise ChannelError("incoming listener closed")
             try:
-                return self.listener.accept(timeout=ACCEPT_POLL)
+                return listener.accept(timeout=ACCEPT_POLL)
             except TimeoutError:
                 continue
 
@@ -146,17 +162,33 @@ class MigrationDestination:
         try:
             transport = self._accept()
             st.start_time = time.monotonic()
+            # The destination's setup is the wait for the source; it ends here.
+            # (Unset, query-migrate's setup-time would keep growing past total-time.)
+            st.setup_done = st.start_time
+            cfg = self.config
+            if hasattr(transport, "tune"):
+                transport.tune(rcvbuf=cfg.param("precopy-rcvbuf"))
+            self._pc_expected = cfg.param("postcopy-channels") if cfg.cap("postcopy-preempt") else 0
+            if self._pc_expected:
+                threading.Thread(target=self._accept_channels, name="incoming-channels", daemon=True).start()
+            else:
+                self._close_listener()  # a further connection is refused
             self._set_state(S.ACTIVE)
             reader = QEMUFileReader(transport, name="precopy")
             dec = StreamDecoder(self.ram.infos(), devices=_DEVICES)
             self._channel = RamRecvChannel(reader, dec, "precopy")
             self._load(self._channel, transport)
+            self._join_channels()
             self._finish()
             st.end_time = time.monotonic()
             self._set_state(S.COMPLETED)
         except Exception as e:  # noqa: BLE001 - report every failure, never die silently
             st.end_time = time.monotonic()
+            if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
+                e = self._pc_error  # a POSTCOPY channel failed and broke the main one
             st.error = str(e) if not self._cancel else "incoming migration cancelled"
+            for c in self._pc_channels:
+                c.shutdown()
             if self.running:
                 # The guest runs here and some pages never arrived: its threads
                 # stay blocked on them rather than read memory that is not there.
@@ -171,9 +203,85 @@ class MigrationDestination:
             if transport is not None:
                 transport.shutdown()
                 transport.close()
+            self._close_listener()
+            for t in self._pc_threads:
+                t.join(5)
+            for c in self._pc_channels:
+                c.reader.transport.close()
+            self._done.set()
+
+    def _close_listener(self) -> None:
+        with self._pc_connected:
             if self.listener is not None:
                 self.listener.close()
-            self._done.set()
+                self.listener = None
+
+    def _accept_channels(self) -> None:
+        """Accept the POSTCOPY channels: the connections after the main one, in order."""
+        try:
+            for i in range(self._pc_expected):
+                t = self._accept()
+                name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
+                dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
+                ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
+                asm = HostPageAssembler(self.ram, self.received, name)
+                th = threading.Thread(target=self._channel_loop, args=(ch, asm), name=f"load-{name}", daemon=True)
+                with self._pc_connected:
+                    self._pc_channels.append(ch)
+                    self._pc_assemblers.append(asm)
+                    self._pc_threads.append(th)
+                    self._pc_connected.notify_all()
+                th.start()
+        except Exception as e:  # noqa: BLE001
+            if not self._done.is_set() and not self._cancel:
+                self._channel_failed(e)
+        finally:
+            self._close_listener()  # beyond the expected number: refused
+
+    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler) -> None:
+        """Loader of one POSTCOPY channel: bare page records until EOS."""
+        try:
+            while True:
+                ev = ch.next_event()
+                if ev is None:
+                    if ch.decoder.at_boundary():
+                        return
+                    raise ProtocolError(f"channel {ch.name}: stream ended before EOS")
+                if isinstance(ev, codec.RamEOS):
+                    return
+                if not self.listening:
+                    raise ProtocolError(f"channel {ch.name}: page record before POSTCOPY_LISTEN")
+                asm.add(ev)
+        except Exception as e:  # noqa: BLE001
+            if not self._done.is_set() and not self._cancel and self.stats.status not in S.FINAL_STATES:
+                self._channel_failed(e)
+
+    def _channel_failed(self, e: BaseException) -> None:
+        self._pc_error = e
+        if self._channel is not None:
+            self._channel.shutdown()  # fail the whole migration, with this error
+
+    def _join_channels(self) -> None:
+        """Wait until every POSTCOPY channel connected and reached EOS."""
+        if not self._pc_expected:
+            return
+        deadline = time.monotonic() + 30
+        with self._pc_connected:
+            while len(self._pc_threads) < self._pc_expected and self._pc_error is None:
+                if time.monotonic() > deadline:
+                    raise ProtocolError(f"postcopy-preempt: {len(self._pc_threads)} of {self._pc_expected} POSTCOPY "
+                                        "channels connected; enable postcopy-preempt (and the same "
+                                        "postcopy-channels) on both sides")
+                self._pc_connected.wait(0.2)
+        for t in self._pc_threads:
+            while t.is_alive():
+                if self._pc_error is not None:
+                    break
+                if time.monotonic() > deadline:
+                    raise ProtocolError(f"POSTCOPY channel {t.name[5:]}: no EOS after the main stream ended")
+                t.join(0.2)
+        if self._pc_error is not None:
+            raise self._pc_error
 
     def _load(self, ch: RamRecvChannel, transport) -> None:
         got_eof = False
@@ -330,8 +438,9 @@ class MigrationDestination:
                    if bm.count() < bm.npages}
         if missing:
             raise ProtocolError(f"stream ended with pages never received: {missing}")
-        if self._assembler is not None and self._assembler.busy:
-            raise ProtocolError("stream ended inside a host page")
+        for a in [self._assembler, *self._pc_assemblers]:
+            if a is not None and a.busy:
+                raise ProtocolError(f"channel {a.channel}: stream ended inside a host page")
         if self._rp is not None:
             self._rp_send(codec.encode_rp_shut(0))
         if self.listening:

@@ -36,8 +36,10 @@ class GuestConfig:
 def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float):
     from .destination import MigrationDestination
 
+    from .process import configure_worker_process
     from .workload import Workload
 
+    configure_worker_process()
     try:
         dwl = guest.get("dest_workload")
         g = GuestConfig(**{**guest, "workload": None, "dest_workload": None})
@@ -59,9 +61,11 @@ def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: f
 
 
 def _source_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float, warm: float):
+    from .process import configure_worker_process
     from .source import MigrationSource
     from .workload import Workload
 
+    configure_worker_process()
     try:
         wl = guest.get("workload")
         g = GuestConfig(**{**guest, "workload": None, "dest_workload": None})

@@ -19,7 +19,8 @@ CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
                                 "(Ferry enables it by default: the source waits for the destination's "
                                 "confirmation before it releases the guest)"),
     "postcopy-ram": (False, True, "switch the guest to the destination early and fetch pages on demand"),
-    "postcopy-preempt": (False, False, "send requested pages on a separate POSTCOPY channel"),
+    "postcopy-preempt": (False, True, "send requested pages on separate POSTCOPY channels; a request "
+                                      "interrupts a huge page being sent on the PRECOPY channel"),
     "postcopy-blocktime": (False, True, "report time guest threads spend blocked on faults "
                                         "(Ferry measures it always)"),
     "xbzrle": (False, False, "delta-compress repeated pages"),
@@ -43,6 +44,7 @@ class ParamSpec:
     implemented: bool
     doc: str
     kind: type = int
+    choices: tuple = ()
 
 
 PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
@@ -56,6 +58,23 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "Ferry: switch to postcopy by itself after this many precopy passes; 0 = never"),
     ParamSpec("postcopy-after-percent", 0, 0, 100, "percent", True,
               "Ferry: switch to postcopy by itself once this share of pages was sent; 0 = never"),
+    ParamSpec("postcopy-channels", 1, 1, 16, "channels", True,
+              "Ferry: number of POSTCOPY channels for requested pages (postcopy-preempt); "
+              "requests are spread over them"),
+    ParamSpec("urgent-pages-from", "migration-thread", None, None, "", True,
+              "Ferry: which thread sends requested pages: the migration thread (QEMU 7.2) or the "
+              "return-path thread as soon as the request is read (QEMU 8.0+)", str,
+              ("migration-thread", "return-path")),
+    ParamSpec("preempt-break-huge", True, None, None, "", True,
+              "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool),
+    ParamSpec("preempt-hold-background", True, None, None, "", True,
+              "Ferry: hold background pages while requested pages are being sent", bool),
+    ParamSpec("precopy-notsent-lowat", 0, 0, 1 << 30, "bytes", True,
+              "Ferry: TCP_NOTSENT_LOWAT on the PRECOPY channel (unsent bytes the kernel keeps); 0 = system"),
+    ParamSpec("precopy-sndbuf", 0, 0, 1 << 30, "bytes", True,
+              "Ferry: SO_SNDBUF of the PRECOPY channel on the source; 0 = system (autotuned)"),
+    ParamSpec("precopy-rcvbuf", 0, 0, 1 << 30, "bytes", True,
+              "Ferry: SO_RCVBUF of the PRECOPY channel on the destination; 0 = system (autotuned)"),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),
@@ -79,7 +98,14 @@ def validate_parameter(name: str, value):
     spec = PARAMETERS.get(name)
     if spec is None:
         raise ParameterError(f"parameter {name!r} is unknown; known: {', '.join(sorted(PARAMETERS))}")
-    if spec.kind is int:
+    if spec.choices:
+        if value not in spec.choices:
+            raise ParameterError(f"Parameter {name!r} expects one of {', '.join(map(str, spec.choices))}, "
+                                 f"got {value!r}")
+    elif spec.kind is bool:
+        if not isinstance(value, bool):
+            raise ParameterError(f"Parameter {name!r} expects true or false, got {value!r}")
+    elif spec.kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParameterError(f"Parameter {name!r} expects an integer in the range of {spec.lo} to "
                                  f"{spec.hi} {spec.unit}, got {value!r}")
@@ -89,7 +115,7 @@ def validate_parameter(name: str, value):
                                  f"{spec.hi} {spec.unit}, got {value!r}")
     elif not isinstance(value, spec.kind):
         raise ParameterError(f"Parameter {name!r} expects a {spec.kind.__name__}, got {value!r}")
-    if spec.lo is not None and (value < spec.lo or value > spec.hi):
+    if spec.lo is not None and spec.kind in (int, float) and (value < spec.lo or value > spec.hi):
         raise ParameterError(f"Parameter {name!r} expects a value in the range of {spec.lo} to "
                              f"{spec.hi} {spec.unit}, got {value}")
     if value != spec.default and not spec.implemented:

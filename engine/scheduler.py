@@ -42,6 +42,7 @@ class SendOrder:
     channel: int
     requested: bool = False
     restored: bool = False
+    switched: bool = False  # the channel differs from the previous order's: forget its last block
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class PageScheduler:
         self.cursor = (0, 0)  # background scan position
         self.interrupted: tuple[int, int] | None = None  # (block, next target page) of a preempted huge page
         self.current: SendOrder | None = None  # order being sent (for should_preempt)
+        self.last_channel = PRECOPY
         self._rr = 0  # round robin over POSTCOPY channels
         # counters
         self.requests = 0
@@ -126,6 +128,10 @@ class PageScheduler:
             order = SendOrder(block, page, self.host_page(block, page) + b.tp_per_hp, PRECOPY, restored=True)
         if order is None:
             order = self._background()
+        if order is not None and order.channel != self.last_channel:
+            # As QEMU: after a channel switch the next record names its block.
+            order.switched = True
+            self.last_channel = order.channel
         self.current = order
         return order
 
@@ -145,6 +151,34 @@ class PageScheduler:
                 return SendOrder(block, start, end, PRECOPY)
             block, page = (block + 1) % nb, 0
         return None
+
+    def claim(self, block: int, host_page: int) -> SendOrder | None:
+        """Serve a request at once (from the return-path thread), or None if it must not be.
+
+        Dropped: the host page is interrupted, or is being sent right now on
+        the PRECOPY channel (it completes there). Skipped: nothing of it is
+        dirty any more. Otherwise its dirty bits are cleared here, so the
+        migration thread will not pick it, and the caller sends it.
+        """
+        self.requests += 1
+        if self._is_interrupted(block, host_page):
+            self.dropped_in_flight += 1
+            return None
+        b = self.blocks[block]
+        end = host_page + b.tp_per_hp
+        first = b.dirty.next_set(host_page, end)
+        if first >= end:
+            self.requests_already_sent += 1
+            return None
+        cur = self.current
+        if (cur is not None and cur.block == block and cur.channel == PRECOPY
+                and self.host_page(block, cur.start) == host_page):
+            self.dropped_in_flight += 1
+            return None
+        b.dirty.bits[host_page:end] = False
+        ch = 1 + self._rr % self.postcopy_channels
+        self._rr += 1
+        return SendOrder(block, host_page, end, ch, requested=True)
 
     # --- interruption ---
     def interruptible(self, order: SendOrder) -> bool:

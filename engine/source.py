@@ -30,7 +30,7 @@ import numpy as np
 
 from channels import codec
 from channels import constants as C
-from channels.channel import PrecopyChannel
+from channels.channel import PostcopyChannel, PrecopyChannel
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import connect, parse_uri
@@ -48,6 +48,7 @@ BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 ITERATION_BUDGET = 0.05  # s of sending per PART section, QEMU's MAX_WAIT
 CONFIRM_TIMEOUT = 120.0  # s to wait for the destination's confirmation
 PING_RUN = 1  # value of the PING inside the postcopy package
+HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
 
 
 class MigrationCancelled(Exception):
@@ -98,7 +99,6 @@ class MigrationSource:
         self._postcopy_requested = threading.Event()
         self.channel: PrecopyChannel | None = None
         self.channels: list = []  # index = scheduler channel number
-        self._cur_channel = PRECOPY
         self.uri = None
         self.in_postcopy = False
         # Return-path results
@@ -107,6 +107,10 @@ class MigrationSource:
         self._rp_error: BaseException | None = None
         self._rp_event = threading.Condition()
         self._pongs: list[int] = []
+        self._urgent_busy = 0  # requested pages being sent by the return-path thread
+        self._urgent_idle = threading.Condition(self._lock)
+        self._rp_sends = False  # urgent-pages-from = return-path
+        self._hold_background = False  # preempt-hold-background, once in postcopy
         self.passes = []  # per-pass figures (MIGRATION_PASS)
 
     # --- public API ---
@@ -124,6 +128,8 @@ class MigrationSource:
                 raise ValueError("postcopy-ram needs a live destination: not possible with a file: uri")
             if not self.config.cap("return-path"):
                 raise ValueError("postcopy-ram needs the return-path capability")
+        if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
+            raise ValueError("postcopy-preempt needs the postcopy-ram capability")
         self.uri = u
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
@@ -160,6 +166,7 @@ class MigrationSource:
                                      "duplicate": ch.zero_pages} for ch in self.channels}
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
+        self._count_pages()
         return st.to_dict()
 
     # --- internals ---
@@ -208,28 +215,33 @@ class MigrationSource:
         bm = self.bitmaps[blk.idstr]
         ch = self.channels[order.channel]
         sched = self.sched
-        if order.channel != self._cur_channel:
-            # As QEMU: a channel switch makes the next record name its block.
+        if order.switched:
             ch.reset_last_block()
-            self._cur_channel = order.channel
         interruptible = sched.interruptible(order)
-        step = 1 if interruptible else order.end - order.start
-        r = self.stats.ram
+        hold = self._hold_background and order.channel == PRECOPY
+        if interruptible:
+            step = 1  # stop at the next target-page boundary
+        elif hold:
+            step = min(order.end - order.start, HOLD_STEP_PAGES)
+        else:
+            step = order.end - order.start
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
                 with self._lock:
                     sched.preempted(order, p)
                 break
+            if hold and self._urgent_busy:
+                with self._lock:
+                    while self._urgent_busy and not self._cancel:
+                        self._urgent_idle.wait(0.1)
             with self._lock:
                 q = bm.next_set(p, order.end)
                 if q >= order.end:
                     break
                 e = bm.next_clear(q, min(order.end, q + step))
                 bm.bits[q:e] = False
-            normal, zero = ch.send_range(blk, q, e)
-            r.normal += normal
-            r.duplicate += zero
+            ch.send_range(blk, q, e)
             p = e
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
@@ -255,13 +267,22 @@ class MigrationSource:
             return
         total = self.channel.transferred
         sent = total - self._bw_bytes
-        pages = (self.stats.ram.normal + self.stats.ram.duplicate) - self._bw_pages
+        pages = self._pages_sent() - self._bw_pages
         if dt > 0 and sent > 0:
             self._bandwidth = sent / dt
             self.stats.ram.mbps = self._bandwidth * 8 / 1e6
             self.stats.ram.pages_per_second = pages / dt
         self._bw_t, self._bw_bytes = now, total
-        self._bw_pages = self.stats.ram.normal + self.stats.ram.duplicate
+        self._bw_pages = self._pages_sent()
+
+    def _pages_sent(self) -> int:
+        """Target pages sent so far, on all channels (each channel counts its own)."""
+        return sum(c.normal_pages + c.zero_pages for c in self.channels)
+
+    def _count_pages(self) -> None:
+        r = self.stats.ram
+        r.normal = sum(c.normal_pages for c in self.channels)
+        r.duplicate = sum(c.zero_pages for c in self.channels)
 
     def _should_switch(self) -> bool:
         if not self.config.cap("postcopy-ram"):
@@ -273,8 +294,7 @@ class MigrationSource:
             return True
         pct = self.config.param("postcopy-after-percent")
         if pct:
-            sent = self.stats.ram.normal + self.stats.ram.duplicate
-            return sent * 100 >= pct * self.ram.npages
+            return self._pages_sent() * 100 >= pct * self.ram.npages
         return False
 
     def _run(self) -> None:
@@ -288,9 +308,17 @@ class MigrationSource:
         paused_here = False
         cfg = self.config
         postcopy = cfg.cap("postcopy-ram")
-        self.sched = PageScheduler([SchedBlock(b.npages, b.tp_per_hp, self.bitmaps[b.idstr]) for b in self.ram.blocks])
+        preempt = cfg.cap("postcopy-preempt")
+        nchannels = cfg.param("postcopy-channels") if preempt else 0
+        self._rp_sends = preempt and cfg.param("urgent-pages-from") == "return-path"
+        self._hold_background = False  # set at the switch, if asked for
+        self.sched = PageScheduler([SchedBlock(b.npages, b.tp_per_hp, self.bitmaps[b.idstr]) for b in self.ram.blocks],
+                                   preempt=preempt, break_huge=cfg.param("preempt-break-huge"),
+                                   postcopy_channels=max(1, nchannels))
         try:
             transport = connect(self.uri)
+            if hasattr(transport, "tune"):
+                transport.tune(sndbuf=cfg.param("precopy-sndbuf"), notsent_lowat=cfg.param("precopy-notsent-lowat"))
             use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
             writer = QEMUFileWriter(transport, rate_limit=cfg.param("max-bandwidth"), name="precopy")
             ch = self.channel = PrecopyChannel(writer)
@@ -305,6 +333,17 @@ class MigrationSource:
                 ch.send_raw(codec.encode_postcopy_advise(summary, C.TARGET_PAGE_SIZE))
             if use_rp:
                 self._start_return_path(transport)
+            ch.flush()
+            # POSTCOPY channels: further connections to the same address, opened
+            # at setup as QEMU 7.2 does; the destination tells them by order.
+            for i in range(nchannels):
+                try:
+                    t = connect(self.uri)
+                except ConnectionError as e:
+                    raise ConnectionError(f"POSTCOPY channel {i + 1} of {nchannels}: {e} (is postcopy-preempt "
+                                          "with the same postcopy-channels enabled on the destination?)") from e
+                name = "postcopy" if nchannels == 1 else f"postcopy{i + 1}"
+                self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
             self._ram_section = ch.new_section_id()
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
@@ -423,6 +462,7 @@ class MigrationSource:
         ch.send_raw(codec.encode_packaged(blob))
         ch.flush()
         self.sched.postcopy = True
+        self._hold_background = self._rp_sends and self.config.param("preempt-hold-background")
         ch.writer.rate_limit = self.config.param("max-postcopy-bandwidth")
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
@@ -437,6 +477,13 @@ class MigrationSource:
             self._update_bandwidth()
             if done:
                 break
+        with self._lock:
+            # Every page went out; a return-path send that claimed one holds its
+            # channel's lock already, so EOS cannot overtake it.
+            for pc in self.channels[1:]:
+                with pc.lock:
+                    pc.send_eos()
+                    pc.flush()
         ch.section_part(self._ram_section, end=True)
         ch.send_eos()
         ch.section_footer(self._ram_section)
@@ -448,6 +495,11 @@ class MigrationSource:
     def _fail(self, err, paused_here: bool) -> None:
         st = self.stats
         st.end_time = time.monotonic()
+        if (isinstance(err, ChannelError) and not isinstance(err, ProtocolError)
+                and self._rp_thread is not None and self._rp_error is None):
+            # The stream broke; the return path may be reading why (the
+            # destination's message is the more useful error).
+            self._rp_thread.join(1.0)
         if self._rp_error is not None and (err is None or isinstance(err, ChannelError)):
             err = self._rp_error  # the return path said why the stream broke
         if paused_here and self.workload is not None:
@@ -516,10 +568,31 @@ class MigrationSource:
                 raise ProtocolError(f"return path {msg.name}: page request after completion "
                                     f"(block {msg.block!r}, start 0x{msg.start:x})")
             blk = codec.validate_page_request(self.block_infos, msg)
-            with self._lock:
-                self.sched.request(blk.index, msg.start >> C.TARGET_PAGE_BITS)
+            if self._rp_sends:
+                self._send_urgent(blk.index, msg.start >> C.TARGET_PAGE_BITS)
+            else:
+                with self._lock:
+                    self.sched.request(blk.index, msg.start >> C.TARGET_PAGE_BITS)
         else:
             raise ProtocolError(f"return path {msg.name}: not expected by the source")
+
+    def _send_urgent(self, block: int, host_page: int) -> None:
+        """urgent-pages-from=return-path: send a requested page from this thread, now."""
+        with self._lock:
+            order = self.sched.claim(block, host_page)
+            if order is None:
+                return
+            pc = self.channels[order.channel]
+            pc.lock.acquire()  # taken before releasing the scheduler: EOS waits for us
+            self._urgent_busy += 1
+        try:
+            pc.send_range(self.ram.blocks[block], order.start, order.end)
+            pc.flush()
+        finally:
+            pc.lock.release()
+            with self._lock:
+                self._urgent_busy -= 1
+                self._urgent_idle.notify_all()
 
     def _await_confirmation(self) -> None:
         """Wait for SHUT(0) and the destination's digests; compare with ours."""

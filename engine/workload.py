@@ -28,6 +28,7 @@ class WorkloadConfig:
     hot_fraction: float = 0.1  # hotset: share of pages that take hot_share of the writes
     hot_share: float = 0.9
     seed: int = 1
+    batch: int = BATCH  # pages touched per iteration (1: one access at a time, like a vCPU fault)
 
     def validate(self) -> None:
         if self.pattern not in PATTERNS:
@@ -40,6 +41,8 @@ class WorkloadConfig:
             raise ValueError(f"workload hot-fraction {self.hot_fraction}: expected (0, 1]")
         if not 0 <= self.hot_share <= 1:
             raise ValueError(f"workload hot-share {self.hot_share}: expected [0, 1]")
+        if not 1 <= self.batch <= 4096:
+            raise ValueError(f"workload batch {self.batch}: expected 1..4096 pages")
 
 
 class Workload:
@@ -112,13 +115,14 @@ class Workload:
 
     def _pick(self, rng: np.random.Generator, cursor: int, total: int) -> np.ndarray:
         cfg = self.config
+        n = cfg.batch
         if cfg.pattern == "sequential":
-            return (np.arange(cursor, cursor + BATCH) % total)
+            return (np.arange(cursor, cursor + n) % total)
         if cfg.pattern == "random":
-            return rng.integers(0, total, BATCH)
+            return rng.integers(0, total, n)
         hot = max(1, int(total * cfg.hot_fraction))
-        nhot = rng.binomial(BATCH, cfg.hot_share)
-        return np.concatenate([rng.integers(0, hot, nhot), rng.integers(0, total, BATCH - nhot)])
+        nhot = rng.binomial(n, cfg.hot_share)
+        return np.concatenate([rng.integers(0, hot, nhot), rng.integers(0, total, n - nhot)])
 
     def _loop(self, tid: int) -> None:
         cfg = self.config
@@ -139,7 +143,7 @@ class Workload:
                 next_t = time.monotonic()
                 continue
             pages = self._pick(rng, cursor, total)
-            cursor = (cursor + BATCH) % total
+            cursor = (cursor + cfg.batch) % total
             self.iterations += 1
             stamp += np.uint64(1)
             bidx = np.searchsorted(self._starts, pages, side="right") - 1
@@ -152,9 +156,9 @@ class Workload:
                     self.access_hook(blk, local)
                 blk.words[local, col] = stamp ^ local.astype(np.uint64)
                 self.ram.mark_dirty(blk, local)
-            self.pages_written += BATCH
+            self.pages_written += cfg.batch
             if rate_pages > 0:
-                next_t += BATCH / rate_pages
+                next_t += cfg.batch / rate_pages
                 delay = next_t - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
