@@ -315,11 +315,18 @@ class MigrationDestination:
             self._command(ev)
         elif isinstance(ev, codec.DeviceState):
             try:
-                self.guest_state = json.loads(ev.payload)
-            except ValueError as e:
+                state = json.loads(ev.payload)
+            except (ValueError, RecursionError) as e:
                 raise ProtocolError(f"section {ev.idstr!r}: state is not valid JSON ({e})") from None
-            if not isinstance(self.guest_state, dict):
-                raise ProtocolError(f"section {ev.idstr!r}: state is not a JSON object")
+            if not isinstance(state, dict):
+                raise ProtocolError(f"section {ev.idstr!r}: state is a JSON {type(state).__name__}, "
+                                    "expected an object")
+            digests = state.get("digests")
+            if digests is not None and not (isinstance(digests, dict)
+                                            and all(isinstance(v, str) for v in digests.values())):
+                raise ProtocolError(f"section {ev.idstr!r}: field 'digests' is {digests!r:.60}, expected an "
+                                    "object of block name to hex digest")
+            self.guest_state = state
 
     def _place_precopy(self, run: codec.RamRun) -> None:
         """Precopy: write a run of pages (newer versions overwrite) and mark them received."""

@@ -84,8 +84,8 @@ def _source_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout:
         conn.send(("ready", None))
         s.start(uri)
         s.wait(timeout)
-        if s.status != "completed":
-            s.cancel()
+        if s.status not in ("completed", "failed", "cancelled") and not s.in_postcopy:
+            s.cancel()  # timed out in precopy: the guest goes on here
         res = s.query()
         res["passes"] = s.passes
         if workload is None:
@@ -95,16 +95,44 @@ def _source_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout:
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
+def _in_netns(ns: str | None, target, conn, *args):
+    """Child entry point: join network namespace ``ns`` (before any socket), then run target."""
+    if ns:
+        from .testbed import enter_netns
+
+        try:
+            enter_netns(ns)
+        except OSError as e:
+            conn.send(("error", f"cannot enter network namespace {ns}: {e}"))
+            return
+    target(conn, *args)
+
+
 def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None = None,
                         caps: dict | None = None, params: dict | None = None,
-                        timeout: float = 300.0, warm: float = 0.0) -> tuple[dict, dict]:
-    """Migrate between two fresh processes; returns (source query, destination query)."""
+                        timeout: float = 300.0, warm: float = 0.0,
+                        netns: tuple[str | None, str | None] | None = None) -> tuple[dict, dict]:
+    """Migrate between two fresh processes; returns (source query, destination query).
+
+    ``netns=(source namespace, destination namespace)`` (see engine/testbed.py): each
+    process joins its network namespace first. A tcp uri on a loopback host then
+    listens on the destination namespace's own address instead.
+    """
     guest = guest or GuestConfig()
     gd = asdict(guest)
+    src_ns, dst_ns = netns or (None, None)
+    if dst_ns and uri.startswith("tcp:"):
+        from channels.transport import MigrationURI, parse_uri
+
+        from .testbed import namespace_address
+
+        u = parse_uri(uri)
+        if u.host in ("127.0.0.1", "localhost", "::1"):
+            uri = str(MigrationURI("tcp", host=namespace_address(dst_ns), port=u.port))
     ctx = mp.get_context("spawn")
     dp, dc = ctx.Pipe()
     sp, sc = ctx.Pipe()
-    dproc = ctx.Process(target=_dest_main, args=(dc, gd, caps or {}, params or {}, uri, timeout),
+    dproc = ctx.Process(target=_in_netns, args=(dst_ns, _dest_main, dc, gd, caps or {}, params or {}, uri, timeout),
                         name="ferry-destination", daemon=True)
     sproc = None
     try:
@@ -114,7 +142,8 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
         kind, val = dp.recv()
         if kind != "listening":
             raise RuntimeError(f"destination: {val}")
-        sproc = ctx.Process(target=_source_main, args=(sc, gd, caps or {}, params or {}, val, timeout, warm),
+        sproc = ctx.Process(target=_in_netns, args=(src_ns, _source_main, sc, gd, caps or {}, params or {}, val,
+                                                    timeout, warm),
                             name="ferry-source", daemon=True)
         sproc.start()
         results = {}

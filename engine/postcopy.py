@@ -269,6 +269,8 @@ class FaultHandler:
             "postcopy-faults": self.faults,
             "postcopy-blocktime": int(self.blocktime * 1000),
             "postcopy-vcpu-blocktime": {k: int(v * 1000) for k, v in self.blocktime_by_thread.items()},
-            "postcopy-latency": self.latency.summary(),
+            "postcopy-latency": (lat := self.latency.summary()),
+            # QEMU 10.1's name for the log2 histogram: bucket N = [2^N, 2^(N+1)) us
+            "postcopy-latency-dist": lat["histogram"],
             "postcopy-latency-by-channel": {c: r.summary() for c, r in self.latency_by_channel.items()},
         }

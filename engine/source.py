@@ -147,12 +147,18 @@ class MigrationSource:
         return self.stats.status
 
     def cancel(self) -> None:
-        """migrate-cancel: stop sending, resume the guest here."""
+        """migrate-cancel: stop sending, resume the guest here.
+
+        Refused once postcopy started: the guest runs on the destination and
+        needs the pages only this side has.
+        """
         if self.stats.status in S.FINAL_STATES or self.stats.status == S.NONE:
             return
+        if self.in_postcopy:
+            raise RuntimeError("migrate-cancel refused in postcopy: the guest already runs on the destination "
+                               "and still needs pages from this side")
         self._cancel = True
-        if not self.in_postcopy:
-            self._set_state(S.CANCELLING)
+        self._set_state(S.CANCELLING)
         for ch in self.channels:
             ch.shutdown()
 
@@ -246,8 +252,8 @@ class MigrationSource:
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
 
-    def _send_for(self, budget: float | None) -> bool:
-        """Send orders until the budget is spent. True when nothing is left to send."""
+    def _send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Send orders until the budget is spent or ``stop()``. True when nothing is left to send."""
         deadline = None if budget is None else time.monotonic() + budget
         while True:
             with self._lock:
@@ -258,6 +264,8 @@ class MigrationSource:
             if self._cancel or self._rp_error is not None:
                 return False
             if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if stop is not None and stop():
                 return False
 
     def _update_bandwidth(self, force: bool = False) -> None:
@@ -366,7 +374,8 @@ class MigrationSource:
                     switch = True
                     break
                 ch.section_part(self._ram_section)
-                self._send_for(ITERATION_BUDGET)
+                # The switch may come due mid-iteration (postcopy-after-percent).
+                self._send_for(ITERATION_BUDGET, self._should_switch if postcopy else None)
                 ch.send_eos()
                 ch.section_footer(self._ram_section)
                 ch.flush()
@@ -506,10 +515,10 @@ class MigrationSource:
             self.workload.resume()  # the guest goes on running here, memory untouched
         if self.channels:
             st.transferred = sum(c.transferred for c in self.channels)
-        if self._cancel and (err is None or isinstance(err, ChannelError)) and not self.in_postcopy:
+        if self._cancel and (err is None or isinstance(err, ChannelError)):
             self._set_state(S.CANCELLED)
             return
-        st.error = str(err) if err is not None else "migration cancelled during postcopy"
+        st.error = str(err) if err is not None else "migration failed"
         self._set_state(S.FAILED)
 
     # --- return path ---

@@ -113,3 +113,13 @@ def test_preempt_needs_postcopy_ram():
     s = MigrationSource(GuestRAM.create(4 << 20), None, cfg)
     with pytest.raises(ValueError, match="postcopy-ram"):
         s.start("tcp:127.0.0.1:1")
+
+
+def test_preempt_on_real_huge_pages(tmp_path, hugepages):
+    """hugetlb-backed 2 MiB pages on both sides (memfd with MFD_HUGETLB)."""
+    hugepages(2 * 64)
+    g = huge_guest(backing="hugetlb")
+    g.size = 64 << 20
+    src, dst = run_local_migration(f"unix:{tmp_path}/h.sock", g, caps=PREEMPT, params=SLOW, timeout=120)
+    check(src, dst)
+    assert dst["postcopy-requests"] > 0
