@@ -233,3 +233,54 @@ def test_in_process_migration_small_guest(tmp_path, page_size, backing):
     finally:
         src.close()
         dst.close()
+
+
+# ---------------------------------------------------------------------------
+# Workload progress and knobs
+# ---------------------------------------------------------------------------
+
+def test_workload_progress_shows_pause_and_rate():
+    import time as _t
+
+    from engine.workload import Workload, WorkloadConfig
+
+    g = GuestRAM.create(16 << 20)
+    w = Workload(g, WorkloadConfig(threads=2, pattern="random", dirty_rate=64 << 20))
+    w.start()
+    _t.sleep(0.6)
+    w.pause()
+    _t.sleep(0.35)
+    w.resume()
+    _t.sleep(0.4)
+    w.stop()
+    p = w.progress()
+    assert [m[1] for m in p["marks"]] == ["start", "pause", "resume", "stop"]
+    assert None in p["ms_per_gib"]  # no progress while paused
+    moving = [v for v in p["ms_per_gib"] if v is not None]
+    # 64 MiB/s is 16 s per GiB; the intervals around pause/resume are partial.
+    assert moving and min(moving) > 8000
+    assert w.state()["pages_written"] == w.pages_touched > 0
+
+
+def test_workload_write_ratio_and_zipf():
+    import time as _t
+
+    from engine.workload import Workload, WorkloadConfig
+
+    g = GuestRAM.create(16 << 20)
+    w = Workload(g, WorkloadConfig(pattern="zipf", write_ratio=0.25, dirty_rate=8 << 20))
+    w.start()
+    _t.sleep(0.3)
+    w.stop()
+    assert 0.15 < w.pages_written / w.pages_touched < 0.35
+    dirty = g.dirty_log["pc.ram"].bits
+    assert 0 < dirty.sum() < len(dirty)  # skewed: not every page
+
+
+@pytest.mark.parametrize("field,value", [("pattern", "nope"), ("write_ratio", 1.5), ("zipf_a", 1.0),
+                                         ("batch", 0), ("threads", -1)])
+def test_workload_config_errors_name_the_knob(field, value):
+    from engine.workload import WorkloadConfig
+
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        WorkloadConfig(**{field: value}).validate()
