@@ -38,6 +38,10 @@ class QEMUFileWriter:
         self.limiter = RateLimiter(rate_limit)
         self.error: BaseException | None = None
         self._lock = threading.Lock()  # flush may be called from two threads
+        # Queued bytes that trigger a flush. Smaller means the sender returns
+        # sooner from a blocking send (it can serve a request), larger means
+        # fewer system calls.
+        self.auto_flush = AUTO_FLUSH_BYTES
 
     # -- error handling --
     def _check(self) -> None:
@@ -96,7 +100,7 @@ class QEMUFileWriter:
         self._move_small()
         self._iov.append(buf)
         self._iov_bytes += len(buf)
-        if self._iov_bytes >= AUTO_FLUSH_BYTES or len(self._iov) >= IOV_MAX:
+        if self._iov_bytes >= self.auto_flush or len(self._iov) >= IOV_MAX:
             self.flush()
 
     def put_iov(self, bufs, nbytes: int) -> None:
@@ -105,7 +109,7 @@ class QEMUFileWriter:
         self._move_small()
         self._iov.extend(bufs)
         self._iov_bytes += nbytes
-        if self._iov_bytes >= AUTO_FLUSH_BYTES or len(self._iov) >= IOV_MAX:
+        if self._iov_bytes >= self.auto_flush or len(self._iov) >= IOV_MAX:
             self.flush()
 
     def pending(self) -> int:

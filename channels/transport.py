@@ -103,13 +103,18 @@ class SocketTransport(Transport):
             except OSError:
                 pass
 
-    def tune(self, sndbuf: int = 0, rcvbuf: int = 0, notsent_lowat: int = 0) -> None:
+    def tune(self, sndbuf: int = 0, rcvbuf: int = 0, notsent_lowat: int = 0, pacing_rate: int = 0) -> None:
         """Bound the kernel's buffering on this socket (0 = leave the system default).
 
         Bytes queued in socket buffers sit in front of anything sent later on
         the same socket; a postcopy request competes with them on a shared link.
+        ``pacing_rate`` (bytes/s, SO_MAX_PACING_RATE) makes the kernel space
+        this socket's packets out, so it does not fill a bottleneck's queue
+        that urgent pages on another connection must then wait behind.
         """
         s = self.sock
+        if pacing_rate and s.family in (socket.AF_INET, socket.AF_INET6):
+            s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MAX_PACING_RATE", 47), pacing_rate)
         if sndbuf:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         if rcvbuf:

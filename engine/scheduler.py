@@ -30,6 +30,9 @@ from .bitmap import PageBitmap
 
 PRECOPY = 0  # channel index of the main stream; POSTCOPY channels are 1..N
 RUN_PAGES = 256  # most target pages in one background order on small-page blocks
+# With preemption, a small-page background order is cut this short so a request
+# waits behind at most this much of it (64 KiB).
+PREEMPT_RUN_PAGES = 16
 
 
 @dataclass(slots=True)
@@ -146,7 +149,8 @@ class PageScheduler:
                     start = p
                     end = p - p % b.tp_per_hp + b.tp_per_hp
                 else:
-                    start, end = p, min(p + RUN_PAGES, b.npages)
+                    run = PREEMPT_RUN_PAGES if self.preempt and self.postcopy else RUN_PAGES
+                    start, end = p, min(p + run, b.npages)
                 self.cursor = (block, end)
                 return SendOrder(block, start, end, PRECOPY)
             block, page = (block + 1) % nb, 0

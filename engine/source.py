@@ -49,6 +49,7 @@ ITERATION_BUDGET = 0.05  # s of sending per PART section, QEMU's MAX_WAIT
 CONFIRM_TIMEOUT = 120.0  # s to wait for the destination's confirmation
 PING_RUN = 1  # value of the PING inside the postcopy package
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
+PREEMPT_FLUSH_BYTES = 64 << 10  # PRECOPY channel flush size once in postcopy with preemption
 
 
 class MigrationCancelled(Exception):
@@ -473,6 +474,12 @@ class MigrationSource:
         self.sched.postcopy = True
         self._hold_background = self._rp_sends and self.config.param("preempt-hold-background")
         ch.writer.rate_limit = self.config.param("max-postcopy-bandwidth")
+        if self.sched.preempt:
+            # Come back from blocking sends often enough to serve requests.
+            ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
+            pacing = self.config.param("precopy-pacing-rate")
+            if pacing and hasattr(ch.writer.transport, "tune"):
+                ch.writer.transport.tune(pacing_rate=pacing)
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
         # Background pages and requested pages until every page went out.

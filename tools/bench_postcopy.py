@@ -1,0 +1,272 @@
+"""Postcopy request latency, vanilla (issue 4): the baseline preemption is measured against.
+
+A guest (default 1 GiB, non-zero pages) migrates between two spawned processes
+(engine.local.run_local_migration) with postcopy-ram, switching to postcopy right after
+the first pass started (postcopy-after-percent, default 1 %). On the destination the
+guest touches random pages one at a time (WorkloadConfig(pattern="random", batch=1)),
+so it faults pages in while the background stream runs. Per host page size the tool
+prints the request latency (request sent -> host page placed, measured by the
+destination) p50 / p99 / avg / max, the number of requests, and the total time.
+
+Links: ``loopback`` (TCP on 127.0.0.1) or ``netns`` (two network namespaces joined by
+a veth pair with a tbf rate limit per direction, engine/testbed.py; created and removed
+here; needs root).
+
+    python tools/bench_postcopy.py                       # 1 GiB, 4K and 2M pages, loopback
+    python tools/bench_postcopy.py --link netns --rate 1gbit
+    python tools/bench_postcopy.py --quick --json        # 256 MiB, JSON last line
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.local import GuestConfig, run_local_migration  # noqa: E402
+from engine.ram import format_size, parse_size  # noqa: E402
+from engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
+from engine.workload import WorkloadConfig  # noqa: E402
+
+MIB = 1 << 20
+LAT_KEYS = ("count", "avg", "p50", "p90", "p99", "max")
+NETNS_SYSCTLS = ("net.ipv4.tcp_congestion_control", "net.ipv4.tcp_wmem", "net.ipv4.tcp_rmem",
+                 "net.ipv4.tcp_limit_output_bytes", "net.ipv4.tcp_notsent_lowat")
+
+
+def page_label(n: int) -> str:
+    return format_size(n).replace(" KiB", "K").replace(" MiB", "M").replace(" GiB", "G")
+
+
+@dataclass
+class LinkEnv:
+    """Where a migration runs: a uri and the (source, destination) namespaces."""
+
+    name: str  # "loopback" or "netns"
+    uri: str
+    netns: tuple[str, str] | None = None
+    testbed: Testbed | None = None
+    shape: LinkShape | None = None
+
+    def describe(self) -> dict:
+        d = {"link": self.name, "uri": self.uri}
+        if self.shape is not None:
+            s = self.shape
+            d.update({"rate-bps": s.rate_bps, "burst": s.burst_bytes, "latency-s": s.latency,
+                      "queue-bytes": s.queue_bytes})
+        if self.testbed is not None:
+            d["netns"] = list(self.netns)
+            d["sysctl"] = self.testbed.sysctl("src", *NETNS_SYSCTLS)
+        return d
+
+    def probe(self, seconds: float = 1.0) -> dict:
+        """RTT and goodput of this link, measured now (engine.testbed.probe_link)."""
+        if self.netns is None:
+            return probe_link(None, None, "127.0.0.1", seconds=seconds)
+        return probe_link(self.netns[0], self.netns[1], self.testbed.address("dst"), seconds=seconds)
+
+
+@contextlib.contextmanager
+def open_link(name: str, shape: LinkShape | None = None):
+    """A LinkEnv; for ``netns`` the two namespaces exist inside the ``with`` only."""
+    if name == "loopback":
+        yield LinkEnv("loopback", "tcp:127.0.0.1:0")
+        return
+    if name != "netns":
+        raise ValueError(f"link {name!r}: expected loopback or netns")
+    shape = shape or LinkShape()
+    with Testbed(hosts=("src", "dst"), links=[("src", "dst")], shape=shape) as tb:
+        yield LinkEnv("netns", f"tcp:{tb.address('dst')}:0", (tb.ns["src"], tb.ns["dst"]), tb, shape)
+
+
+def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict, args, label: str = "") -> dict:
+    """One postcopy migration; returns its latency figures (or the error)."""
+    wl = WorkloadConfig(threads=args.threads, pattern="random", batch=1, dirty_rate=args.dirty_rate, seed=args.seed)
+    guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
+    params = {"postcopy-after-percent": args.after_percent, **params}
+    out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
+    t0 = time.monotonic()
+    try:
+        src, dst = run_local_migration(link.uri, guest, caps=caps, params=params, timeout=args.timeout,
+                                       netns=link.netns)
+    except RuntimeError as e:
+        out.update(ok=False, error=str(e), **{"wall-s": round(time.monotonic() - t0, 2)})
+        return out
+    ok = (src.get("status") == "completed" and dst.get("status") == "completed"
+          and src.get("digests") == dst.get("digests"))
+    lat = dst.get("postcopy-latency") or {}
+    out.update({
+        "ok": ok,
+        "wall-s": round(time.monotonic() - t0, 2),
+        "latency-us": {k: lat.get(k, 0) for k in LAT_KEYS},
+        "latency-histogram": lat.get("histogram"),
+        "latency-by-channel": {c: {k: v.get(k, 0) for k in LAT_KEYS}
+                               for c, v in (dst.get("postcopy-latency-by-channel") or {}).items()},
+        "requests": dst.get("postcopy-requests", 0),
+        "faults": dst.get("postcopy-faults", 0),
+        "blocktime-ms": dst.get("postcopy-blocktime", 0),
+        "total-time-ms": src.get("total-time", 0),
+        "transfer-time-ms": src.get("transfer-time", 0),
+        "downtime-ms": src.get("downtime", 0),
+        "precopy-bytes": src.get("ram", {}).get("precopy-bytes", 0),
+        "postcopy-bytes": src.get("postcopy-bytes", 0),
+        "transferred": src.get("ram", {}).get("transferred", 0),
+        "source-counters": {k: src.get(k) for k in ("postcopy-requests", "requests-already-sent",
+                                                    "requests-dropped-in-flight", "preemptions", "restores")
+                            if k in src},
+    })
+    if not ok:
+        out["error"] = (f"source {src.get('status')} ({src.get('error-desc', '')}), destination "
+                        f"{dst.get('status')} ({dst.get('error-desc', '')})"
+                        + ("" if src.get("digests") == dst.get("digests") else ", digests differ"))
+    return out
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """Several runs of one case: the median of each figure; all runs kept under 'runs'."""
+    good = [r for r in runs if r.get("ok")]
+    if len(runs) == 1 or not good:
+        return runs[0] if len(runs) == 1 else {**runs[0], "runs": runs}
+    med = statistics.median
+    out = dict(good[0])
+    out["latency-us"] = {k: round(med(r["latency-us"][k] for r in good), 1) for k in LAT_KEYS}
+    out["latency-us"]["count"] = sum(r["latency-us"]["count"] for r in good)  # requests in all runs
+    for k in ("requests", "faults", "blocktime-ms", "total-time-ms", "transfer-time-ms"):
+        out[k] = med(r[k] for r in good)
+    out["ok"] = len(good) == len(runs)
+    out["runs"] = runs
+    return out
+
+
+def install_signal_handlers() -> None:
+    """SIGINT (even if inherited as ignored), SIGTERM and SIGHUP unwind like Ctrl-C, so the
+    `finally` blocks remove the worker processes and the namespaces."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, stop)
+
+
+def load_note() -> dict:
+    la = os.getloadavg()
+    return {"loadavg": [round(x, 2) for x in la], "cpus": os.cpu_count(),
+            "under-load": la[0] > 0.5 * (os.cpu_count() or 1)}
+
+
+def fmt_us(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1000:.2f}ms" if v >= 1000 else f"{v:.0f}us"
+
+
+def print_table(cases: list[dict], args) -> None:
+    print(f"Ferry postcopy latency (vanilla), {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f}, guest {format_size(args.size)}, dest workload random batch=1 "
+          f"threads={args.threads} {args.dirty_rate // MIB} MiB/s, switch at {args.after_percent} %")
+    head = (f"{'link':<8} {'page':>4} {'count':>6} {'p50':>9} {'p99':>9} {'avg':>9} {'max':>9} "
+            f"{'total':>8} {'blocktime':>9}  status")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        if not c.get("latency-us"):
+            print(f"{c['link']:<8} {page_label(c['page-size']):>4}  ERROR {c.get('error')}")
+            continue
+        lat = c["latency-us"]
+        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {lat['count']:>6} {fmt_us(lat['p50']):>9} "
+              f"{fmt_us(lat['p99']):>9} {fmt_us(lat['avg']):>9} {fmt_us(lat['max']):>9} "
+              f"{c['total-time-ms'] / 1000:>7.2f}s {c['blocktime-ms']:>7}ms  "
+              f"{'ok' if c['ok'] else 'FAILED: ' + c.get('error', '')}")
+    print("latency = request sent -> host page placed (destination); total = migration start -> "
+          "verified completion (source).")
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", help="guest RAM (default 1G; smaller with --quick)")
+    p.add_argument("--quick", action="store_true", help="small guest, for a fast check")
+    p.add_argument("--page-sizes", default="4K,2M", help="comma list of host page sizes (default 4K,2M)")
+    p.add_argument("--threads", type=int, default=1, help="destination guest threads faulting pages (default 1)")
+    p.add_argument("--dirty-rate", default="32M",
+                   help="page touches per second of all destination threads together, as bytes of "
+                        "4 KiB pages (default 32M)")
+    p.add_argument("--after-percent", type=int, default=1,
+                   help="postcopy-after-percent: switch once this share of pages went out (default 1)")
+    p.add_argument("--rate", default="1gbit", help="netns link: tbf rate per direction (default 1gbit)")
+    p.add_argument("--burst", type=parse_size, default=0, help="netns link: tbf burst bytes (default: auto)")
+    p.add_argument("--queue-latency", type=float, default=10.0,
+                   help="netns link: tbf latency in ms, i.e. how long a packet may queue (default 10)")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case; medians reported (default 1)")
+    p.add_argument("--timeout", type=float, default=180.0, help="s per migration (default 180)")
+    p.add_argument("--seed", type=int, default=1, help="workload seed")
+    p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
+
+
+def finish_args(p: argparse.ArgumentParser, a, quick_size: str) -> None:
+    a.size = parse_size(a.size or (quick_size if a.quick else "1G"))
+    a.dirty_rate = parse_size(a.dirty_rate)
+    a.page_sizes = [parse_size(s) for s in a.page_sizes.split(",") if s.strip()]
+    if not a.page_sizes:
+        p.error("--page-sizes: empty")
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
+    try:
+        parse_rate(a.rate)
+    except ValueError as e:
+        p.error(str(e))
+    a.shape = LinkShape(rate=a.rate, burst=a.burst, latency=a.queue_latency / 1000)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--link", default="loopback", choices=("loopback", "netns"),
+                   help="loopback TCP, or two namespaces joined by a tbf-limited veth (default loopback)")
+    a = p.parse_args(argv)
+    finish_args(p, a, "256M")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    if args.link == "netns":
+        cleanup_stale()
+    cases = []
+    load0 = load_note()
+    try:
+        with open_link(args.link, args.shape) as link:
+            env = link.describe()
+            for ps in args.page_sizes:
+                print(f"... {args.link} {page_label(ps)} vanilla postcopy", file=sys.stderr, flush=True)
+                runs = [run_case(link, args.size, ps, {"postcopy-ram": True}, {}, args, "vanilla")
+                        for _ in range(args.repeat)]
+                cases.append(merge_runs(runs))
+    except TestbedError as e:
+        print(f"bench_postcopy: netns link: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_postcopy: interrupted; processes and namespaces removed", file=sys.stderr)
+        return 130
+    print_table(cases, args)
+    if args.json:
+        print(json.dumps({
+            "tool": "bench_postcopy", "date": datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "size": args.size, "load-start": load0, "load-end": load_note(),
+            "workload": {"pattern": "random", "batch": 1, "threads": args.threads, "dirty-rate": args.dirty_rate},
+            "after-percent": args.after_percent, "env": env, "cases": cases,
+            "all-ok": all(c.get("ok") for c in cases),
+        }))
+    return 0 if all(c.get("ok") for c in cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

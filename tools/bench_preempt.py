@@ -1,0 +1,252 @@
+"""Postcopy preemption against vanilla postcopy (issue 5): request latency per case and link.
+
+Same guest and destination workload as tools/bench_postcopy.py (random pages touched one
+at a time while the background stream runs; switch to postcopy right after the first
+pass started). Cases, on each host page size and link:
+
+  vanilla          postcopy-ram only: requested pages queue on the main stream
+  preempt          + postcopy-preempt, urgent pages sent by the migration thread (QEMU 7.2)
+  preempt-rp       urgent-pages-from=return-path (QEMU 8.0+), preempt-hold-background on
+  preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
+
+With --knobs, the shared-bottleneck knobs too:
+
+  vanilla-lowat    vanilla with precopy-notsent-lowat (unsent bytes kept in the kernel)
+  preempt-lowat    preempt with precopy-notsent-lowat
+  preempt-bufs     preempt with precopy-sndbuf / precopy-rcvbuf bounded
+  preempt-rp-nohold  preempt-rp with preempt-hold-background off
+  preempt-rp-lowat   preempt-rp (hold on) with precopy-notsent-lowat
+
+Links: ``loopback`` (TCP on 127.0.0.1) and ``netns``: two network namespaces joined by a
+veth pair with tbf at --rate (default 1 Gbit/s) per direction, made and removed here
+(engine/testbed.py; needs root). The tbf queue is shared by every connection going
+one way, so a POSTCOPY channel's page waits behind background packets queued there.
+
+Floor, per link and page size, measured in the same run: the link's RTT (TCP ping-pong
+of small messages between two processes, p50) plus one host page (with its record
+headers) at the link's goodput (bytes pushed through the link). Ratios: vanilla/case
+and case/floor, on p99. Targets (rate-limited link): preempt p99 <= 2x floor for every
+page size, and vanilla/preempt p99 >= 20x on 4 KiB pages.
+
+    python tools/bench_preempt.py                     # 1 GiB, 4K and 2M, loopback and netns
+    python tools/bench_preempt.py --knobs --links netns
+    python tools/bench_preempt.py --quick --json      # small guest, fewer cases
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench_postcopy import (add_common_args, finish_args, fmt_us, install_signal_handlers, load_note,  # noqa: E402
+                            merge_runs, open_link, page_label, run_case)
+
+from channels import constants as C  # noqa: E402
+from engine.ram import format_size, parse_size  # noqa: E402
+from engine.testbed import TestbedError, cleanup_stale  # noqa: E402
+
+RECORD_HEADER = 8  # be64 offset|flags before each target page (CONTINUE: no block name)
+FLOOR_FACTOR = 2.0  # preempt p99 within this many floors
+SPEEDUP_4K = 20.0  # vanilla/preempt p99 on 4 KiB pages
+
+VANILLA = {"postcopy-ram": True}
+PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
+
+
+def case_table(args) -> list[tuple[str, dict, dict, bool]]:
+    """(name, caps, params, huge pages only)."""
+    lowat, sndbuf, rcvbuf = args.lowat, args.sndbuf, args.rcvbuf
+    rp = {"urgent-pages-from": "return-path"}
+    cases = [
+        ("vanilla", VANILLA, {}, False),
+        ("preempt", PREEMPT, {}, False),
+        ("preempt-rp", PREEMPT, rp, False),
+        ("preempt-nobreak", PREEMPT, {"preempt-break-huge": False}, True),
+    ]
+    if args.knobs:
+        cases += [
+            ("vanilla-lowat", VANILLA, {"precopy-notsent-lowat": lowat}, False),
+            ("preempt-lowat", PREEMPT, {"precopy-notsent-lowat": lowat}, False),
+            ("preempt-bufs", PREEMPT, {"precopy-sndbuf": sndbuf, "precopy-rcvbuf": rcvbuf}, False),
+            ("preempt-rp-nohold", PREEMPT, {**rp, "preempt-hold-background": False}, False),
+            ("preempt-rp-lowat", PREEMPT, {**rp, "precopy-notsent-lowat": lowat}, False),
+        ]
+    if args.cases:
+        known = {c[0] for c in cases}
+        bad = [c for c in args.cases if c not in known]
+        if bad:
+            raise SystemExit(f"bench_preempt: --cases: unknown {bad}; known: {', '.join(sorted(known))}"
+                             + ("" if args.knobs else " (knob cases need --knobs)"))
+        cases = [c for c in cases if c[0] in args.cases]
+    elif args.quick:
+        cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp")
+                 or (args.knobs and c[0] in ("preempt-rp-nohold", "vanilla-lowat"))]
+    return cases
+
+
+def floor_us(probe: dict, page_size: int) -> float:
+    """RTT p50 + one host page (and its record headers) at the measured goodput, in us."""
+    wire = page_size + RECORD_HEADER * (page_size // C.TARGET_PAGE_SIZE)
+    return probe["rtt-us"]["p50"] + wire / probe["rate-Bps"] * 1e6
+
+
+def add_ratios(cases: list[dict], floors: dict) -> None:
+    """vanilla/case and case/floor (p99, and avg) per case, within each (link, page size)."""
+    for c in cases:
+        key = (c["link"], c["page-size"])
+        c["floor-us"] = round(floors[key], 1) if key in floors else None
+        van = next((v for v in cases if v["case"] == "vanilla" and (v["link"], v["page-size"]) == key), None)
+        lat = c.get("latency-us") or {}
+        ok = c.get("ok") and lat.get("count")
+        c["vanilla/case-p99"] = (round(van["latency-us"]["p99"] / lat["p99"], 2)
+                                 if ok and van and van.get("ok") and van["latency-us"].get("count") and lat["p99"]
+                                 else None)
+        c["vanilla/case-avg"] = (round(van["latency-us"]["avg"] / lat["avg"], 2)
+                                 if ok and van and van.get("ok") and van["latency-us"].get("count") and lat["avg"]
+                                 else None)
+        c["case/floor-p99"] = round(lat["p99"] / c["floor-us"], 2) if ok and c["floor-us"] else None
+
+
+def targets(cases: list[dict], link: str = "netns") -> dict:
+    """The issue's targets on the rate-limited link, for every preempt variant."""
+    out = {}
+    for c in cases:
+        if c["link"] != link or not c["case"].startswith("preempt"):
+            continue
+        t = out.setdefault(c["case"], {})
+        ps = page_label(c["page-size"])
+        r = c.get("case/floor-p99")
+        t[f"p99<={FLOOR_FACTOR:g}x-floor-{ps}"] = None if r is None else r <= FLOOR_FACTOR
+        if c["page-size"] == C.TARGET_PAGE_SIZE:
+            s = c.get("vanilla/case-p99")
+            t[f"vanilla/p99>={SPEEDUP_4K:g}x-{ps}"] = None if s is None else s >= SPEEDUP_4K
+    return out
+
+
+def verdict(v) -> str:
+    return "n/a" if v is None else ("PASS" if v else "MISS")
+
+
+def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) -> None:
+    print(f"Ferry postcopy preemption, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
+          f"load {os.getloadavg()[0]:.2f} (figures taken under load are noisy), guest {format_size(args.size)}, "
+          f"dest workload random batch=1 threads={args.threads} {args.dirty_rate >> 20} MiB/s, "
+          f"switch at {args.after_percent} %, median of {args.repeat}")
+    for name, pr in probes.items():
+        env = envs.get(name, {})
+        extra = ""
+        if env.get("rate-bps"):
+            extra = (f", tbf {env['rate-bps'] / 1e9:g} Gbit/s burst {env['burst']} B "
+                     f"latency {env['latency-s'] * 1000:g} ms (~{env['queue-bytes'] >> 10} KiB queue)")
+        print(f"link {name}: RTT p50 {pr['rtt-us']['p50']:.0f} us p99 {pr['rtt-us']['p99']:.0f} us, goodput "
+              f"{pr['rate-Bps'] * 8 / 1e9:.2f} Gbit/s, RTT beside a bulk flow p50 "
+              f"{fmt_us(pr['loaded-rtt-us'].get('p50'))} p99 {fmt_us(pr['loaded-rtt-us'].get('p99'))}{extra}")
+    head = (f"{'link':<8} {'page':>4} {'case':<17} {'count':>6} {'avg':>9} {'p50':>9} {'p99':>9} "
+            f"{'floor':>9} {'van/p99':>7} {'p99/flr':>7} {'total':>7}  status")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        lat = c.get("latency-us")
+        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17}"
+        if not lat:
+            print(f"{pre} ERROR {c.get('error')}")
+            continue
+        r1, r2 = c.get("vanilla/case-p99"), c.get("case/floor-p99")
+        print(f"{pre} {lat['count']:>6} {fmt_us(lat['avg']):>9} {fmt_us(lat['p50']):>9} {fmt_us(lat['p99']):>9} "
+              f"{fmt_us(c.get('floor-us')):>9} {'-' if r1 is None else f'{r1:.1f}x':>7} "
+              f"{'-' if r2 is None else f'{r2:.1f}x':>7} {c['total-time-ms'] / 1000:>6.1f}s  "
+              f"{'ok' if c['ok'] else 'FAILED: ' + c.get('error', '')}")
+    print("latency = request sent -> host page placed (destination). floor = RTT p50 + one host page at the "
+          "link's goodput. van/p99 = vanilla p99 / case p99; p99/flr = case p99 / floor.")
+    if tg:
+        print(f"targets on the rate-limited link (p99 <= {FLOOR_FACTOR:g}x floor; vanilla/preempt p99 >= "
+              f"{SPEEDUP_4K:g}x on 4K):")
+        for case, t in tg.items():
+            print(f"  {case:<17} " + "  ".join(f"{k} {verdict(v)}" for k, v in t.items()))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p)
+    p.add_argument("--links", default="loopback,netns", help="comma list of loopback, netns (default both)")
+    p.add_argument("--knobs", action="store_true", help="also the shared-bottleneck knob cases")
+    p.add_argument("--cases", help="comma list of case names to run (default: all; --quick: fewer)")
+    p.add_argument("--lowat", type=parse_size, default=128 << 10, help="precopy-notsent-lowat for knob cases")
+    p.add_argument("--sndbuf", type=parse_size, default=256 << 10, help="precopy-sndbuf for knob cases")
+    p.add_argument("--rcvbuf", type=parse_size, default=256 << 10, help="precopy-rcvbuf for knob cases")
+    p.add_argument("--probe-seconds", type=float, default=1.0, help="bulk push per link for the goodput")
+    a = p.parse_args(argv)
+    finish_args(p, a, "128M")
+    a.links = [x.strip() for x in a.links.split(",") if x.strip()]
+    bad = [x for x in a.links if x not in ("loopback", "netns")]
+    if bad or not a.links:
+        p.error(f"--links: {bad or 'empty'}; expected loopback and/or netns")
+    a.cases = [x.strip() for x in a.cases.split(",") if x.strip()] if a.cases else None
+    if a.quick and a.probe_seconds == 1.0:
+        a.probe_seconds = 0.5
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    install_signal_handlers()
+    plan = case_table(args)
+    if "netns" in args.links:
+        cleanup_stale()
+    load0 = load_note()
+    t0 = time.monotonic()
+    cases, probes, envs, floors, skipped = [], {}, {}, {}, {}
+    try:
+        for link_name in args.links:
+            with contextlib.ExitStack() as stack:
+                try:
+                    link = stack.enter_context(open_link(link_name, args.shape))
+                except TestbedError as e:
+                    print(f"bench_preempt: link {link_name} skipped: {e}", file=sys.stderr)
+                    skipped[link_name] = str(e)
+                    continue
+                envs[link_name] = link.describe()
+                print(f"... {link_name}: probing RTT and goodput", file=sys.stderr, flush=True)
+                probes[link_name] = link.probe(args.probe_seconds)
+                for ps in args.page_sizes:
+                    floors[(link_name, ps)] = floor_us(probes[link_name], ps)
+                    for name, caps, params, huge_only in plan:
+                        if huge_only and ps == C.TARGET_PAGE_SIZE:
+                            continue
+                        print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
+                        runs = [run_case(link, args.size, ps, caps, params, args, name) for _ in range(args.repeat)]
+                        cases.append(merge_runs(runs))
+    except KeyboardInterrupt:
+        print("bench_preempt: interrupted; processes and namespaces removed", file=sys.stderr)
+        return 130
+    except TestbedError as e:
+        print(f"bench_preempt: {e}", file=sys.stderr)
+        return 2
+    add_ratios(cases, floors)
+    tg = targets(cases) if "netns" in probes else {}
+    print_report(cases, probes, tg, args, envs)
+    if args.json:
+        print(json.dumps({
+            "tool": "bench_preempt", "date": datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "size": args.size, "quick": args.quick,
+            "load-start": load0, "load-end": load_note(), "wall-s": round(time.monotonic() - t0, 1),
+            "workload": {"pattern": "random", "batch": 1, "threads": args.threads, "dirty-rate": args.dirty_rate},
+            "after-percent": args.after_percent, "repeat": args.repeat,
+            "links": envs, "probes": probes, "skipped-links": skipped,
+            "floors-us": {f"{k[0]}/{page_label(k[1])}": round(v, 1) for k, v in floors.items()},
+            "cases": cases, "targets": tg, "all-ok": all(c.get("ok") for c in cases),
+        }))
+    return 0 if all(c.get("ok") for c in cases) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
