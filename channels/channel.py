@@ -42,44 +42,46 @@ class RamSendChannel:
         """Forget the last block, so the next record names its block."""
         self.last_sent_block = None
 
-    def send_range(self, block, p0: int, p1: int) -> tuple[int, int]:
+    def send_range(self, block, p0: int, p1: int, ordered: bool = True) -> tuple[int, int]:
         """Send target pages [p0, p1) of ``block`` (a RAMBlock) as PAGE/ZERO records.
 
         Page data goes out by reference (memoryviews of guest RAM); zero pages
-        become ZERO records. Returns (normal, zero) page counts.
+        become ZERO records. With ``ordered`` false the range's data pages go
+        first and its zero pages after them, as two runs the receiver decodes
+        in bulk; keep the order where the receiver assembles host pages
+        (postcopy, huge pages). Returns (normal, zero) page counts.
         """
         w = self.writer
         if p1 - p0 == 1:
             return self._send_one(block, p0)
         nonzero = block.words[p0:p1].any(axis=1)
-        i = p0
-        if self.last_sent_block != block.idstr:
-            # The first record on this channel for this block names it.
-            if nonzero[0]:
-                w.put_bytes(codec.encode_page_header(p0 << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, block.idstr))
-                w.put_ref(block.view[p0 * PAGE:(p0 + 1) * PAGE])
+        idx = np.arange(p0, p1)
+        if ordered:
+            # Runs of one kind, in page order.
+            cuts = (np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1).tolist()
+            runs = [(bool(nonzero[a]), idx[a:b]) for a, b in zip([0] + cuts, cuts + [len(idx)])]
+        else:
+            runs = [(True, idx[nonzero]), (False, idx[~nonzero])]
+        for data, pages in runs:
+            if len(pages) == 0:
+                continue
+            if self.last_sent_block != block.idstr:
+                # The first record on this channel for this block names it.
+                self._send_one(block, int(pages[0]), count=False)
+                pages = pages[1:]
+            if len(pages) == 0:
+                continue
+            if data:
+                self._put_page_run(block, pages)
             else:
-                w.put_bytes(codec.encode_zero_page(p0 << C.TARGET_PAGE_BITS, block.idstr))
-            self.last_sent_block = block.idstr
-            i += 1
-        if i < p1:
-            sub = nonzero[i - p0:]
-            cuts = (np.flatnonzero(sub[1:] != sub[:-1]) + 1).tolist()
-            start = 0
-            for end in cuts + [len(sub)]:
-                s, e = i + start, i + end
-                if sub[start]:
-                    self._put_page_run(block, s, e)
-                else:
-                    w.put_bytes(codec.zero_run_records(np.arange(s, e)))
-                start = end
+                w.put_bytes(codec.zero_run_records(pages))
         normal = int(np.count_nonzero(nonzero))
         zero = (p1 - p0) - normal
         self.normal_pages += normal
         self.zero_pages += zero
         return normal, zero
 
-    def _send_one(self, block, p: int) -> tuple[int, int]:
+    def _send_one(self, block, p: int, count: bool = True) -> tuple[int, int]:
         """One target page: the path taken between preemption checks."""
         w = self.writer
         name = None if self.last_sent_block == block.idstr else block.idstr
@@ -87,20 +89,21 @@ class RamSendChannel:
         if block.words[p].any():
             w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, name))
             w.put_ref(block.view[p * PAGE:(p + 1) * PAGE])
-            self.normal_pages += 1
+            self.normal_pages += count
             return 1, 0
         w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, name))
-        self.zero_pages += 1
+        self.zero_pages += count
         return 0, 1
 
-    def _put_page_run(self, block, s: int, e: int) -> None:
-        k = e - s
-        hdr = codec.page_run_headers(np.arange(s, e), C.RAM_SAVE_FLAG_PAGE).view(np.uint8)
+    def _put_page_run(self, block, pages: np.ndarray) -> None:
+        """CONTINUE PAGE records for ``pages``: interleaved header and page iovecs."""
+        k = len(pages)
+        hdr = codec.page_run_headers(pages, C.RAM_SAVE_FLAG_PAGE).view(np.uint8)
         hb = memoryview(hdr)
         view = block.view
         iov = [None] * (2 * k)
         iov[0::2] = [hb[j:j + 8] for j in range(0, 8 * k, 8)]
-        iov[1::2] = [view[p:p + PAGE] for p in range(s * PAGE, e * PAGE, PAGE)]
+        iov[1::2] = [view[p * PAGE:(p + 1) * PAGE] for p in pages.tolist()]
         self.writer.put_iov(iov, k * codec.PAGE_RECORD)
 
     def send_eos(self) -> None:

@@ -42,6 +42,8 @@ _UNSUPPORTED_RAM_FLAGS = (C.RAM_SAVE_FLAG_XBZRLE | C.RAM_SAVE_FLAG_HOOK
                           | C.RAM_SAVE_FLAG_COMPRESS_PAGE | C.RAM_SAVE_FLAG_MULTIFD_FLUSH
                           | C.RAM_SAVE_FLAG_FULL)
 
+BULK_PROBE = 16  # records looked at first when a run of uniform records starts
+BULK_MAX = 4096  # most records in one RamRun
 PAGE_RUN_DTYPE = np.dtype([("hdr", ">u8"), ("data", np.uint8, (PAGE,))])
 ZERO_RUN_DTYPE = np.dtype([("hdr", ">u8"), ("fill", np.uint8)])
 
@@ -716,15 +718,25 @@ class StreamDecoder:
         return RamRun(blk, idx, data), pos + PAGE
 
     def _bulk(self, buf, dtype, want_flags: int):
-        """Decode a run of uniform CONTINUE records with one numpy pass."""
-        n = len(buf) // dtype.itemsize
-        recs = np.frombuffer(buf, dtype=dtype, count=n)
-        hdr = recs["hdr"]
-        flags = (hdr & np.uint64(C.RAM_SAVE_FLAG_MASK))
-        bad = np.flatnonzero(flags != np.uint64(want_flags))
-        if len(bad):
-            n = int(bad[0])
-            recs, hdr = recs[:n], hdr[:n]
+        """Decode a run of uniform CONTINUE records with a few numpy passes.
+
+        The run's length is found by probing windows that grow 4x, so the work
+        follows the run, not the size of the buffer behind it.
+        """
+        avail = len(buf) // dtype.itemsize
+        n = min(avail, BULK_PROBE)
+        want = np.uint64(want_flags)
+        while True:
+            recs = np.frombuffer(buf, dtype=dtype, count=n)
+            hdr = recs["hdr"]
+            bad = np.flatnonzero((hdr & np.uint64(C.RAM_SAVE_FLAG_MASK)) != want)
+            if len(bad):
+                n = int(bad[0])
+                recs, hdr = recs[:n], hdr[:n]
+                break
+            if n >= avail or n >= BULK_MAX:
+                break
+            n = min(avail, n * 4, BULK_MAX)
         pages = (hdr >> np.uint64(C.TARGET_PAGE_BITS)).astype(np.int64)
         blk = self.last_block
         limit = blk.length >> C.TARGET_PAGE_BITS

@@ -58,6 +58,8 @@ RECORD_HEADER = 8  # be64 offset|flags before each target page (CONTINUE: no blo
 FLOOR_FACTOR = 2.0  # preempt p99 within this many floors
 SPEEDUP_4K = 20.0  # vanilla/preempt p99 on 4 KiB pages
 
+PACE = "pace"  # placeholder: PACE_SHARE of the goodput measured on the link
+PACE_SHARE = 0.9
 VANILLA = {"postcopy-ram": True}
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 
@@ -79,6 +81,10 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
             ("preempt-bufs", PREEMPT, {"precopy-sndbuf": sndbuf, "precopy-rcvbuf": rcvbuf}, False),
             ("preempt-rp-nohold", PREEMPT, {**rp, "preempt-hold-background": False}, False),
             ("preempt-rp-lowat", PREEMPT, {**rp, "precopy-notsent-lowat": lowat}, False),
+            # Kernel pacing of the PRECOPY channel a little under the measured goodput.
+            ("preempt-paced", PREEMPT, {"precopy-notsent-lowat": lowat, "precopy-pacing-rate": PACE}, False),
+            ("preempt-rp-paced", PREEMPT, {**rp, "precopy-notsent-lowat": lowat, "precopy-pacing-rate": PACE},
+             False),
         ]
     if args.cases:
         known = {c[0] for c in cases}
@@ -223,6 +229,9 @@ def main(argv=None) -> int:
                         if huge_only and ps == C.TARGET_PAGE_SIZE:
                             continue
                         print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
+                        if params.get("precopy-pacing-rate") == PACE:
+                            params = {**params,
+                                      "precopy-pacing-rate": int(probes[link_name]["rate-Bps"] * PACE_SHARE)}
                         runs = [run_case(link, args.size, ps, caps, params, args, name) for _ in range(args.repeat)]
                         cases.append(merge_runs(runs))
     except KeyboardInterrupt:
