@@ -1,0 +1,668 @@
+"""The `ferry` command line.
+
+    ferry demo                      migrate a running 256 MiB guest between two local workers
+    ferry worker --role ROLE --control ENDPOINT [guest options]
+    ferry migrate --source EP --destination EP [--uri U] [--cap C[=on|off]] [--param K=V]
+    ferry query EP | ferry events EP | ferry call EP VERB [JSON]
+    ferry keys DIR                  CURVE key pairs for workers reachable from other hosts
+    ferry reference                 capabilities, parameters and verbs, with their ranges
+
+Every command takes --json for scripts. Exit status: 0 success, 1 the
+migration or command failed, 2 bad usage or configuration, 3 the control plane
+could not be reached (or refused us).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+# --- option groups -----------------------------------------------------------
+
+def add_guest_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("guest", "shape of the guest's RAM (the same on both workers) and its workload")
+    g.add_argument("--size", default="256M", help="guest RAM size, e.g. 32M, 1G (default 256M)")
+    g.add_argument("--page-size", default="4K", help="host page size of the RAM blocks: 4K, 2M or 1G (default 4K)")
+    g.add_argument("--backing", default="anon", choices=("anon", "memfd", "hugetlb"),
+                   help="memory behind the RAM blocks (hugetlb needs reserved huge pages)")
+    g.add_argument("--blocks", type=int, default=1, help="number of RAM blocks the size is split into")
+    g.add_argument("--fill", default="mixed", choices=("zero", "pattern", "random", "mixed"),
+                   help="initial contents on the source (mixed: 1 page in 4 is zero)")
+    g.add_argument("--workload-threads", type=int, default=1,
+                   help="guest threads writing to RAM (0: an idle guest); on a destination they start "
+                        "only when a postcopy migration hands the guest over")
+    g.add_argument("--workload-pattern", default="hotset", choices=("sequential", "random", "hotset"),
+                   help="which pages the guest writes (hotset: 10%% of pages take 90%% of writes)")
+    g.add_argument("--dirty-rate", default="32M", help="bytes of pages the guest dirties per second, e.g. 64M "
+                                                      "(0: as fast as it can)")
+
+
+def guest_options(args) -> list[str]:
+    """The guest options of ``args`` as worker command-line arguments."""
+    return ["--size", str(args.size), "--page-size", str(args.page_size), "--backing", args.backing,
+            "--blocks", str(args.blocks), "--fill", args.fill, "--workload-threads", str(args.workload_threads),
+            "--workload-pattern", args.workload_pattern, "--dirty-rate", str(args.dirty_rate)]
+
+
+def make_guest(args):
+    from .worker import guest_config
+
+    return guest_config(size=args.size, page_size=args.page_size, backing=args.backing, blocks=args.blocks,
+                        fill=args.fill, workload_threads=args.workload_threads,
+                        workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate)
+
+
+def add_migration_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("migration", "capabilities and parameters, with QEMU's names "
+                                          "(see docs/user-guide.md or `ferry call EP query-migrate-parameters`)")
+    g.add_argument("--cap", action="append", default=[], metavar="NAME[=on|off]",
+                   help="set a capability on both workers, e.g. --cap return-path=off (repeatable)")
+    g.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a parameter on the source, e.g. --param downtime-limit=100 or "
+                        "--param max-bandwidth=64M (repeatable)")
+
+
+def parse_caps_params(args) -> tuple[dict, dict]:
+    """--cap/--param values, checked with engine.params (the workers check again)."""
+    from .control.driver import parse_cap, parse_param
+    from .params import MigrationConfig
+
+    caps = dict(parse_cap(c) for c in args.cap)
+    params = dict(parse_param(p) for p in args.param)
+    cfg = MigrationConfig()
+    cfg.set_capabilities(caps)
+    cfg.set_parameters(params)
+    return caps, params
+
+
+def add_client_options(p: argparse.ArgumentParser, json_help: str = "machine-readable output") -> None:
+    p.add_argument("--curve-dir", metavar="DIR", help="CURVE key directory (from `ferry keys`) for workers that "
+                                                      "require authentication")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
+    p.add_argument("--json", action="store_true", help=json_help)
+
+
+# --- output helpers ----------------------------------------------------------
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=None, sort_keys=False, default=str), flush=True)
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"ferry: error: {msg}", file=sys.stderr)
+    return code
+
+
+def _fmt_event(ev: dict, t0: float | None = None, side: str | None = None) -> str:
+    from .control.protocol import event_time
+
+    t = event_time(ev)
+    when = f"+{t - t0:7.3f} s" if t0 is not None else time.strftime("%H:%M:%S", time.localtime(t)) + \
+        f".{ev.get('timestamp', {}).get('microseconds', 0):06d}"
+    data = ev.get("data") or {}
+    if ev.get("event") == "MIGRATION":
+        what = f"MIGRATION       {data.get('status')}"
+    elif ev.get("event") == "MIGRATION_PASS":
+        what = f"MIGRATION_PASS  pass {data.get('pass')}"
+    else:
+        what = f"{ev.get('event'):<15} " + " ".join(f"{k}={v}" for k, v in data.items())
+    return f"  {when}  {side + '  ' if side else ''}{what}"
+
+
+class ProgressView:
+    """A rich progress bar fed by query-migrate results, and live event lines above it."""
+
+    def __init__(self, console, enabled: bool):
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.console = console
+        self.enabled = enabled
+        self.t0: float | None = None
+        # Fits 80 columns: the bar is for a glance, the event lines above carry the detail.
+        self.progress = Progress(TextColumn("  {task.description:<18}"), BarColumn(bar_width=20),
+                                 TextColumn("{task.percentage:>3.0f}%  {task.fields[info]}"),
+                                 console=console, transient=True,
+                                 disable=not (enabled and console.is_terminal))
+        self.task = self.progress.add_task("starting", total=1, info="")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def on_event(self, side: str, ev: dict) -> None:
+        from .control.protocol import event_time
+
+        if not self.enabled:
+            return
+        if self.t0 is None:
+            self.t0 = event_time(ev)
+        self.progress.console.print(_fmt_event(ev, self.t0, f"{side:<11}"), highlight=False)
+
+    def on_progress(self, sq: dict, dq: dict) -> None:
+        ram = sq.get("ram") or {}
+        total = ram.get("total") or 1
+        status = sq.get("status")
+        # Share of guest RAM not (or no longer) dirty; nothing is sent before active.
+        done = 0 if status in ("none", "setup") else max(0, total - ram.get("remaining", total))
+        info = f"{ram.get('transferred', 0) / (1 << 20):6.1f} MiB sent, {ram.get('mbps', 0):5.0f} Mbit/s"
+        desc = f"{status} pass {ram.get('dirty-sync-count', 0)}"
+        self.progress.update(self.task, total=total, completed=done, description=desc, info=info)
+
+
+# --- commands ------------------------------------------------------------------
+
+def cmd_worker(args) -> int:
+    from .control.auth import CurveKeyError
+    from .control.endpoints import EndpointError
+    from .process import configure_worker_process
+    from .ram import HugePagesUnavailable
+    from .worker import run_worker
+
+    configure_worker_process()
+    try:
+        guest = make_guest(args)
+        return run_worker(args.role, args.control, guest, events=args.events, curve_dir=args.curve_dir,
+                          ready_json=args.json, exit_with_parent=args.exit_with_parent)
+    except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
+        return _error(f"worker: {e}", EXIT_USAGE)
+
+
+async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view: ProgressView | None):
+    from .control.client import ControlClient
+    from .control.driver import run_migration
+
+    async with ControlClient(src_ep, args.curve_dir, args.timeout) as src, \
+            ControlClient(dst_ep, args.curve_dir, args.timeout) as dst:
+        return await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
+                                   timeout=args.migration_timeout,
+                                   on_progress=view.on_progress if view else None,
+                                   on_event=view.on_event if view else None)
+
+
+def _report(out, console) -> None:
+    from .control.report import render
+
+    console.print()
+    for line in render(out):
+        console.print(line, highlight=False)
+
+
+def cmd_migrate(args) -> int:
+    from .control.client import ControlError
+    from .params import ParameterError
+
+    try:
+        caps, params = parse_caps_params(args)
+    except (ParameterError, ValueError) as e:
+        return _error(str(e), EXIT_USAGE)
+    console = _console()
+    view = None if args.json else ProgressView(console, enabled=True)
+    if view:
+        console.print(f"Migrating [bold]{args.source}[/] -> [bold]{args.destination}[/]")
+    try:
+        if view:
+            with view:
+                out = asyncio.run(_drive(args.source, args.destination, args, caps, params, view))
+        else:
+            out = asyncio.run(_drive(args.source, args.destination, args, caps, params, None))
+    except ControlError as e:
+        return _error(str(e), EXIT_UNREACHABLE if "no reply" in str(e) or "handshake" in str(e) else EXIT_FAILED)
+    except KeyboardInterrupt:
+        print("\nferry: interrupted; the migration goes on in the workers (cancel it with "
+              f"`ferry call {args.source} migrate-cancel`)", file=sys.stderr)
+        return 130
+    if args.json:
+        _print_json(out.to_dict())
+    else:
+        _report(out, console)
+    return EXIT_OK if out.verified else EXIT_FAILED
+
+
+def _demo_intro(console, args, workers, caps, params) -> None:
+    from .params import CAPABILITIES, PARAMETERS
+    from .ram import format_size, parse_size
+
+    src, dst = workers
+    size = parse_size(args.size)
+    wl = ("an idle guest (no workload)" if args.workload_threads == 0 else
+          f"{args.workload_threads} guest thread(s) writing {format_size(parse_size(args.dirty_rate))}/s "
+          f"({args.workload_pattern} pattern)")
+    on = [n for n, (default, _, _) in CAPABILITIES.items() if caps.get(n, default)]
+    dl = params.get("downtime-limit", PARAMETERS["downtime-limit"].default)
+    bw = params.get("max-bandwidth", PARAMETERS["max-bandwidth"].default)
+    console.print("[bold]Ferry demo[/]: live migration of a running guest between two worker processes\n")
+    console.print(f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
+                  f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {args.backing} memory, "
+                  "filled with data "
+                  f"({args.fill}); {wl}")
+    console.print(f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
+                  "the migration stream")
+    console.print(f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
+    console.print(f"  settings            downtime-limit {dl} ms, max-bandwidth "
+                  f"{'unlimited' if not bw else f'{bw} B/s'}; capabilities on: {', '.join(on)}")
+    extra = {k: v for k, v in params.items() if k not in ("downtime-limit", "max-bandwidth")}
+    if extra:
+        console.print("                      " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    console.print("\n  How it works: the source sends all of RAM while the guest keeps writing (pass 1), then "
+                  "re-sends\n  the pages written meanwhile (passes 2, 3, ...) until the rest fits in the downtime "
+                  "limit; then it\n  pauses the guest, sends the rest and the guest's state, and completes only "
+                  "once the destination's\n  sha256 digests of every RAM block match its own.")
+    if caps.get("postcopy-ram"):
+        console.print("  With postcopy-ram, the guest moves to the destination early (after postcopy-after-passes "
+                      "or on\n  migrate-start-postcopy) and the pages it touches before they arrive are requested "
+                      "on demand.")
+    console.print()
+
+
+def cmd_demo(args) -> int:
+    from .control.client import ControlError
+    from .control.spawn import WorkerStartError, spawn_worker
+    from .params import ParameterError
+
+    try:
+        make_guest(args)  # validate before starting anything
+        caps, params = parse_caps_params(args)
+        if not args.precopy:
+            # The default demo shows postcopy with preemption: the guest moves
+            # after the first pass and faults in what it touches first.
+            caps = {"postcopy-ram": True, "postcopy-preempt": True, **caps}
+            if caps["postcopy-ram"] and not {"postcopy-after-passes", "postcopy-after-percent"} & set(params):
+                params = {"postcopy-after-passes": 1, **params}
+            from .params import MigrationConfig
+
+            check = MigrationConfig()
+            check.set_capabilities(caps)
+            check.set_parameters(params)
+    except (ParameterError, ValueError) as e:
+        return _error(str(e), EXIT_USAGE)
+    tmp = tempfile.mkdtemp(prefix="ferry-demo-")
+    if args.control == "ipc" and len(tmp) < 80:
+        eps = {r: f"ipc://{tmp}/{r}.ctl" for r in ("source", "destination")}
+    else:
+        eps = {r: "tcp://127.0.0.1:0" for r in ("source", "destination")}
+    if args.uri is None:
+        args.uri = f"unix:{tmp}/migration.sock" if args.stream == "unix" else "tcp:127.0.0.1:0"
+    console = _console()
+    workers = []
+    ok = False
+    try:
+        for role in ("source", "destination"):
+            workers.append(spawn_worker(role, eps[role], guest_options(args) + ["--exit-with-parent"],
+                                        log_path=os.path.join(tmp, f"{role}.log")))
+        for w in workers:
+            w.wait_ready()
+        if not args.json:
+            _demo_intro(console, args, workers, caps, params)
+            console.print("  Events as the workers publish them (seconds since the first one):")
+        view = ProgressView(console, enabled=not args.json)
+        with view:
+            out = asyncio.run(_drive(workers[0].control, workers[1].control, args, caps, params, view))
+        ok = out.verified
+        if args.json:
+            _print_json(out.to_dict())
+        else:
+            _report(out, console)
+            console.print("\n  Try: [bold]ferry demo --dirty-rate 128M --param downtime-limit=50[/] (more "
+                          "passes), [bold]--page-size 2M[/], [bold]--size 1G[/], or [bold]--json[/]; "
+                          "docs/user-guide.md explains every figure.")
+        return EXIT_OK if ok else EXIT_FAILED
+    except WorkerStartError as e:
+        return _error(str(e), EXIT_FAILED)
+    except ControlError as e:
+        return _error(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for w in workers:
+            w.stop()
+        if ok and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"ferry demo: worker logs kept in {tmp}", file=sys.stderr)
+
+
+def _client_run(args, coro_fn):
+    from .control.client import ControlClient
+
+    async def run():
+        async with ControlClient(args.endpoint, args.curve_dir, args.timeout) as c:
+            return await coro_fn(c)
+    return asyncio.run(run())
+
+
+def _human_query(status: dict, mig: dict, console) -> None:
+    from .control.report import mib
+
+    w = status.get("worker") or {}
+    console.print(f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
+                  f"({status['guest']['description']})")
+    console.print(f"  control {status.get('control')}  events {status.get('events')}"
+                  + ("  (CURVE)" if status.get("curve") else ""))
+    from . import stats as S
+
+    ram = mig.get("ram") or {}
+    line = f"  migration {mig.get('status')}"
+    if ram:
+        moved = "received" if status.get("role") == "destination" else "sent"
+        line += f": {mib(ram.get('transferred', 0))} {moved} for {mib(ram.get('total', 0))} of RAM"
+        if mig.get("status") not in S.FINAL_STATES:
+            line += f", {mib(ram.get('remaining', 0))} remaining"
+        if status.get("role") == "source":
+            line += f", pass {ram.get('dirty-sync-count', 0)}, {ram.get('mbps', 0):.0f} Mbit/s"
+    for k in ("total-time", "downtime"):
+        if k in mig:
+            line += f", {k} {mig[k]} ms"
+    console.print(line)
+    if mig.get("error-desc"):
+        console.print(f"  [red]error[/]: {mig['error-desc']}")
+    console.print(f"  cpu {w.get('cpu-user', 0) + w.get('cpu-system', 0):.2f} s, rss {mib(w.get('rss', 0))}, "
+                  f"{w.get('threads')} threads")
+
+
+def cmd_query(args) -> int:
+    from .control.client import ControlError
+
+    async def q(c):
+        return await c.call("query-status"), await c.call("query-migrate")
+    try:
+        status, mig = _client_run(args, q)
+    except ControlError as e:
+        return _error(str(e), EXIT_UNREACHABLE)
+    if args.json:
+        _print_json({"status": status, "migrate": mig})
+    else:
+        _human_query(status, mig, _console())
+    return EXIT_OK
+
+
+def cmd_events(args) -> int:
+    from .control.client import ControlError
+    from . import stats as S
+
+    async def tail(c):
+        stream = await c.events()
+        # On stderr even with --json: scripts can wait for this line to know the subscription is live.
+        print(f"subscribed to the events of {args.endpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+        n = 0
+        while args.count is None or n < args.count:
+            ev = await stream.next()
+            n += 1
+            if args.json:
+                _print_json(ev)
+            else:
+                print(_fmt_event(ev), flush=True)
+            if args.until_final and ev.get("event") == "MIGRATION" and \
+                    (ev.get("data") or {}).get("status") in S.FINAL_STATES:
+                break
+        return n
+    try:
+        _client_run(args, tail)
+    except ControlError as e:
+        return _error(str(e), EXIT_UNREACHABLE)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def cmd_call(args) -> int:
+    from .control.client import ControlError
+
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else None
+    except ValueError as e:
+        return _error(f"arguments must be a JSON object: {e}", EXIT_USAGE)
+    try:
+        reply = _client_run(args, lambda c: c.request(args.verb, arguments))
+    except ControlError as e:
+        return _error(str(e), EXIT_UNREACHABLE)
+    if args.json:
+        _print_json(reply)
+    elif "error" in reply:
+        print(f"{reply['error'].get('class')}: {reply['error'].get('desc')}", file=sys.stderr)
+    else:
+        print(json.dumps(reply.get("return"), indent=2, default=str))
+    return EXIT_FAILED if "error" in reply else EXIT_OK
+
+
+def cmd_keys(args) -> int:
+    from .control.auth import CurveKeyError, create_keys
+
+    try:
+        paths = create_keys(args.dir, force=args.force)
+    except (CurveKeyError, OSError) as e:
+        return _error(str(e), EXIT_USAGE)
+    if args.json:
+        _print_json(paths)
+        return EXIT_OK
+    d = args.dir
+    print(f"CURVE keys written to {d}:\n"
+          f"  server.key, server.key_secret   the workers' key pair (secret: worker hosts only)\n"
+          f"  client.key, client.key_secret   the controller's key pair (secret: controller hosts only)\n"
+          f"  authorized_clients/client.key   client keys the workers accept\n"
+          f"Workers:     ferry worker ... --control tcp://0.0.0.0:5555 --curve-dir {d}\n"
+          f"Controllers: ferry migrate ... --curve-dir {d}   (see docs/multi-host.md)")
+    return EXIT_OK
+
+
+def _range_text(p) -> str:
+    """Allowed values of a parameter, as engine.params checks them."""
+    if getattr(p, "choices", ()):
+        return "one of " + ", ".join(map(str, p.choices))
+    if p.kind is bool:
+        return "on or off"
+    if p.lo is None:
+        return ""
+    hi = "2^64-1" if p.hi == (1 << 64) - 1 else p.hi
+    return f"{p.lo} to {hi}"
+
+
+def _default_text(p) -> str:
+    if isinstance(p.default, bool):
+        return "on" if p.default else "off"
+    return str(p.default)
+
+
+def reference_markdown() -> str:
+    """Verbs, capabilities and parameters as markdown tables (docs/user-guide.md embeds this)."""
+    from .control.protocol import VERBS
+    from .params import CAPABILITIES, PARAMETERS
+
+    def cell(text) -> str:
+        return str(text).replace("|", "\\|")
+
+
+    out = ["| verb | runs on | arguments | returns | description |", "|---|---|---|---|---|"]
+    for v in VERBS.values():
+        args = "any parameter names" if v.open_args else ", ".join(
+            f"`{n}` ({a.type_name}{'' if a.required else ', optional'})" for n, a in v.args.items()) or "none"
+        out.append(f"| `{v.name}` | {' or '.join(v.roles)} | {args} | `{cell(v.returns)}` | {cell(v.doc)} |")
+    out += ["", "| capability | default | implemented | description |", "|---|---|---|---|"]
+    for n, (default, impl, doc) in CAPABILITIES.items():
+        out.append(f"| `{n}` | {'on' if default else 'off'} | {'yes' if impl else 'no'} | {cell(doc)} |")
+    out += ["", "| parameter | default | range | unit | implemented | description |", "|---|---|---|---|---|---|"]
+    for p in PARAMETERS.values():
+        impl = "yes" if p.implemented else "no"
+        out.append(f"| `{p.name}` | {_default_text(p)} | {_range_text(p)} | {p.unit} | {impl} "
+                   f"| {cell(p.doc)} |")
+    return "\n".join(out) + "\n"
+
+
+REFERENCE_BEGIN = "<!-- BEGIN ferry reference --markdown -->\n"
+REFERENCE_END = "<!-- END ferry reference --markdown -->"
+
+
+def embed_reference(text: str) -> str:
+    """``text`` with the tables between the reference markers regenerated."""
+    i, j = text.find(REFERENCE_BEGIN), text.find(REFERENCE_END)
+    if i < 0 or j < i:
+        raise ValueError("no '<!-- BEGIN/END ferry reference --markdown -->' markers found")
+    return text[:i + len(REFERENCE_BEGIN)] + reference_markdown() + text[j:]
+
+
+def cmd_reference(args) -> int:
+    from .control.protocol import VERBS
+    from .params import CAPABILITIES, PARAMETERS
+
+    if args.write_doc:
+        try:
+            with open(args.write_doc) as f:
+                text = f.read()
+            with open(args.write_doc, "w") as f:
+                f.write(embed_reference(text))
+        except (OSError, ValueError) as e:
+            return _error(str(e), EXIT_USAGE)
+        return EXIT_OK
+    if args.markdown:
+        sys.stdout.write(reference_markdown())
+        return EXIT_OK
+    if args.json:
+        _print_json({
+            "verbs": {n: {"roles": list(v.roles), "arguments": "open" if v.open_args else list(v.args),
+                          "implemented": v.implemented, "doc": v.doc} for n, v in VERBS.items()},
+            "capabilities": {n: {"default": d, "implemented": i, "doc": doc}
+                             for n, (d, i, doc) in CAPABILITIES.items()},
+            "parameters": {n: {"default": p.default, "min": p.lo, "max": p.hi, "unit": p.unit,
+                               "implemented": p.implemented, "doc": p.doc} for n, p in PARAMETERS.items()}})
+        return EXIT_OK
+    from rich.table import Table
+
+    console = _console()
+    t = Table(title="Capabilities (--cap NAME[=on|off])", title_justify="left")
+    for col in ("capability", "default", "implemented", "description"):
+        t.add_column(col)
+    for n, (d, i, doc) in CAPABILITIES.items():
+        t.add_row(n, "on" if d else "off", "yes" if i else "[dim]no[/]", doc)
+    console.print(t)
+    t = Table(title="Parameters (--param NAME=VALUE)", title_justify="left")
+    for col in ("parameter", "default", "range", "unit", "implemented", "description"):
+        t.add_column(col)
+    for p in PARAMETERS.values():
+        t.add_row(p.name, _default_text(p), _range_text(p), p.unit, "yes" if p.implemented else "[dim]no[/]", p.doc)
+    console.print(t)
+    t = Table(title="Control-plane verbs (ferry call ENDPOINT VERB [JSON])", title_justify="left")
+    for col in ("verb", "runs on", "description"):
+        t.add_column(col)
+    for v in VERBS.values():
+        t.add_row(v.name, " or ".join(v.roles), v.doc)
+    console.print(t)
+    return EXIT_OK
+
+
+# --- parser --------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ferry", description="Ferry: live migration of guest memory between "
+                                "processes, on QEMU's wire format. Start with `ferry demo`.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="migrate a running guest between two local workers, verify it, report",
+                       description="Start a source and a destination worker on this host, migrate a running "
+                                   "guest (256 MiB, one thread writing to it) and verify it.")
+    add_guest_options(d)
+    add_migration_options(d)
+    d.add_argument("--stream", choices=("tcp", "unix"), default="tcp",
+                   help="migration stream transport between the workers (default tcp on 127.0.0.1)")
+    d.add_argument("--uri", help="migration uri for the destination to listen on (overrides --stream)")
+    d.add_argument("--control", choices=("ipc", "tcp"), default="ipc",
+                   help="control plane transport: ipc sockets in a temp dir, or tcp on 127.0.0.1")
+    d.add_argument("--migration-timeout", type=float, default=120.0, help="give up after this many seconds")
+    d.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    d.add_argument("--precopy", action="store_true",
+                   help="plain precopy; by default the demo switches to postcopy with preemption "
+                        "(postcopy-ram, postcopy-preempt) after the first pass")
+    d.add_argument("--keep", action="store_true", help="keep the temp dir with the worker logs")
+    d.add_argument("--json", action="store_true", help="print only the result as JSON")
+    d.set_defaults(func=cmd_demo, curve_dir=None)
+
+    w = sub.add_parser("worker", help="run a source or destination worker",
+                       description="A worker process serving the control plane on ENDPOINT. A source owns a "
+                                   "running guest; a destination owns the empty RAM a migration fills.")
+    w.add_argument("--role", required=True, choices=("source", "destination"))
+    w.add_argument("--control", required=True, metavar="ENDPOINT",
+                   help="tcp://HOST:PORT or ipc://PATH (non-loopback tcp needs --curve-dir)")
+    w.add_argument("--events", metavar="ENDPOINT", help="event stream endpoint (default: control port + 1, "
+                                                       "or PATH.events)")
+    w.add_argument("--curve-dir", metavar="DIR", help="require CURVE authentication with the keys from `ferry keys`")
+    w.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    w.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
+    add_guest_options(w)
+    w.set_defaults(func=cmd_worker)
+
+    m = sub.add_parser("migrate", help="migrate between two running workers",
+                       description="Calls migrate-incoming on the destination, then migrate on the source, "
+                                   "follows events and progress, waits for the end and compares digests.")
+    m.add_argument("--source", required=True, metavar="ENDPOINT")
+    m.add_argument("--destination", required=True, metavar="ENDPOINT")
+    m.add_argument("--uri", help="migration uri the destination listens on: tcp:HOST:PORT (port 0: any), "
+                                 "unix:PATH or file:PATH (default tcp:DEST-HOST:0)")
+    add_migration_options(m)
+    add_client_options(m)
+    m.add_argument("--migration-timeout", type=float, default=600.0,
+                   help="cancel the migration after this many seconds (default 600)")
+    m.set_defaults(func=cmd_migrate)
+
+    q = sub.add_parser("query", help="state of a worker and its migration")
+    q.add_argument("endpoint", metavar="ENDPOINT")
+    add_client_options(q)
+    q.set_defaults(func=cmd_query)
+
+    e = sub.add_parser("events", help="print a worker's events as they come")
+    e.add_argument("endpoint", metavar="ENDPOINT")
+    e.add_argument("--count", type=int, help="stop after this many events")
+    e.add_argument("--until-final", action="store_true", help="stop at completed, failed or cancelled")
+    add_client_options(e, "one JSON object per event")
+    e.set_defaults(func=cmd_events)
+
+    c = sub.add_parser("call", help="run one control-plane verb (QMP-style)",
+                       description="Examples: ferry call EP query-migrate-parameters; "
+                                   "ferry call EP migrate-set-parameters '{\"downtime-limit\": 100}'; "
+                                   "ferry call EP migrate-cancel; ferry call EP quit")
+    c.add_argument("endpoint", metavar="ENDPOINT")
+    c.add_argument("verb")
+    c.add_argument("arguments", nargs="?", help="arguments as a JSON object")
+    add_client_options(c, "print the whole reply as JSON")
+    c.set_defaults(func=cmd_call)
+
+    r = sub.add_parser("reference", help="list capabilities, parameters and verbs with their ranges")
+    r.add_argument("--markdown", action="store_true", help="markdown tables (as in docs/user-guide.md)")
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--write-doc", metavar="FILE", help="regenerate the tables between the markers in FILE "
+                                                       "(docs/user-guide.md)")
+    r.set_defaults(func=cmd_reference)
+
+    k = sub.add_parser("keys", help="create CURVE key pairs for multi-host use")
+    k.add_argument("dir", metavar="DIR")
+    k.add_argument("--force", action="store_true", help="replace existing keys")
+    k.add_argument("--json", action="store_true")
+    k.set_defaults(func=cmd_keys)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Run one migration between two workers through their control planes, and verify it.
+
+What a controller does, in order: check roles and guest shapes, set
+capabilities (both sides) and parameters (source), subscribe to both event
+streams, ``migrate-incoming`` on the destination, ``migrate`` on the source
+with the uri the destination really listens on, follow events and progress
+until both sides reach a final state, then compare both sides'
+``query-migrate`` digests.
+
+The workers do not need the controller once ``migrate`` returned: if it goes
+away, the migration carries on.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import stats as S
+from . import endpoints
+from .client import CommandFailed, ControlClient, ControlError, EventStream
+
+POLL = 0.2  # s between query-migrate polls for progress
+DEST_GRACE = 3.0  # s a destination gets to notice that its source gave up
+EVENT_DRAIN = 1.0  # s to wait for the last MIGRATION events after the final query
+
+
+class DriverError(ControlError):
+    """The two workers cannot migrate to each other as asked (wrong roles, shapes, uri)."""
+
+
+@dataclass
+class Outcome:
+    """Everything a report needs about one migration."""
+
+    uri: str
+    source: dict  # final query-migrate of each side
+    destination: dict
+    events: dict = field(default_factory=lambda: {"source": [], "destination": []})
+    status_before: dict = field(default_factory=dict)  # query-status of each side before
+    status_after: dict = field(default_factory=dict)
+    caps: list = field(default_factory=list)
+    params: dict = field(default_factory=dict)
+    wall_time: float = 0.0
+    timed_out: bool = False
+
+    @property
+    def completed(self) -> bool:
+        return self.source.get("status") == S.COMPLETED and self.destination.get("status") == S.COMPLETED
+
+    @property
+    def digests_match(self) -> bool:
+        a, b = self.source.get("digests"), self.destination.get("digests")
+        return bool(a) and a == b
+
+    @property
+    def verified(self) -> bool:
+        """Both sides completed and the controller saw the same per-block digests on both."""
+        return self.completed and self.digests_match
+
+    def states(self, side: str) -> list[str]:
+        return [e["data"].get("status") for e in self.events[side] if e.get("event") == "MIGRATION"]
+
+    def passes(self) -> list[int]:
+        return [e["data"].get("pass") for e in self.events["source"] if e.get("event") == "MIGRATION_PASS"]
+
+    def to_dict(self) -> dict:
+        return {"result": "verified" if self.verified else ("completed" if self.completed else "failed"),
+                "verified": self.verified, "digests-match": self.digests_match, "uri": self.uri,
+                "timed-out": self.timed_out, "wall-time": round(self.wall_time, 3),
+                "capabilities": self.caps, "parameters": self.params,
+                "states": {"source": self.states("source"), "destination": self.states("destination")},
+                "source": self.source, "destination": self.destination, "events": self.events,
+                "status-before": self.status_before, "status-after": self.status_after}
+
+
+def default_uri(destination_control: str) -> str:
+    """Where the destination listens when no uri is given: its control host, any free port."""
+    if destination_control.startswith("tcp://"):
+        host, _ = endpoints.split_tcp(destination_control)
+        if host not in endpoints.WILDCARD_HOSTS:
+            return f"tcp:[{host}]:0" if ":" in host else f"tcp:{host}:0"
+    return "tcp:127.0.0.1:0"
+
+
+def dialable_uri(listening: str, destination_control: str) -> str:
+    """A destination listening on a wildcard address is reached at its control host."""
+    for wild in ("0.0.0.0", "[::]", "::"):
+        prefix = f"tcp:{wild}:"
+        if listening.startswith(prefix):
+            host = "127.0.0.1"
+            if destination_control.startswith("tcp://"):
+                h, _ = endpoints.split_tcp(destination_control)
+                if h not in endpoints.WILDCARD_HOSTS:
+                    host = f"[{h}]" if ":" in h else h
+            return f"tcp:{host}:{listening[len(prefix):]}"
+    return listening
+
+
+def _shape(status: dict) -> list:
+    return [(b["idstr"], b["length"], b["page-size"]) for b in status["guest"]["blocks"]]
+
+
+async def prepare(src: ControlClient, dst: ControlClient, caps: dict | None, params: dict | None) -> tuple[dict, dict]:
+    """Check both workers and apply capabilities and parameters; returns their query-status."""
+    s_status, d_status = await asyncio.gather(src.call("query-status"), dst.call("query-status"))
+    for st, want, ep in ((s_status, "source", src.endpoint), (d_status, "destination", dst.endpoint)):
+        if st.get("role") != want:
+            raise DriverError(f"{ep} is a {st.get('role')} worker, expected the {want}")
+    if _shape(s_status) != _shape(d_status):
+        raise DriverError(f"the guests differ: source RAM blocks {_shape(s_status)}, destination "
+                          f"{_shape(d_status)}; start both workers with the same --size/--page-size/--blocks")
+    if caps:
+        arg = {"capabilities": [{"capability": k, "state": v} for k, v in caps.items()]}
+        # Both sides: the destination must expect what the source will send.
+        await src.call("migrate-set-capabilities", arg)
+        await dst.call("migrate-set-capabilities", arg)
+    if params:
+        # Both sides too: most parameters act on the source, some on the
+        # destination (precopy-rcvbuf); each side uses those that concern it.
+        await src.call("migrate-set-parameters", params)
+        await dst.call("migrate-set-parameters", params)
+    return s_status, d_status
+
+
+async def _collect(stream: EventStream, into: list, side: str,
+                   on_event: Callable[[str, dict], None] | None) -> None:
+    async for ev in stream:
+        into.append(ev)
+        if on_event is not None:
+            on_event(side, ev)
+
+
+def _final_seen(events: list) -> bool:
+    return any(e.get("event") == "MIGRATION" and e["data"].get("status") in S.FINAL_STATES for e in events)
+
+
+async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None = None,
+                        caps: dict | None = None, params: dict | None = None, timeout: float = 300.0,
+                        on_progress: Callable[[dict, dict], None] | None = None,
+                        on_event: Callable[[str, dict], None] | None = None,
+                        on_started: Callable[[str], None] | None = None) -> Outcome:
+    """Migrate from ``src`` to ``dst`` and wait for the end; see the module docstring."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    s_status, d_status = await prepare(src, dst, caps, params)
+    s_events, d_events = await asyncio.gather(src.events(), dst.events())
+    out = Outcome(uri="", source={}, destination={}, status_before={"source": s_status, "destination": d_status})
+    out.caps = await src.call("query-migrate-capabilities")
+    out.params = await src.call("query-migrate-parameters")
+    tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
+             asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
+    try:
+        listening = (await dst.call("migrate-incoming", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
+        out.uri = dialable_uri(listening, dst.endpoint)
+        try:
+            await src.call("migrate", {"uri": out.uri})
+        except CommandFailed:
+            await dst.call("migrate-cancel")
+            raise
+        if on_started is not None:
+            on_started(out.uri)
+        sq, dq = await _follow(src, dst, t0 + timeout, on_progress, out)
+        # The last MIGRATION events may still be on their way.
+        drain_until = loop.time() + EVENT_DRAIN
+        while loop.time() < drain_until and not (_final_seen(out.events["source"])
+                                                  and _final_seen(out.events["destination"])):
+            await asyncio.sleep(0.02)
+        out.source, out.destination = sq, dq
+        out.status_after = {"source": await src.call("query-status"),
+                            "destination": await dst.call("query-status")}
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        s_events.close()
+        d_events.close()
+    out.wall_time = loop.time() - t0
+    return out
+
+
+async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
+                  on_progress, out: Outcome) -> tuple[dict, dict]:
+    loop = asyncio.get_running_loop()
+    src_final_at = None
+    while True:
+        sq, dq = await asyncio.gather(src.call("query-migrate"), dst.call("query-migrate"))
+        if on_progress is not None:
+            on_progress(sq, dq)
+        s_done, d_done = sq["status"] in S.FINAL_STATES, dq["status"] in S.FINAL_STATES
+        if s_done and d_done:
+            return sq, dq
+        now = loop.time()
+        if s_done and src_final_at is None:
+            src_final_at = now
+        if s_done and sq["status"] != S.COMPLETED and now - src_final_at > DEST_GRACE:
+            # The source gave up before the destination heard from it (e.g. it
+            # could not connect): stop the destination listening.
+            await dst.call("migrate-cancel")
+        if now > deadline and not out.timed_out:
+            out.timed_out = True
+            await src.call("migrate-cancel")
+            await dst.call("migrate-cancel")
+            deadline = now + 10  # let both report their final state
+        elif out.timed_out and now > deadline:
+            return sq, dq
+        await asyncio.sleep(POLL)
+
+
+def parse_cap(text: str) -> tuple[str, bool]:
+    """``postcopy-ram`` or ``postcopy-ram=on|off`` -> (name, state)."""
+    name, sep, val = text.partition("=")
+    if not sep:
+        return name, True
+    v = val.strip().lower()
+    if v in ("on", "true", "yes", "1"):
+        return name, True
+    if v in ("off", "false", "no", "0"):
+        return name, False
+    raise ValueError(f"capability {name!r}: state {val!r} is not on or off")
+
+
+def parse_param(text: str):
+    """``downtime-limit=100`` -> ("downtime-limit", 100); sizes like 64M are allowed for byte values.
+
+    Range and type checks are engine.params's: a value that is not a number is
+    passed through as a string so its error names the field and the range.
+    """
+    from ..params import PARAMETERS
+    from ..ram import parse_size
+
+    name, sep, val = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"parameter {text!r}: expected NAME=VALUE")
+    val = val.strip()
+    spec = PARAMETERS.get(name)
+    if spec is not None and spec.kind is bool:
+        low = val.lower()
+        if low in ("on", "true", "yes", "1"):
+            return name, True
+        if low in ("off", "false", "no", "0"):
+            return name, False
+        return name, val
+    if spec is not None and spec.kind is str:
+        return name, val
+    try:
+        return name, int(val)
+    except ValueError:
+        pass
+    if spec is not None and "bytes" in spec.unit:
+        try:
+            return name, parse_size(val)
+        except ValueError:
+            pass
+    if spec is not None and spec.kind is float:
+        try:
+            return name, float(val)
+        except ValueError:
+            pass
+    return name, val
+
+
+__all__ = ["Outcome", "DriverError", "run_migration", "prepare", "parse_cap", "parse_param",
+           "default_uri", "dialable_uri"]

@@ -1,0 +1,362 @@
+"""A worker process: one side of a migration, driven over the control plane.
+
+A *source* worker owns a running guest (RAM blocks filled with data and a
+workload writing to them); a *destination* worker owns RAM of the same shape,
+empty until a migration fills it. The migration runs in engine threads
+(MigrationSource / MigrationDestination), independent of any client: a
+controller that disappears does not stop it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import psutil
+
+from channels.transport import parse_uri
+
+from . import stats as S
+from .control import endpoints
+from .control import protocol as P
+from .control.auth import ServerKeys
+from .control.server import ControlServer
+from .destination import MigrationDestination
+from .local import GuestConfig
+from .params import CAPABILITIES, MigrationConfig, ParameterError
+from .ram import format_size
+from .source import MigrationSource
+from .workload import Workload
+
+ROLES = ("source", "destination")
+SHUTDOWN_WAIT = 5.0  # s for a cancelled migration thread to finish before exit
+IN_PROGRESS = (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.DEVICE, S.CANCELLING)
+
+
+def _err(desc: str) -> P.RequestError:
+    return P.RequestError(P.GENERIC_ERROR, desc)
+
+
+def resource_usage(proc: psutil.Process | None = None) -> dict:
+    """CPU time, RSS and threads of this process (psutil)."""
+    proc = proc or psutil.Process()
+    with proc.oneshot():
+        ct = proc.cpu_times()
+        mem = proc.memory_info()
+        threads = proc.num_threads()
+    return {"pid": proc.pid, "cpu-user": round(ct.user, 3), "cpu-system": round(ct.system, 3),
+            "rss": mem.rss, "threads": threads}
+
+
+class Worker:
+    """Verb handlers over one guest; ``handle`` is what the control server calls."""
+
+    def __init__(self, role: str, guest: GuestConfig):
+        if role not in ROLES:
+            raise ValueError(f"worker role {role!r}: expected source or destination")
+        self.role = role
+        self.guest = guest
+        self.config = MigrationConfig()
+        self.ram = guest.make_ram()
+        self.workload: Workload | None = None
+        if guest.workload is not None and guest.workload.threads > 0:
+            # On a destination the workload only starts if the guest switches
+            # over to it during a postcopy migration (the engine starts it).
+            self.workload = Workload(self.ram, guest.workload)
+        if role == "source":
+            self.ram.fill(guest.fill)
+            if self.workload is not None:
+                self.workload.start()
+        self.migration: MigrationSource | MigrationDestination | None = None
+        self.emit: Callable[[str, dict], None] = lambda name, data: None
+        self.request_stop: Callable[[], None] = lambda: None
+        self.endpoints: dict[str, str] = {}
+        self.curve = False
+        self.started = time.time()
+        self._proc = psutil.Process()
+        self._handlers = {
+            "migrate-set-capabilities": self.set_capabilities,
+            "migrate-set-parameters": self.set_parameters,
+            "query-migrate-capabilities": self.query_capabilities,
+            "query-migrate-parameters": self.query_parameters,
+            "migrate": self.migrate,
+            "migrate-incoming": self.migrate_incoming,
+            "migrate-start-postcopy": self.start_postcopy,
+            "query-migrate": self.query_migrate,
+            "migrate-cancel": self.cancel,
+            "query-status": self.query_status,
+            "query-commands": self.query_commands,
+            "quit": self.quit,
+        }
+
+    # --- dispatch ---
+    def handle(self, verb: str, args: dict) -> Any:
+        spec = P.VERBS[verb]
+        if not spec.implemented:
+            raise _err(f"{verb} is not implemented in this version of Ferry")
+        if self.role not in spec.roles:
+            raise _err(f"{verb} runs on a {' or '.join(spec.roles)} worker; this worker is a {self.role}")
+        return self._handlers[verb](args)
+
+    @property
+    def status(self) -> str:
+        return self.migration.status if self.migration is not None else S.NONE
+
+    def _require_idle(self, verb: str) -> None:
+        if self.status in IN_PROGRESS:
+            raise _err(f"{verb}: there's a migration process in progress (status {self.status}); "
+                       "change capabilities and parameters before migrate / migrate-incoming")
+
+    def _on_event(self, name: str, data: dict) -> None:
+        # Called from migration threads; emit is thread-safe.
+        self.emit(name, data)
+
+    # --- capabilities and parameters (validated by engine.params) ---
+    def set_capabilities(self, args: dict) -> dict:
+        self._require_idle("migrate-set-capabilities")
+        caps = {c["capability"]: c["state"] for c in args["capabilities"]}
+        try:
+            self.config.set_capabilities(caps)
+        except ParameterError as e:
+            raise _err(str(e)) from None
+        return {}
+
+    def set_parameters(self, args: dict) -> dict:
+        self._require_idle("migrate-set-parameters")
+        try:
+            self.config.set_parameters(args)
+        except ParameterError as e:
+            raise _err(str(e)) from None
+        return {}
+
+    def query_capabilities(self, args: dict) -> list:
+        return [{"capability": n, "state": v} for n, v in self.config.caps.items()]
+
+    def query_parameters(self, args: dict) -> dict:
+        return dict(self.config.params)
+
+    # --- migration ---
+    def migrate(self, args: dict) -> dict:
+        uri = args["uri"]
+        if self.status in IN_PROGRESS:
+            raise _err(f"migrate: there's a migration process in progress (status {self.status})")
+        if self.status == S.COMPLETED:
+            raise _err("migrate: the guest has already migrated (status completed); it runs on the "
+                       "destination now and this source's copy is stopped")
+        try:
+            parse_uri(uri)
+        except ValueError as e:
+            raise _err(f"migrate: {e}") from None
+        m = MigrationSource(self.ram, self.workload, self.config, on_event=self._on_event)
+        try:
+            m.start(uri)
+        except (RuntimeError, ValueError) as e:
+            raise _err(f"migrate: {e}") from None
+        self.migration = m
+        return {}
+
+    def migrate_incoming(self, args: dict) -> dict:
+        if self.migration is not None and self.status not in (S.FAILED, S.CANCELLED):
+            raise _err(f"migrate-incoming: the incoming migration has already been started "
+                       f"(status {self.status})")
+        dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload)
+        try:
+            real = dest.listen(args["uri"])
+        except (ValueError, OSError) as e:
+            raise _err(f"migrate-incoming: {e}") from None
+        dest.start()
+        self.migration = dest
+        return {"uri": real}
+
+    def start_postcopy(self, args: dict) -> dict:
+        if not self.config.cap("postcopy-ram"):
+            implemented = CAPABILITIES["postcopy-ram"][1]
+            why = "" if implemented else " (postcopy-ram is not implemented in this version of Ferry)"
+            raise _err("migrate-start-postcopy: postcopy is not enabled: set the postcopy-ram capability "
+                       "with migrate-set-capabilities (on both sides) before migrate" + why)
+        if self.migration is None:
+            raise _err("migrate-start-postcopy: no migration is running; run migrate first")
+        switch = getattr(self.migration, "start_postcopy", None)
+        if switch is None:
+            raise _err("migrate-start-postcopy is not implemented in this version of Ferry")
+        try:
+            switch()
+        except (RuntimeError, ValueError) as e:
+            raise _err(f"migrate-start-postcopy: {e}") from None
+        return {}
+
+    def cancel(self, args: dict) -> dict:
+        if self.migration is not None:
+            try:
+                self.migration.cancel()
+            except RuntimeError as e:  # refused in postcopy
+                raise _err(f"migrate-cancel: {e}") from None
+        return {}
+
+    # --- queries ---
+    def usage(self) -> dict:
+        return resource_usage(self._proc)
+
+    def query_migrate(self, args: dict) -> dict:
+        if self.migration is None:
+            out = {"status": S.NONE}
+        else:
+            out = self.migration.query()
+            passes = getattr(self.migration, "passes", None)
+            if passes is not None:
+                out["passes"] = list(passes)
+        out["role"] = self.role
+        out["worker"] = self.usage()
+        return out
+
+    def run_state(self) -> str:
+        """QEMU's RunState names for where the guest is."""
+        st = self.status
+        if self.role == "destination":
+            if self.workload is not None and self.workload.running:
+                return "running"  # postcopy: the guest runs here now
+            return "paused" if st == S.COMPLETED else "inmigrate"
+        if st == S.COMPLETED:
+            return "postmigrate"
+        if st == S.DEVICE:
+            return "finish-migrate"
+        return "running" if self.workload is None or self.workload.running else "paused"
+
+    def guest_shape(self) -> dict:
+        g = self.guest
+        wl = None
+        if g.workload is not None and g.workload.threads > 0:
+            w = g.workload
+            wl = {"threads": w.threads, "pattern": w.pattern, "dirty-rate": w.dirty_rate}
+        return {
+            "size": self.ram.total,
+            "blocks": [{"idstr": b.idstr, "length": b.length, "page-size": b.page_size, "backing": b.backing}
+                       for b in self.ram.blocks],
+            "fill": g.fill if self.role == "source" else "zero",
+            "workload": wl,
+            "description": f"{format_size(self.ram.total)} in {len(self.ram.blocks)} block(s), "
+                           f"{format_size(self.ram.blocks[0].page_size)} pages, {g.backing} memory",
+        }
+
+    def query_status(self, args: dict) -> dict:
+        rs = self.run_state()
+        return {"status": rs, "running": rs == "running", "role": self.role,
+                "migration": self.status, "guest": self.guest_shape(),
+                "control": self.endpoints.get("control"), "events": self.endpoints.get("events"),
+                "curve": self.curve, "worker": self.usage()}
+
+    def query_commands(self, args: dict) -> list:
+        return [{"name": n} for n, v in P.VERBS.items() if v.implemented and self.role in v.roles]
+
+    def quit(self, args: dict) -> dict:
+        self.request_stop()
+        return {}
+
+    # --- shutdown ---
+    def shutdown(self, reason: str) -> None:
+        """Cancel the migration, stop the guest (blocking; run it off the loop)."""
+        m = self.migration
+        if m is not None and m.status not in S.FINAL_STATES:
+            try:
+                m.cancel()
+            except RuntimeError:
+                pass  # postcopy: cannot be cancelled; quitting now fails it on both sides
+            m.wait(SHUTDOWN_WAIT)
+        if self.workload is not None:
+            self.workload.stop()
+        self.emit("SHUTDOWN", {"guest": False, "reason": reason})
+        thread = getattr(m, "_thread", None)
+        if thread is None or not thread.is_alive():
+            self.ram.close()
+
+
+def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
+                 workload_threads=1, workload_pattern="hotset", dirty_rate="32M") -> GuestConfig:
+    """A GuestConfig from CLI-style values (sizes as strings with K/M/G)."""
+    from .ram import parse_size
+    from .workload import WorkloadConfig
+
+    from channels.constants import HOST_PAGE_SIZES
+
+    nbytes, page = parse_size(size), parse_size(page_size)
+    if page not in HOST_PAGE_SIZES:
+        raise ValueError(f"guest page size {page_size}: expected 4K, 2M or 1G")
+    if blocks < 1 or nbytes <= 0 or nbytes % (blocks * page):
+        raise ValueError(f"guest size {size} does not split into {blocks} block(s) of whole {page_size} pages")
+    wl = None
+    if workload_threads:
+        wl = WorkloadConfig(threads=workload_threads, pattern=workload_pattern, dirty_rate=parse_size(dirty_rate))
+        wl.validate()
+    return GuestConfig(size=nbytes, page_size=page, backing=backing,
+                       nblocks=blocks, fill=fill, workload=wl)
+
+
+async def _serve(worker: Worker, control: str, events: str | None, keys: ServerKeys | None,
+                 ready_json: bool, exit_with_parent: bool) -> int:
+    server = ControlServer(worker, control, events, keys)
+    await server.start()
+    worker.emit = server.emit
+    worker.endpoints = {"control": server.control, "events": server.events}
+    worker.curve = keys is not None
+    reason = {"why": "host-qmp-quit"}
+
+    def on_signal(name: str) -> None:
+        reason["why"] = f"host-signal ({name})"
+        server.stop()
+
+    def quit_requested() -> None:
+        server.stop()
+
+    worker.request_stop = quit_requested
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    watchdog = None
+    if exit_with_parent:
+        watchdog = asyncio.ensure_future(_watch_parent(os.getppid(), server, reason))
+    ready = {"ready": True, "role": worker.role, "pid": os.getpid(), "control": server.control,
+             "events": server.events, "curve": keys is not None,
+             "guest": worker.guest_shape()["description"]}
+    if ready_json:
+        print(json.dumps(ready), flush=True)
+    else:
+        print(f"ferry worker: {worker.role} ready (pid {ready['pid']}), guest {ready['guest']}\n"
+              f"  control {server.control}\n  events  {server.events}"
+              + ("\n  CURVE authentication on" if keys else ""), flush=True)
+    try:
+        await server.serve()
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+        await asyncio.to_thread(worker.shutdown, reason["why"])
+        await server.close()
+    return 0
+
+
+async def _watch_parent(ppid: int, server: ControlServer, reason: dict) -> None:
+    # A worker started by `ferry demo` must not outlive it, even if the demo
+    # is killed with SIGKILL and cannot clean up.
+    while True:
+        await asyncio.sleep(0.5)
+        if os.getppid() != ppid:
+            reason["why"] = "parent-exited"
+            server.stop()
+            return
+
+
+def run_worker(role: str, control: str, guest: GuestConfig, events: str | None = None,
+               curve_dir: str | None = None, ready_json: bool = False, exit_with_parent: bool = False) -> int:
+    """The `ferry worker` process: build the guest, serve until quit or SIGTERM. Returns the exit code."""
+    endpoints.check(control)
+    if events:
+        endpoints.check(events)
+    keys = ServerKeys.load(curve_dir) if curve_dir else None
+    if keys is None:
+        # Checked before the guest is built: fail in milliseconds, not after filling RAM.
+        for ep in (control, events or endpoints.default_events_endpoint(control)):
+            endpoints.refuse_without_curve(ep)
+    worker = Worker(role, guest)
+    return asyncio.run(_serve(worker, control, events, keys, ready_json, exit_with_parent))
