@@ -28,9 +28,12 @@ class GuestConfig:
     workload: WorkloadConfig | None = field(default_factory=WorkloadConfig)
     # The guest's workload once it runs on the destination (postcopy): faults pages in.
     dest_workload: WorkloadConfig | None = None
+    # Back the destination's RAM before the migration (QEMU's -mem-prealloc).
+    dest_prealloc: bool = False
 
-    def make_ram(self) -> GuestRAM:
-        return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks)
+    def make_ram(self, prealloc: bool = False) -> GuestRAM:
+        return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks,
+                               prealloc=prealloc)
 
 
 def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: float):
@@ -43,7 +46,7 @@ def _dest_main(conn, guest: dict, caps: dict, params: dict, uri: str, timeout: f
     try:
         dwl = guest.get("dest_workload")
         g = GuestConfig(**{**guest, "workload": None, "dest_workload": None})
-        ram = g.make_ram()
+        ram = g.make_ram(prealloc=g.dest_prealloc)
         cfg = MigrationConfig()
         cfg.set_capabilities(caps)
         cfg.set_parameters(params)

@@ -446,6 +446,8 @@ class MigrationSource:
             state["digests"] = {n: d.hex() for n, d in self.ram.digests().items()}
             st.digests = state["digests"]
         ch.device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, json.dumps(state).encode())
+        # POSTCOPY channels opened at setup but never used still end with EOS.
+        self._end_postcopy_channels()
         ch.send_eof(vm_description(self.ram))
         ch.flush()
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
@@ -496,13 +498,7 @@ class MigrationSource:
             self._update_bandwidth()
             if done:
                 break
-        with self._lock:
-            # Every page went out; a return-path send that claimed one holds its
-            # channel's lock already, so EOS cannot overtake it.
-            for pc in self.channels[1:]:
-                with pc.lock:
-                    pc.send_eos()
-                    pc.flush()
+        self._end_postcopy_channels()
         ch.section_part(self._ram_section, end=True)
         ch.send_eos()
         ch.section_footer(self._ram_section)
@@ -510,6 +506,16 @@ class MigrationSource:
         ch.flush()
         st.remaining = 0
         st.extra["postcopy-bytes"] = ch.transferred - st.ram.precopy_bytes - st.ram.downtime_bytes
+
+    def _end_postcopy_channels(self) -> None:
+        """EOS on every POSTCOPY channel, after any page already claimed for it."""
+        with self._lock:
+            # A return-path send that claimed a page holds its channel's lock
+            # already (taken under this lock), so EOS cannot overtake it.
+            for pc in self.channels[1:]:
+                with pc.lock:
+                    pc.send_eos()
+                    pc.flush()
 
     def _fail(self, err, paused_here: bool) -> None:
         st = self.stats

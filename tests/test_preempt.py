@@ -123,3 +123,12 @@ def test_preempt_on_real_huge_pages(tmp_path, hugepages):
     src, dst = run_local_migration(f"unix:{tmp_path}/h.sock", g, caps=PREEMPT, params=SLOW, timeout=120)
     check(src, dst)
     assert dst["postcopy-requests"] > 0
+
+
+def test_preempt_enabled_but_completed_in_precopy():
+    """The POSTCOPY channels were opened at setup; they end with EOS even if never used."""
+    src, dst = run_local_migration("tcp:127.0.0.1:0", GuestConfig(size=8 << 20, workload=None), caps=PREEMPT,
+                                   timeout=60)
+    check(src, dst)
+    assert src["status"] == "completed" and "postcopy-active" not in str(src.get("events", ""))
+    assert src["channels"]["postcopy"]["normal"] == 0
