@@ -6,6 +6,8 @@
     ferry query EP | ferry events EP | ferry call EP VERB [JSON]
     ferry keys DIR                  CURVE key pairs for workers reachable from other hosts
     ferry reference                 capabilities, parameters and verbs, with their ranges
+    ferry testbed up|down           network namespaces joined by veth, with workers inside
+    ferry experiment run FILE.toml  a sweep of migrations, one JSON record per run
 
 Every command takes --json for scripts. Exit status: 0 success, 1 the
 migration or command failed, 2 bad usage or configuration, 3 the control plane
@@ -39,17 +41,33 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workload-threads", type=int, default=1,
                    help="guest threads writing to RAM (0: an idle guest); on a destination they start "
                         "only when a postcopy migration hands the guest over")
-    g.add_argument("--workload-pattern", default="hotset", choices=("sequential", "random", "hotset"),
-                   help="which pages the guest writes (hotset: 10%% of pages take 90%% of writes)")
-    g.add_argument("--dirty-rate", default="32M", help="bytes of pages the guest dirties per second, e.g. 64M "
+    g.add_argument("--workload-pattern", default="hotset", choices=("sequential", "random", "hotset", "zipf"),
+                   help="which pages the guest touches (hotset: --workload-hot-fraction of the pages take 90%% "
+                        "of the touches; zipf: page of rank r with probability ~ r^-a)")
+    g.add_argument("--dirty-rate", default="32M", help="bytes of pages the guest touches per second, e.g. 64M "
                                                       "(0: as fast as it can)")
+    g.add_argument("--workload-write-ratio", type=float, default=1.0, metavar="R",
+                   help="share of touches that write (the rest only read), 0..1 (default 1)")
+    g.add_argument("--workload-hot-fraction", type=float, default=0.1, metavar="F",
+                   help="hotset pattern: share of the pages that are hot, (0, 1] (default 0.1)")
+    g.add_argument("--workload-zipf-a", type=float, default=1.2, metavar="A",
+                   help="zipf pattern: exponent, > 1; larger is more skewed (default 1.2)")
+    g.add_argument("--workload-batch", type=int, default=None, metavar="PAGES",
+                   help="pages a guest thread touches per step, 1..4096 (1: one access at a time, like a "
+                        "vCPU's faults; default 64)")
 
 
 def guest_options(args) -> list[str]:
     """The guest options of ``args`` as worker command-line arguments."""
-    return ["--size", str(args.size), "--page-size", str(args.page_size), "--backing", args.backing,
-            "--blocks", str(args.blocks), "--fill", args.fill, "--workload-threads", str(args.workload_threads),
-            "--workload-pattern", args.workload_pattern, "--dirty-rate", str(args.dirty_rate)]
+    out = ["--size", str(args.size), "--page-size", str(args.page_size), "--backing", args.backing,
+           "--blocks", str(args.blocks), "--fill", args.fill, "--workload-threads", str(args.workload_threads),
+           "--workload-pattern", args.workload_pattern, "--dirty-rate", str(args.dirty_rate),
+           "--workload-write-ratio", str(args.workload_write_ratio),
+           "--workload-hot-fraction", str(args.workload_hot_fraction),
+           "--workload-zipf-a", str(args.workload_zipf_a)]
+    if args.workload_batch is not None:
+        out += ["--workload-batch", str(args.workload_batch)]
+    return out
 
 
 def make_guest(args):
@@ -57,7 +75,9 @@ def make_guest(args):
 
     return guest_config(size=args.size, page_size=args.page_size, backing=args.backing, blocks=args.blocks,
                         fill=args.fill, workload_threads=args.workload_threads,
-                        workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate)
+                        workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate,
+                        write_ratio=args.workload_write_ratio, hot_fraction=args.workload_hot_fraction,
+                        zipf_a=args.workload_zipf_a, batch=args.workload_batch)
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -652,6 +672,15 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing keys")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_keys)
+
+    # Testbeds of network namespaces (engine/testbed_cli.py) and sweeps of
+    # migrations (engine/experiment/commands.py: `run`; `report` comes from
+    # engine/experiment/report.py when present).
+    from .experiment.commands import add_experiment_parser
+    from .testbed_cli import add_testbed_parser
+
+    add_testbed_parser(sub)
+    add_experiment_parser(sub)
     return p
 
 

@@ -86,6 +86,8 @@ class Worker:
             "migrate-incoming": self.migrate_incoming,
             "migrate-start-postcopy": self.start_postcopy,
             "query-migrate": self.query_migrate,
+            "query-guest-progress": self.query_guest_progress,
+            "query-postcopy-latency": self.query_postcopy_latency,
             "migrate-cancel": self.cancel,
             "query-status": self.query_status,
             "query-commands": self.query_commands,
@@ -212,6 +214,28 @@ class Worker:
         out["worker"] = self.usage()
         return out
 
+    def query_guest_progress(self, args: dict) -> dict:
+        """Workload.progress(): the series the guest produced in this worker (see the verb's doc)."""
+        if self.workload is None:
+            return {"interval": None, "t": [], "ms_per_gib": [], "marks": [], "pages_touched": 0,
+                    "running": False}
+        out = self.workload.progress()
+        out["running"] = self.workload.running
+        return out
+
+    def query_postcopy_latency(self, args: dict) -> dict:
+        """Every request latency (us) of the last incoming migration, all and per channel."""
+        m = self.migration
+        faults = getattr(m, "faults", None)
+        if faults is None:
+            return {"all": []}
+        # 0.1 us is far below what the clock and the wake-ups resolve; rounding
+        # keeps the reply (and the experiment records) small.
+        out = {"all": [round(float(v), 1) for v in faults.latency.samples_us()]}
+        for ch, rec in sorted(faults.latency_by_channel.items()):
+            out[ch] = [round(float(v), 1) for v in rec.samples_us()]
+        return out
+
     def run_state(self) -> str:
         """QEMU's RunState names for where the guest is."""
         st = self.status
@@ -230,7 +254,9 @@ class Worker:
         wl = None
         if g.workload is not None and g.workload.threads > 0:
             w = g.workload
-            wl = {"threads": w.threads, "pattern": w.pattern, "dirty-rate": w.dirty_rate}
+            wl = {"threads": w.threads, "pattern": w.pattern, "dirty-rate": w.dirty_rate,
+                  "write-ratio": w.write_ratio, "hot-fraction": w.hot_fraction, "zipf-a": w.zipf_a,
+                  "batch": w.batch}
         return {
             "size": self.ram.total,
             "blocks": [{"idstr": b.idstr, "length": b.length, "page-size": b.page_size, "backing": b.backing}
@@ -274,7 +300,8 @@ class Worker:
 
 
 def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
-                 workload_threads=1, workload_pattern="hotset", dirty_rate="32M") -> GuestConfig:
+                 workload_threads=1, workload_pattern="hotset", dirty_rate="32M", write_ratio=1.0,
+                 hot_fraction=0.1, zipf_a=1.2, batch=None) -> GuestConfig:
     """A GuestConfig from CLI-style values (sizes as strings with K/M/G)."""
     from .ram import parse_size
     from .workload import WorkloadConfig
@@ -288,7 +315,10 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
         raise ValueError(f"guest size {size} does not split into {blocks} block(s) of whole {page_size} pages")
     wl = None
     if workload_threads:
-        wl = WorkloadConfig(threads=workload_threads, pattern=workload_pattern, dirty_rate=parse_size(dirty_rate))
+        wl = WorkloadConfig(threads=workload_threads, pattern=workload_pattern, dirty_rate=parse_size(dirty_rate),
+                            write_ratio=write_ratio, hot_fraction=hot_fraction, zipf_a=zipf_a)
+        if batch is not None:
+            wl.batch = batch
         wl.validate()
     return GuestConfig(size=nbytes, page_size=page, backing=backing,
                        nblocks=blocks, fill=fill, workload=wl)

@@ -112,6 +112,15 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          {"uri": Arg((str,), "string")}, implemented=False),
     Verb("query-migrate", "State and statistics of the current or last migration, plus the worker's "
                           "resource use.", returns="{status, ram, ..., worker}"),
+    Verb("query-guest-progress", "The guest workload's progress series: wall-clock times, ms per GiB touched "
+                                 "in each interval (null: no progress) and pause/resume marks. On a source "
+                                 "it covers the guest until it stopped there; on a destination, from "
+                                 "POSTCOPY_RUN on (empty after a precopy migration or without a workload).",
+         returns="{interval, t, ms_per_gib, marks, pages_touched, running}"),
+    Verb("query-postcopy-latency", "Raw postcopy request latencies in microseconds (request sent -> host page "
+                                   "placed), all of them and per channel that placed the page, for CDF "
+                                   "plots; empty before postcopy.",
+         roles=_DEST, returns="{all: [us], CHANNEL: [us]}"),
     Verb("migrate-cancel", "Cancel the migration; a source's guest goes on running where it is."),
     Verb("query-status", "Run state of the guest, the worker's role, guest shape, endpoints and "
                          "resource use.", returns="{status, running, role, ...}"),

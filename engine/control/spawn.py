@@ -117,9 +117,15 @@ class WorkerProcess:
 
 
 def spawn_worker(role: str, control: str, options: list[str] | None = None, log_path: str = os.devnull,
-                 new_session: bool = False, env: dict | None = None) -> WorkerProcess:
-    """Start a worker (do not wait for it: call ``wait_ready``, so several can start at once)."""
-    cmd = worker_command(role, control, options)
+                 new_session: bool = False, env: dict | None = None,
+                 wrapper: list[str] | None = None) -> WorkerProcess:
+    """Start a worker (do not wait for it: call ``wait_ready``, so several can start at once).
+
+    ``wrapper`` goes in front of the command, e.g. ``["ip", "netns", "exec", NS]`` to run
+    the worker in a network namespace (``ip netns exec`` execs the command in place,
+    so the process is still the worker and signals reach it directly).
+    """
+    cmd = [*(wrapper or []), *worker_command(role, control, options)]
     env = dict(os.environ if env is None else env)
     # Run the same Ferry as the caller, installed or not (the working
     # directory stays the caller's: relative paths in options keep their meaning).

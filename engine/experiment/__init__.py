@@ -1,0 +1,1 @@
+"""Experiments: sweep files, the runner that executes every combination, and reports."""

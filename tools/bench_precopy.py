@@ -1,0 +1,347 @@
+"""Precopy throughput benchmark: Ferry against the raw-socket ceiling.
+
+Each case migrates a guest of non-zero RAM between two spawned processes
+(engine.local.run_local_migration) over TCP loopback or a Unix socket, with
+4 KiB or 2 MiB host pages, the guest paused (no workload) or dirtying memory.
+Right after each migration the same number of bytes (what Ferry sent,
+ram.transferred) goes through a bare socket between two processes: the
+sender sendall()s a 1 MiB buffer repeatedly, the receiver recv_into()s a
+preallocated 4 MiB buffer and acks the last byte. That is the ceiling.
+
+With --prefault the destination touches its guest RAM before it listens, so
+first-touch page faults (expensive on some VMs) fall outside the window, as
+with QEMU's -mem-prealloc.
+
+Throughput = bytes transferred / transfer-time, where transfer-time runs from
+the migration's start to the destination's confirmation of the load (the end
+of the downtime). The digest check that follows (verify-time) is excluded;
+the ceiling is timed the same way (first send to the receiver's ack).
+
+    python tools/bench_precopy.py                  # 1 GiB, all cases
+    python tools/bench_precopy.py --quick --json   # 256 MiB, JSON last line
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import datetime
+
+import engine.local
+from engine.local import GuestConfig, run_local_migration
+from engine.ram import format_size, parse_size
+from engine.workload import WorkloadConfig
+
+TARGET_4K = 0.40  # share of the ceiling to reach with 4 KiB host pages
+TARGET_HUGE = 0.70  # with 2 MiB (or 1 GiB) host pages
+SEND_CHUNK = 1 << 20  # the raw sender's buffer (Ferry's writer flushes every >= 1 MiB)
+RECV_BUF = 4 << 20  # the raw receiver's buffer (Ferry's reader buffer)
+MIB = 1 << 20
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _busy_cpu() -> float:
+    """CPU seconds the whole machine spent busy so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v[:8]) - v[3] - v[4]) / _TICK  # all but idle and iowait
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and its finished children."""
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def wait_idle(limit: float, busy_max: float = 0.15) -> None:
+    """Wait (at most ``limit`` s) for a 1 s sample with the machine < busy_max busy."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        b0 = _busy_cpu()
+        time.sleep(1.0)
+        if (_busy_cpu() - b0) / (os.cpu_count() or 1) < busy_max:
+            return
+    if limit > 0:
+        print(f"    machine still busy after {limit:.0f} s; measuring anyway", file=sys.stderr, flush=True)
+
+
+# --- destination prefault (--prefault) ---------------------------------------
+
+def touch(ram) -> float:
+    """Write one byte in every target page of ``ram`` (first touch); returns seconds."""
+    t = time.monotonic()
+    for b in ram.blocks:
+        b.pages[:, 0] = 0
+    return time.monotonic() - t
+
+
+def _dest_prefault_main(*args):
+    """engine.local._dest_main (in the spawned destination), guest RAM touched before it listens."""
+    make = engine.local.GuestConfig.make_ram
+
+    def make_ram(self):
+        ram = make(self)
+        touch(ram)
+        return ram
+
+    engine.local.GuestConfig.make_ram = make_ram
+    engine.local._dest_main(*args)
+
+
+@contextmanager
+def dest_prefault(on: bool):
+    """While active, run_local_migration spawns its destination through _dest_prefault_main."""
+    orig = engine.local._dest_main
+    if on:
+        engine.local._dest_main = _dest_prefault_main
+    try:
+        yield
+    finally:
+        engine.local._dest_main = orig
+
+
+# --- raw-socket ceiling -------------------------------------------------------
+
+def _raw_receiver(conn, family: str, path: str, nbytes: int) -> None:
+    """Accept one connection, read nbytes into a reused buffer, ack with one byte."""
+    try:
+        if family == "unix":
+            srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            srv.bind(path)
+            addr = path
+        else:
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.bind(("127.0.0.1", 0))
+            addr = srv.getsockname()
+        srv.listen(1)
+        conn.send(("listening", addr))
+        s, _ = srv.accept()
+        buf = memoryview(bytearray(RECV_BUF))
+        got = 0
+        while got < nbytes:
+            n = s.recv_into(buf[:min(RECV_BUF, nbytes - got)])
+            if n == 0:
+                raise ConnectionError(f"sender closed after {got} of {nbytes} bytes")
+            got += n
+        s.sendall(b"\x01")
+        s.close()
+        srv.close()
+        conn.send(("done", got))
+    except Exception as e:  # noqa: BLE001 - report to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _raw_sender(conn, family: str, addr, nbytes: int) -> None:
+    """Connect, sendall nbytes from a 1 MiB non-zero buffer, wait for the ack."""
+    try:
+        fam = socket.AF_UNIX if family == "unix" else socket.AF_INET
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.connect(addr if family == "unix" else tuple(addr))
+        if fam == socket.AF_INET:
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as Ferry's transport
+        chunk = memoryview(os.urandom(SEND_CHUNK))
+        t0 = time.monotonic()
+        left = nbytes
+        while left > 0:
+            n = min(left, SEND_CHUNK)
+            s.sendall(chunk[:n])
+            left -= n
+        if s.recv(1) != b"\x01":
+            raise ConnectionError("receiver did not ack")
+        dt = time.monotonic() - t0
+        s.close()
+        conn.send(("done", dt))
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def _wait(conn, proc, what: str, timeout: float):
+    if not conn.poll(timeout):
+        raise RuntimeError(f"{what}: no answer in {timeout:.0f} s (exit code {proc.exitcode})")
+    kind, val = conn.recv()
+    if kind == "error":
+        raise RuntimeError(f"{what}: {val}")
+    return val
+
+
+def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0) -> float:
+    """Seconds to push nbytes through a bare socket between two processes."""
+    ctx = mp.get_context("spawn")
+    path = os.path.join(tmpdir, "raw.sock")
+    procs = []
+    try:
+        rp, rc = ctx.Pipe()
+        recv = ctx.Process(target=_raw_receiver, args=(rc, family, path, nbytes), daemon=True)
+        recv.start()
+        procs.append(recv)
+        addr = _wait(rp, recv, "raw receiver", 60)
+        sp, sc = ctx.Pipe()
+        send = ctx.Process(target=_raw_sender, args=(sc, family, addr, nbytes), daemon=True)
+        send.start()
+        procs.append(send)
+        dt = _wait(sp, send, "raw sender", timeout)
+        _wait(rp, recv, "raw receiver", 10)
+        return dt
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+# --- one case -------------------------------------------------------------------
+
+def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str) -> dict:
+    """One migration plus its ceiling, repeated; returns all figures."""
+    runs = []
+    for _ in range(args.repeat):
+        wait_idle(args.wait_idle)
+        busy0, own0, t0 = _busy_cpu(), _own_cpu(), time.monotonic()
+        uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{os.path.join(tmpdir, 'ferry.sock')}"
+        wl = WorkloadConfig(pattern=args.pattern, dirty_rate=args.dirty_rate) if workload else None
+        guest = GuestConfig(size=args.size, page_size=page_size, fill=args.fill, workload=wl)
+        with dest_prefault(args.prefault):
+            src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
+                                           params={"downtime-limit": args.downtime_limit})
+        if src.get("status") != "completed" or dst.get("status") != "completed":
+            raise RuntimeError(f"migration {transport}/{format_size(page_size)}: source "
+                               f"{src.get('status')} ({src.get('error-desc', '')}), destination "
+                               f"{dst.get('status')} ({dst.get('error-desc', '')})")
+        nbytes = src["ram"]["transferred"]
+        t_mig = src["transfer-time"] / 1000
+        t_raw = raw_ceiling(transport, nbytes, tmpdir, args.timeout)
+        # CPU used meanwhile by processes not ours, in % of all CPUs: a noise indicator.
+        foreign = max(0.0, (_busy_cpu() - busy0) - (_own_cpu() - own0))
+        foreign_pct = 100 * foreign / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        runs.append({
+            "transferred": nbytes, "transfer-time-ms": src["transfer-time"],
+            "verify-time-ms": src["verify-time"], "total-time-ms": src["total-time"],
+            "setup-time-ms": src["setup-time"], "downtime-ms": src.get("downtime", 0),
+            "passes": src["ram"]["dirty-sync-count"], "precopy-bytes": src["ram"]["precopy-bytes"],
+            "downtime-bytes": src["ram"]["downtime-bytes"], "normal-pages": src["ram"]["normal"],
+            "zero-pages": src["ram"]["duplicate"],
+            "mibps": nbytes / MIB / t_mig, "ceiling-s": round(t_raw, 4),
+            "ceiling-mibps": nbytes / MIB / t_raw, "foreign-cpu-pct": foreign_pct,
+        })
+    med = statistics.median
+    mibps = med(r["mibps"] for r in runs)
+    ceiling = med(r["ceiling-mibps"] for r in runs)
+    target = TARGET_4K if page_size == 4096 else TARGET_HUGE
+    ratio = mibps / ceiling
+    return {
+        "transport": transport, "page-size": page_size, "workload": workload,
+        "mibps": round(mibps, 1), "mibps-best": round(max(r["mibps"] for r in runs), 1),
+        "ceiling-mibps": round(ceiling, 1), "ratio": round(ratio, 3), "target": target,
+        "pass": ratio >= target,
+        "downtime-ms": statistics.median_low(r["downtime-ms"] for r in runs),
+        "passes": statistics.median_low(r["passes"] for r in runs),
+        "transferred": int(med(r["transferred"] for r in runs)),
+        "foreign-cpu-pct": round(max(r["foreign-cpu-pct"] for r in runs), 1),
+        "runs": [{k: (round(v, 1) if isinstance(v, float) and k != "ceiling-s" else v) for k, v in r.items()}
+                 for r in runs],
+    }
+
+
+# --- output -----------------------------------------------------------------------
+
+def print_table(cases: list[dict], args) -> None:
+    print(f"Ferry precopy benchmark, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
+          f"guest {format_size(args.size)} fill={args.fill}, "
+          f"workload {args.pattern} {args.dirty_rate // MIB} MiB/s when dirtying, "
+          f"median of {args.repeat}{', destination RAM prefaulted' if args.prefault else ''}")
+    head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'MiB/s':>7} {'best':>7} {'ceiling':>8} "
+            f"{'ratio':>6} {'target':>6} {'':4} {'downtime':>9} {'passes':>6} {'sent MiB':>8} {'other CPU':>9}")
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        page = "4K" if c["page-size"] == 4096 else format_size(c["page-size"]).replace(" MiB", "M").replace(" GiB", "G")
+        print(f"{c['transport']:<9} {page:>4} {'dirtying' if c['workload'] else 'paused':<8} "
+              f"{c['mibps']:>7.0f} {c['mibps-best']:>7.0f} {c['ceiling-mibps']:>8.0f} "
+              f"{c['ratio'] * 100:>5.0f}% {c['target'] * 100:>5.0f}% {'PASS' if c['pass'] else 'MISS':4} "
+              f"{c['downtime-ms']:>6} ms {c['passes']:>6} {c['transferred'] / MIB:>8.0f} {c['foreign-cpu-pct']:>8.0f}%")
+    print("MiB/s = bytes sent / (start -> destination's confirmation); ceiling = same bytes through "
+          "a bare socket between two processes; other CPU = most CPU used by processes not ours during a run.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", help="guest RAM (default 1G, 256M with --quick)")
+    p.add_argument("--quick", action="store_true", help="256 MiB guest, for a fast check")
+    p.add_argument("--repeat", type=int, default=1, help="runs per case; the median is reported")
+    p.add_argument("--transports", default="tcp,unix", help="comma list of tcp, unix")
+    p.add_argument("--page-sizes", default="4K,2M", help="comma list of host page sizes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--no-workload", action="store_true", help="only the paused-guest cases")
+    g.add_argument("--workload-only", action="store_true", help="only the dirtying-guest cases")
+    p.add_argument("--fill", default="pattern", choices=("pattern", "random"), help="guest contents (non-zero)")
+    p.add_argument("--pattern", default="hotset", help="workload pattern when dirtying")
+    p.add_argument("--dirty-rate", default="64M", help="workload dirty rate, bytes/s")
+    p.add_argument("--downtime-limit", type=int, default=300, help="ms")
+    p.add_argument("--prefault", action="store_true",
+                   help="the destination touches its guest RAM before the migration starts")
+    p.add_argument("--timeout", type=float, default=300.0, help="s per migration")
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                   help="before each run, wait up to S s for the machine to be idle (shared hosts)")
+    p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
+    a = p.parse_args(argv)
+    a.size = parse_size(a.size or ("256M" if a.quick else "1G"))
+    a.dirty_rate = parse_size(a.dirty_rate)
+    a.transports = [t.strip() for t in a.transports.split(",") if t.strip()]
+    bad = [t for t in a.transports if t not in ("tcp", "unix")]
+    if bad or not a.transports:
+        p.error(f"--transports: {bad or 'empty'}; expected tcp and/or unix")
+    a.page_sizes = [parse_size(s) for s in a.page_sizes.split(",") if s.strip()]
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
+    return a
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    modes = [False, True]
+    if args.no_workload:
+        modes = [False]
+    elif args.workload_only:
+        modes = [True]
+    tmpdir = tempfile.mkdtemp(prefix="ferry-bench-")
+    cases = []
+    try:
+        for transport in args.transports:
+            for ps in args.page_sizes:
+                for wl in modes:
+                    print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'}",
+                          file=sys.stderr, flush=True)
+                    cases.append(run_case(transport, ps, wl, args, tmpdir))
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"bench_precopy: {e}", file=sys.stderr)
+        return 1
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    print_table(cases, args)
+    if args.json:
+        print(json.dumps({
+            "date": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "size": args.size, "fill": args.fill,
+            "repeat": args.repeat, "prefault": args.prefault,
+            "workload": {"pattern": args.pattern, "dirty-rate": args.dirty_rate},
+            "downtime-limit": args.downtime_limit, "cases": cases,
+            "all-pass": all(c["pass"] for c in cases),
+        }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
