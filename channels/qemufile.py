@@ -25,7 +25,23 @@ _be64 = struct.Struct(">Q")
 AUTO_FLUSH_BYTES = 1 << 20
 
 
-class QEMUFileWriter:
+class _StickyError:
+    """The first error is kept; every later call fails fast with it, as QEMUFile does."""
+
+    name: str
+    error: BaseException | None = None
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise ChannelError(f"{self.name}: {self.error}") from self.error
+
+    def set_error(self, err: BaseException) -> None:
+        """Keep the first error; later calls fail fast with it."""
+        if self.error is None:
+            self.error = err
+
+
+class QEMUFileWriter(_StickyError):
     """Buffered big-endian writer; page data is queued by reference."""
 
     def __init__(self, transport: Transport, rate_limit: int = 0, name: str = ""):
@@ -42,16 +58,6 @@ class QEMUFileWriter:
         # sooner from a blocking send (it can serve a request), larger means
         # fewer system calls.
         self.auto_flush = AUTO_FLUSH_BYTES
-
-    # -- error handling --
-    def _check(self) -> None:
-        if self.error is not None:
-            raise ChannelError(f"{self.name}: {self.error}") from self.error
-
-    def set_error(self, err: BaseException) -> None:
-        """Keep the first error; later calls fail fast with it."""
-        if self.error is None:
-            self.error = err
 
     @property
     def rate_limit(self) -> int:
@@ -165,7 +171,7 @@ class QEMUFileWriter:
         self.transport.close()
 
 
-class QEMUFileReader:
+class QEMUFileReader(_StickyError):
     """Buffered big-endian reader with a zero-copy look into its window.
 
     ``view()`` returns a memoryview of the buffered bytes; ``consume(n)``
@@ -182,14 +188,6 @@ class QEMUFileReader:
         self.transferred = 0  # bytes read from the transport
         self.error: BaseException | None = None
         self.eof = False
-
-    def _check(self) -> None:
-        if self.error is not None:
-            raise ChannelError(f"{self.name}: {self.error}") from self.error
-
-    def set_error(self, err: BaseException) -> None:
-        if self.error is None:
-            self.error = err
 
     def available(self) -> int:
         return self._end - self._start

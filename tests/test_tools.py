@@ -111,7 +111,7 @@ def test_bench_json():
               "--no-workload", "--json", timeout=240)
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
-    assert {"date", "cpus", "size", "repeat", "cases", "all-pass"} <= d.keys()
+    assert {"date", "cpus", "size", "repeat", "prealloc", "cases", "all-pass"} <= d.keys()
     assert d["size"] == 64 << 20 and len(d["cases"]) == 1
     c = d["cases"][0]
     assert {"transport", "page-size", "workload", "mibps", "ceiling-mibps", "ratio", "target", "pass",

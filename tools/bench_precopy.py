@@ -8,9 +8,9 @@ ram.transferred) goes through a bare socket between two processes: the
 sender sendall()s a 1 MiB buffer repeatedly, the receiver recv_into()s a
 preallocated 4 MiB buffer and acks the last byte. That is the ceiling.
 
-With --prefault the destination touches its guest RAM before it listens, so
-first-touch page faults (expensive on some VMs) fall outside the window, as
-with QEMU's -mem-prealloc.
+With --prealloc the destination backs its guest RAM before it listens
+(GuestConfig.dest_prealloc, QEMU's -mem-prealloc), so first-touch page faults
+(expensive in a VM) fall outside the measured window.
 
 Throughput = bytes transferred / transfer-time, where transfer-time runs from
 the migration's start to the destination's confirmation of the load (the end
@@ -34,10 +34,8 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from datetime import datetime
 
-import engine.local
 from engine.local import GuestConfig, run_local_migration
 from engine.ram import format_size, parse_size
 from engine.workload import WorkloadConfig
@@ -73,41 +71,6 @@ def wait_idle(limit: float, busy_max: float = 0.15) -> None:
             return
     if limit > 0:
         print(f"    machine still busy after {limit:.0f} s; measuring anyway", file=sys.stderr, flush=True)
-
-
-# --- destination prefault (--prefault) ---------------------------------------
-
-def touch(ram) -> float:
-    """Write one byte in every target page of ``ram`` (first touch); returns seconds."""
-    t = time.monotonic()
-    for b in ram.blocks:
-        b.pages[:, 0] = 0
-    return time.monotonic() - t
-
-
-def _dest_prefault_main(*args):
-    """engine.local._dest_main (in the spawned destination), guest RAM touched before it listens."""
-    make = engine.local.GuestConfig.make_ram
-
-    def make_ram(self):
-        ram = make(self)
-        touch(ram)
-        return ram
-
-    engine.local.GuestConfig.make_ram = make_ram
-    engine.local._dest_main(*args)
-
-
-@contextmanager
-def dest_prefault(on: bool):
-    """While active, run_local_migration spawns its destination through _dest_prefault_main."""
-    orig = engine.local._dest_main
-    if on:
-        engine.local._dest_main = _dest_prefault_main
-    try:
-        yield
-    finally:
-        engine.local._dest_main = orig
 
 
 # --- raw-socket ceiling -------------------------------------------------------
@@ -212,10 +175,10 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str) 
         busy0, own0, t0 = _busy_cpu(), _own_cpu(), time.monotonic()
         uri = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{os.path.join(tmpdir, 'ferry.sock')}"
         wl = WorkloadConfig(pattern=args.pattern, dirty_rate=args.dirty_rate) if workload else None
-        guest = GuestConfig(size=args.size, page_size=page_size, fill=args.fill, workload=wl)
-        with dest_prefault(args.prefault):
-            src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
-                                           params={"downtime-limit": args.downtime_limit})
+        guest = GuestConfig(size=args.size, page_size=page_size, fill=args.fill, workload=wl,
+                            dest_prealloc=args.prealloc)
+        src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
+                                       params={"downtime-limit": args.downtime_limit})
         if src.get("status") != "completed" or dst.get("status") != "completed":
             raise RuntimeError(f"migration {transport}/{format_size(page_size)}: source "
                                f"{src.get('status')} ({src.get('error-desc', '')}), destination "
@@ -261,7 +224,7 @@ def print_table(cases: list[dict], args) -> None:
     print(f"Ferry precopy benchmark, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
           f"guest {format_size(args.size)} fill={args.fill}, "
           f"workload {args.pattern} {args.dirty_rate // MIB} MiB/s when dirtying, "
-          f"median of {args.repeat}{', destination RAM prefaulted' if args.prefault else ''}")
+          f"median of {args.repeat}{', destination RAM preallocated' if args.prealloc else ''}")
     head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'MiB/s':>7} {'best':>7} {'ceiling':>8} "
             f"{'ratio':>6} {'target':>6} {'':4} {'downtime':>9} {'passes':>6} {'sent MiB':>8} {'other CPU':>9}")
     print(head)
@@ -290,8 +253,8 @@ def parse_args(argv=None):
     p.add_argument("--pattern", default="hotset", help="workload pattern when dirtying")
     p.add_argument("--dirty-rate", default="64M", help="workload dirty rate, bytes/s")
     p.add_argument("--downtime-limit", type=int, default=300, help="ms")
-    p.add_argument("--prefault", action="store_true",
-                   help="the destination touches its guest RAM before the migration starts")
+    p.add_argument("--prealloc", action="store_true",
+                   help="the destination backs its guest RAM before the migration (dest_prealloc)")
     p.add_argument("--timeout", type=float, default=300.0, help="s per migration")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each run, wait up to S s for the machine to be idle (shared hosts)")
@@ -335,7 +298,7 @@ def main(argv=None) -> int:
         print(json.dumps({
             "date": datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
             "python": platform.python_version(), "size": args.size, "fill": args.fill,
-            "repeat": args.repeat, "prefault": args.prefault,
+            "repeat": args.repeat, "prealloc": args.prealloc,
             "workload": {"pattern": args.pattern, "dirty-rate": args.dirty_rate},
             "downtime-limit": args.downtime_limit, "cases": cases,
             "all-pass": all(c["pass"] for c in cases),

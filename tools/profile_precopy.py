@@ -7,7 +7,7 @@ engine.local's worker (_dest_main / _source_main) in a spawned process.
 
     python tools/profile_precopy.py --side source --transport unix --page-size 4K
     python tools/profile_precopy.py --side destination --size 1G --top 25 --out dest.prof
-    python tools/profile_precopy.py --side destination --prefault   # without first-touch faults
+    python tools/profile_precopy.py --side destination --prealloc   # RAM backed before: no first touch
 """
 from __future__ import annotations
 
@@ -32,8 +32,6 @@ from engine.ram import parse_size
 from engine.source import MigrationSource
 from engine.workload import Workload, WorkloadConfig
 
-from bench_precopy import _dest_prefault_main, touch  # tools/ is on sys.path
-
 
 def _answer(conn, proc, what, timeout):
     while True:
@@ -49,7 +47,8 @@ def _answer(conn, proc, what, timeout):
 def profile(args) -> tuple[cProfile.Profile, dict, float]:
     """Run one migration; returns (profile, profiled side's query, its CPU seconds)."""
     wl = WorkloadConfig(pattern="hotset", dirty_rate=args.dirty_rate) if args.workload else None
-    guest = GuestConfig(size=args.size, page_size=args.page_size, fill=args.fill, workload=wl)
+    guest = GuestConfig(size=args.size, page_size=args.page_size, fill=args.fill, workload=wl,
+                        dest_prealloc=args.prealloc)
     gd = asdict(guest)
     tmp = tempfile.mkdtemp(prefix="ferry-prof-")
     uri = "tcp:127.0.0.1:0" if args.transport == "tcp" else f"unix:{os.path.join(tmp, 'ferry.sock')}"
@@ -63,8 +62,7 @@ def profile(args) -> tuple[cProfile.Profile, dict, float]:
         if args.side == "source":
             ram.fill(g.fill)
             workload = Workload(ram, wl) if wl else None
-            target = _dest_prefault_main if args.prefault else _dest_main
-            proc = ctx.Process(target=target, args=(cc, gd, {}, {}, uri, args.timeout), daemon=True)
+            proc = ctx.Process(target=_dest_main, args=(cc, gd, {}, {}, uri, args.timeout), daemon=True)
             proc.start()
             real = _answer(pc, proc, "destination", 60)
             if workload:
@@ -74,8 +72,11 @@ def profile(args) -> tuple[cProfile.Profile, dict, float]:
             side.uri = parse_uri(real)
             run = side._run  # the migration thread's body, here in the main thread
         else:
-            if args.prefault:  # first touch of guest RAM here, before the migration starts
-                print(f"prefaulted {args.size >> 20} MiB in {touch(ram):.3f} s", file=sys.stderr)
+            if args.prealloc:  # back guest RAM here, before the migration starts
+                t = time.monotonic()
+                for b in ram.blocks:
+                    b.prealloc()
+                print(f"prealloc of {args.size >> 20} MiB took {time.monotonic() - t:.3f} s", file=sys.stderr)
             side = MigrationDestination(ram, MigrationConfig())
             real = side.listen(uri)
             proc = ctx.Process(target=_source_main, args=(cc, gd, {}, {}, real, args.timeout, 0.5), daemon=True)
@@ -110,9 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--fill", default="pattern", choices=("pattern", "random"))
     p.add_argument("--workload", action="store_true", help="guest dirtying (hotset)")
     p.add_argument("--dirty-rate", default="64M")
-    p.add_argument("--prefault", action="store_true",
-                   help="the destination touches its guest RAM before the migration (first-touch "
-                        "page faults out of the measured window)")
+    p.add_argument("--prealloc", action="store_true",
+                   help="the destination backs its guest RAM before the migration (dest_prealloc: "
+                        "first-touch page faults out of the measured window)")
     p.add_argument("--sort", default="tottime", help="pstats sort key (tottime, cumulative, ...)")
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--out", help="save the raw profile here (for snakeviz, pstats)")
