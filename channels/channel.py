@@ -15,6 +15,7 @@ from . import codec
 from . import constants as C
 from .codec import NEED_DATA, StreamDecoder
 from .errors import ProtocolError
+from .iovec import IOVEC
 from .qemufile import QEMUFileReader, QEMUFileWriter
 
 PAGE = C.TARGET_PAGE_SIZE
@@ -96,15 +97,15 @@ class RamSendChannel:
         return 0, 1
 
     def _put_page_run(self, block, pages: np.ndarray) -> None:
-        """CONTINUE PAGE records for ``pages``: interleaved header and page iovecs."""
+        """CONTINUE PAGE records for ``pages``: header and page iovecs, interleaved, built in bulk."""
         k = len(pages)
-        hdr = codec.page_run_headers(pages, C.RAM_SAVE_FLAG_PAGE).view(np.uint8)
-        hb = memoryview(hdr)
-        view = block.view
-        iov = [None] * (2 * k)
-        iov[0::2] = [hb[j:j + 8] for j in range(0, 8 * k, 8)]
-        iov[1::2] = [view[p * PAGE:(p + 1) * PAGE] for p in pages.tolist()]
-        self.writer.put_iov(iov, k * codec.PAGE_RECORD)
+        hdr = codec.page_run_headers(pages, C.RAM_SAVE_FLAG_PAGE)
+        iov = np.empty(2 * k, IOVEC)
+        iov["base"][0::2] = np.uint64(hdr.ctypes.data) + np.arange(k, dtype=np.uint64) * np.uint64(8)
+        iov["len"][0::2] = 8
+        iov["base"][1::2] = np.uint64(block.address) + pages.astype(np.uint64) * np.uint64(PAGE)
+        iov["len"][1::2] = PAGE
+        self.writer.put_iovec(iov, k * codec.PAGE_RECORD, keep=(hdr, block))
 
     def send_eos(self) -> None:
         self.writer.put_bytes(codec.encode_eos())

@@ -13,7 +13,10 @@ from __future__ import annotations
 import struct
 import threading
 
+import numpy as np
+
 from .errors import ChannelError, ProtocolError
+from .iovec import iovec_of, writev_all
 from .ratelimit import RateLimiter
 from .transport import IOV_MAX, Transport
 
@@ -110,12 +113,25 @@ class QEMUFileWriter(_StickyError):
             self.flush()
 
     def put_iov(self, bufs, nbytes: int) -> None:
-        """Queue many buffers at once (interleaved headers and pages)."""
+        """Queue many buffers at once, by reference."""
         self._check()
         self._move_small()
         self._iov.extend(bufs)
         self._iov_bytes += nbytes
         if self._iov_bytes >= self.auto_flush or len(self._iov) >= IOV_MAX:
+            self.flush()
+
+    def put_iovec(self, iov, nbytes: int, keep) -> None:
+        """Queue an iovec array (see channels/iovec.py) describing ``nbytes``.
+
+        ``keep`` holds the objects whose memory the array points into, until
+        the bytes are sent.
+        """
+        self._check()
+        self._move_small()
+        self._iov.append((iov, keep))
+        self._iov_bytes += nbytes
+        if self._iov_bytes >= self.auto_flush:
             self.flush()
 
     def pending(self) -> int:
@@ -143,23 +159,10 @@ class QEMUFileWriter(_StickyError):
             self.limiter.consume(total)
 
     def _send_all(self, iov: list) -> None:
-        send = self.transport.send_iov
-        i = 0
-        n_iov = len(iov)
-        while i < n_iov:
-            chunk = iov[i:i + IOV_MAX]
-            sent = send(chunk)
-            if sent <= 0:
-                raise ChannelError("connection closed while writing")
-            # Advance past whole buffers, then trim the partly sent one.
-            for buf in chunk:
-                blen = len(buf)
-                if sent >= blen:
-                    sent -= blen
-                    i += 1
-                else:
-                    iov[i] = memoryview(buf).cast("B")[sent:]
-                    break
+        """One writev over everything queued: buffers and iovec arrays alike."""
+        arrays = [item[0] if isinstance(item, tuple) else iovec_of(item) for item in iov]
+        # ``iov`` (the queue) keeps every buffer alive until writev returns.
+        writev_all(self.transport.fileno(), arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
 
     def shutdown(self) -> None:
         """Fail all later calls and unblock a thread stuck in send."""

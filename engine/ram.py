@@ -117,6 +117,7 @@ class RAMBlock:
         # (npages, 4096) bytes and (npages, 512) words views, no copy.
         self.pages = np.frombuffer(self.mem, dtype=np.uint8).reshape(self.npages, C.TARGET_PAGE_SIZE)
         self.words = self.pages.view(np.uint64)
+        self.address = self.pages.ctypes.data  # for iovecs built in bulk (channels/iovec.py)
         self.info = BlockInfo(index, idstr, length, page_size)
         if prealloc:
             self.prealloc()
