@@ -36,6 +36,10 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backing", default="anon", choices=("anon", "memfd", "hugetlb"),
                    help="memory behind the RAM blocks (hugetlb needs reserved huge pages)")
     g.add_argument("--blocks", type=int, default=1, help="number of RAM blocks the size is split into")
+    g.add_argument("--no-mem-prealloc", dest="mem_prealloc", action="store_false",
+                   help="a destination worker backs its RAM when it starts (QEMU's -mem-prealloc), so "
+                        "faulting fresh memory in does not slow the migration and throw off the downtime "
+                        "estimate; this leaves it to first touch instead")
     g.add_argument("--fill", default="mixed", choices=("zero", "pattern", "random", "mixed"),
                    help="initial contents on the source (mixed: 1 page in 4 is zero)")
     g.add_argument("--workload-threads", type=int, default=1,
@@ -67,6 +71,8 @@ def guest_options(args) -> list[str]:
            "--workload-zipf-a", str(args.workload_zipf_a)]
     if args.workload_batch is not None:
         out += ["--workload-batch", str(args.workload_batch)]
+    if not args.mem_prealloc:
+        out.append("--no-mem-prealloc")
     return out
 
 
@@ -77,7 +83,7 @@ def make_guest(args):
                         fill=args.fill, workload_threads=args.workload_threads,
                         workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate,
                         write_ratio=args.workload_write_ratio, hot_fraction=args.workload_hot_fraction,
-                        zipf_a=args.workload_zipf_a, batch=args.workload_batch)
+                        zipf_a=args.workload_zipf_a, batch=args.workload_batch, prealloc=args.mem_prealloc)
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:

@@ -281,9 +281,15 @@ class MigrationSource:
         sent = total - self._bw_bytes
         pages = self._pages_sent() - self._bw_pages
         if dt > 0 and sent > 0:
-            self._bandwidth = sent / dt
-            self.stats.ram.mbps = self._bandwidth * 8 / 1e6
+            window = sent / dt
+            self.stats.ram.mbps = window * 8 / 1e6
             self.stats.ram.pages_per_second = pages / dt
+            # For the stop decision, never more than the average so far: early
+            # windows can be far faster than the destination's sustained pace
+            # (socket buffers absorbing, fresh memory not yet slowing it), and
+            # the stop-and-copy runs at the sustained pace.
+            since = now - (self.stats.setup_done or self.stats.start_time)
+            self._bandwidth = min(window, total / since) if since > 0 else window
         self._bw_t, self._bw_bytes = now, total
         self._bw_pages = self._pages_sent()
 

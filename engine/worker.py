@@ -60,7 +60,8 @@ class Worker:
         self.role = role
         self.guest = guest
         self.config = MigrationConfig()
-        self.ram = guest.make_ram()
+        # A destination backs its RAM now (mem-prealloc) rather than during the migration.
+        self.ram = guest.make_ram(prealloc=role == "destination" and guest.dest_prealloc)
         self.workload: Workload | None = None
         if guest.workload is not None and guest.workload.threads > 0:
             # On a destination the workload only starts if the guest switches
@@ -301,7 +302,7 @@ class Worker:
 
 def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
                  workload_threads=1, workload_pattern="hotset", dirty_rate="32M", write_ratio=1.0,
-                 hot_fraction=0.1, zipf_a=1.2, batch=None) -> GuestConfig:
+                 hot_fraction=0.1, zipf_a=1.2, batch=None, prealloc=True) -> GuestConfig:
     """A GuestConfig from CLI-style values (sizes as strings with K/M/G)."""
     from .ram import parse_size
     from .workload import WorkloadConfig
@@ -321,7 +322,7 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
             wl.batch = batch
         wl.validate()
     return GuestConfig(size=nbytes, page_size=page, backing=backing,
-                       nblocks=blocks, fill=fill, workload=wl)
+                       nblocks=blocks, fill=fill, workload=wl, dest_prealloc=prealloc)
 
 
 async def _serve(worker: Worker, control: str, events: str | None, keys: ServerKeys | None,

@@ -8,7 +8,7 @@ ram.transferred) goes through a bare socket between two processes: the
 sender sendall()s a 1 MiB buffer repeatedly, the receiver recv_into()s a
 preallocated 4 MiB buffer and acks the last byte. That is the ceiling.
 
-With --prealloc the destination backs its guest RAM before it listens
+By default (as destination workers do) the destination backs its guest RAM before it listens
 (GuestConfig.dest_prealloc, QEMU's -mem-prealloc), so first-touch page faults
 (expensive in a VM) fall outside the measured window.
 
@@ -253,8 +253,9 @@ def parse_args(argv=None):
     p.add_argument("--pattern", default="hotset", help="workload pattern when dirtying")
     p.add_argument("--dirty-rate", default="64M", help="workload dirty rate, bytes/s")
     p.add_argument("--downtime-limit", type=int, default=300, help="ms")
-    p.add_argument("--prealloc", action="store_true",
-                   help="the destination backs its guest RAM before the migration (dest_prealloc)")
+    p.add_argument("--prealloc", action=argparse.BooleanOptionalAction, default=True,
+                   help="the destination backs its guest RAM before the migration (dest_prealloc, as "
+                        "destination workers do by default); --no-prealloc leaves it to first touch")
     p.add_argument("--timeout", type=float, default=300.0, help="s per migration")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each run, wait up to S s for the machine to be idle (shared hosts)")
