@@ -4,8 +4,11 @@ A migration URI is ``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH`` as in QEMU.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import struct
+import termios
 from dataclasses import dataclass
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -78,6 +81,10 @@ class Transport:
     def fileno(self) -> int:
         raise NotImplementedError
 
+    def outq(self) -> int:
+        """Bytes not yet delivered to the peer (0 where the transport cannot tell)."""
+        return 0
+
 
 class SocketTransport(Transport):
     """A connected stream socket (TCP or Unix). Blocking; calls release the GIL."""
@@ -130,6 +137,14 @@ class SocketTransport(Transport):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         if notsent_lowat and s.family in (socket.AF_INET, socket.AF_INET6):
             s.setsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_NOTSENT_LOWAT", 25), notsent_lowat)
+
+    def outq(self) -> int:
+        """Bytes this socket still holds to send, or sent and not yet acknowledged (SIOCOUTQ)."""
+        try:
+            buf = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return struct.unpack("i", buf)[0]
 
     def shutdown_write(self) -> None:
         """Half-close: the peer reads EOF, we can still read."""

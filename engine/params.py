@@ -68,9 +68,12 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
     ParamSpec("preempt-break-huge", True, None, None, "", True,
               "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool),
     ParamSpec("preempt-hold-background", True, None, None, "", True,
-              "Ferry: hold background pages while requested pages are being sent", bool),
-    ParamSpec("precopy-notsent-lowat", 0, 0, 1 << 30, "bytes", True,
-              "Ferry: TCP_NOTSENT_LOWAT on the PRECOPY channel (unsent bytes the kernel keeps); 0 = system"),
+              "Ferry: hold background pages until requested pages have left the POSTCOPY sockets "
+              "(SIOCOUTQ), so they get the whole link", bool),
+    ParamSpec("precopy-notsent-lowat", 128 << 10, 0, 1 << 30, "bytes", True,
+              "Ferry: TCP_NOTSENT_LOWAT of the PRECOPY channel from the switch to postcopy on, with "
+              "postcopy-preempt: unsent background bytes the kernel may hold ahead of nothing else; "
+              "0 = system default"),
     ParamSpec("precopy-sndbuf", 0, 0, 1 << 30, "bytes", True,
               "Ferry: SO_SNDBUF of the PRECOPY channel on the source; 0 = system (autotuned)"),
     ParamSpec("precopy-rcvbuf", 0, 0, 1 << 30, "bytes", True,

@@ -50,6 +50,8 @@ CONFIRM_TIMEOUT = 120.0  # s to wait for the destination's confirmation
 PING_RUN = 1  # value of the PING inside the postcopy package
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
 PREEMPT_FLUSH_BYTES = 64 << 10  # PRECOPY channel flush size once in postcopy with preemption
+HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
+HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
 
 class MigrationCancelled(Exception):
@@ -109,7 +111,6 @@ class MigrationSource:
         self._rp_event = threading.Condition()
         self._pongs: list[int] = []
         self._urgent_busy = 0  # requested pages being sent by the return-path thread
-        self._urgent_idle = threading.Condition(self._lock)
         self._rp_sends = False  # urgent-pages-from = return-path
         self._hold_background = False  # preempt-hold-background, once in postcopy
         self.passes = []  # per-pass figures (MIGRATION_PASS)
@@ -226,6 +227,9 @@ class MigrationSource:
             ch.reset_last_block()
         interruptible = sched.interruptible(order)
         hold = self._hold_background and order.channel == PRECOPY
+        # Where a request may make us stop early: between target pages of an
+        # interruptible huge page, anywhere in a run of small pages.
+        can_leave = interruptible or blk.tp_per_hp == 1
         if interruptible:
             step = 1  # stop at the next target-page boundary
         elif hold:
@@ -241,10 +245,11 @@ class MigrationSource:
                 with self._lock:
                     sched.preempted(order, p)
                 break
-            if hold and self._urgent_busy:
-                with self._lock:
-                    while self._urgent_busy and not self._cancel:
-                        self._urgent_idle.wait(0.1)
+            if hold and self._urgent_in_flight() and not self._hold(can_leave):
+                if interruptible:
+                    with self._lock:
+                        sched.preempted(order, p)
+                break  # small pages: the rest stays dirty and goes out later
             with self._lock:
                 q = bm.next_set(p, order.end)
                 if q >= order.end:
@@ -255,6 +260,26 @@ class MigrationSource:
             p = e
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
+
+    def _urgent_in_flight(self) -> bool:
+        """Requested pages are still on their way: being queued, or in a POSTCOPY socket."""
+        return self._urgent_busy > 0 or any(pc.writer.transport.outq() > 0 for pc in self.channels[1:])
+
+    def _hold(self, can_leave: bool) -> bool:
+        """Hold background pages while requested pages travel, so they get the whole link.
+
+        Returns False when a new request came in and the caller may stop to
+        serve it. Never longer than HOLD_MAX: a stalled POSTCOPY channel must
+        not stop the background.
+        """
+        deadline = time.monotonic() + HOLD_MAX
+        while self._urgent_in_flight() and not self._cancel:
+            if can_leave and self.sched.queue:
+                return False
+            if time.monotonic() > deadline:
+                break
+            time.sleep(HOLD_POLL)
+        return True
 
     def _send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Send orders until the budget is spent or ``stop()``. True when nothing is left to send."""
@@ -336,7 +361,7 @@ class MigrationSource:
         try:
             transport = connect(self.uri)
             if hasattr(transport, "tune"):
-                transport.tune(sndbuf=cfg.param("precopy-sndbuf"), notsent_lowat=cfg.param("precopy-notsent-lowat"))
+                transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
             use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
             writer = QEMUFileWriter(transport, rate_limit=cfg.param("max-bandwidth"), name="precopy")
             ch = self.channel = PrecopyChannel(writer)
@@ -483,14 +508,14 @@ class MigrationSource:
         ch.send_raw(codec.encode_packaged(blob))
         ch.flush()
         self.sched.postcopy = True
-        self._hold_background = self._rp_sends and self.config.param("preempt-hold-background")
+        self._hold_background = self.sched.preempt and self.config.param("preempt-hold-background")
         ch.writer.rate_limit = self.config.param("max-postcopy-bandwidth")
         if self.sched.preempt:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
-            pacing = self.config.param("precopy-pacing-rate")
-            if pacing and hasattr(ch.writer.transport, "tune"):
-                ch.writer.transport.tune(pacing_rate=pacing)
+            if hasattr(ch.writer.transport, "tune"):
+                ch.writer.transport.tune(notsent_lowat=self.config.param("precopy-notsent-lowat"),
+                                         pacing_rate=self.config.param("precopy-pacing-rate"))
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
         # Background pages and requested pages until every page went out.
@@ -623,7 +648,6 @@ class MigrationSource:
             pc.lock.release()
             with self._lock:
                 self._urgent_busy -= 1
-                self._urgent_idle.notify_all()
 
     def _await_confirmation(self) -> None:
         """Wait for SHUT(0) and the destination's digests; compare with ours."""

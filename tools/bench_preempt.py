@@ -5,17 +5,18 @@ at a time while the background stream runs; switch to postcopy right after the f
 pass started). Cases, on each host page size and link:
 
   vanilla          postcopy-ram only: requested pages queue on the main stream
-  preempt          + postcopy-preempt, urgent pages sent by the migration thread (QEMU 7.2)
-  preempt-rp       urgent-pages-from=return-path (QEMU 8.0+), preempt-hold-background on
+  preempt          + postcopy-preempt, urgent pages sent by the migration thread (QEMU 7.2);
+                   Ferry's defaults: precopy-notsent-lowat 128 KiB from the switch on,
+                   preempt-hold-background on (background waits for urgent pages to leave)
+  preempt-rp       urgent-pages-from=return-path (QEMU 8.0+)
   preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
 
-With --knobs, the shared-bottleneck knobs too:
+With --knobs, the shared-bottleneck knobs one at a time:
 
-  vanilla-lowat    vanilla with precopy-notsent-lowat (unsent bytes kept in the kernel)
-  preempt-lowat    preempt with precopy-notsent-lowat
-  preempt-bufs     preempt with precopy-sndbuf / precopy-rcvbuf bounded
+  preempt-nolowat, preempt-rp-nolowat   precopy-notsent-lowat 0 (the kernel's default)
   preempt-rp-nohold  preempt-rp with preempt-hold-background off
-  preempt-rp-lowat   preempt-rp (hold on) with precopy-notsent-lowat
+  preempt-bufs     precopy-sndbuf / precopy-rcvbuf bounded
+  preempt-paced, preempt-rp-paced   precopy-pacing-rate at 90 % of the measured goodput
 
 Links: ``loopback`` (TCP on 127.0.0.1) and ``netns``: two network namespaces joined by a
 veth pair with tbf at --rate (default 1 Gbit/s) per direction, made and removed here
@@ -76,15 +77,14 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
     ]
     if args.knobs:
         cases += [
-            ("vanilla-lowat", VANILLA, {"precopy-notsent-lowat": lowat}, False),
-            ("preempt-lowat", PREEMPT, {"precopy-notsent-lowat": lowat}, False),
-            ("preempt-bufs", PREEMPT, {"precopy-sndbuf": sndbuf, "precopy-rcvbuf": rcvbuf}, False),
+            # Knobs off or on, one at a time (the defaults: notsent-lowat 128 KiB, hold on).
+            ("preempt-nolowat", PREEMPT, {"precopy-notsent-lowat": 0}, False),
+            ("preempt-rp-nolowat", PREEMPT, {**rp, "precopy-notsent-lowat": 0}, False),
             ("preempt-rp-nohold", PREEMPT, {**rp, "preempt-hold-background": False}, False),
-            ("preempt-rp-lowat", PREEMPT, {**rp, "precopy-notsent-lowat": lowat}, False),
+            ("preempt-bufs", PREEMPT, {"precopy-sndbuf": sndbuf, "precopy-rcvbuf": rcvbuf}, False),
             # Kernel pacing of the PRECOPY channel a little under the measured goodput.
-            ("preempt-paced", PREEMPT, {"precopy-notsent-lowat": lowat, "precopy-pacing-rate": PACE}, False),
-            ("preempt-rp-paced", PREEMPT, {**rp, "precopy-notsent-lowat": lowat, "precopy-pacing-rate": PACE},
-             False),
+            ("preempt-paced", PREEMPT, {"precopy-pacing-rate": PACE}, False),
+            ("preempt-rp-paced", PREEMPT, {**rp, "precopy-pacing-rate": PACE}, False),
         ]
     if args.cases:
         known = {c[0] for c in cases}
@@ -95,7 +95,7 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         cases = [c for c in cases if c[0] in args.cases]
     elif args.quick:
         cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp")
-                 or (args.knobs and c[0] in ("preempt-rp-nohold", "vanilla-lowat"))]
+                 or (args.knobs and c[0] in ("preempt-rp-nohold", "preempt-paced"))]
     return cases
 
 
