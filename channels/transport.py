@@ -130,7 +130,13 @@ class SocketTransport(Transport):
         """
         s = self.sock
         if pacing_rate and s.family in (socket.AF_INET, socket.AF_INET6):
-            s.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_MAX_PACING_RATE", 47), pacing_rate)
+            # The kernel takes a u64 (u32 before Linux 4.20); a Python int above
+            # 2^31 would not fit setsockopt's int form.
+            opt = getattr(socket, "SO_MAX_PACING_RATE", 47)
+            try:
+                s.setsockopt(socket.SOL_SOCKET, opt, struct.pack("Q", pacing_rate))
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, opt, struct.pack("I", min(pacing_rate, 0xFFFFFFFF)))
         if sndbuf:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         if rcvbuf:

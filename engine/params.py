@@ -78,10 +78,13 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "Ferry: SO_SNDBUF of the PRECOPY channel on the source; 0 = system (autotuned)"),
     ParamSpec("precopy-rcvbuf", 0, 0, 1 << 30, "bytes", True,
               "Ferry: SO_RCVBUF of the PRECOPY channel on the destination; 0 = system (autotuned)"),
-    ParamSpec("precopy-pacing-rate", 0, 0, (1 << 32) - 1, "bytes/second", True,
-              "Ferry: kernel pacing (SO_MAX_PACING_RATE) of the PRECOPY channel once in postcopy, "
-              "e.g. a little under the link rate, so background pages leave the bottleneck queue empty "
-              "for requested pages; 0 = off"),
+    ParamSpec("precopy-pacing-rate", 0, 0, (1 << 63) - 1, "bytes/second", True,
+              "Ferry: kernel pacing (SO_MAX_PACING_RATE) of the PRECOPY channel from the switch to "
+              "postcopy on, with postcopy-preempt, so background pages leave the bottleneck's queue empty "
+              "for requested pages; 0 = automatic (see preempt-pace-background)"),
+    ParamSpec("preempt-pace-background", True, None, None, "", True,
+              "Ferry: with postcopy-preempt and precopy-pacing-rate 0, pace the PRECOPY channel at 90% of "
+              "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),

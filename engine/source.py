@@ -51,6 +51,7 @@ PING_RUN = 1  # value of the PING inside the postcopy package
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
 PREEMPT_FLUSH_BYTES = 64 << 10  # PRECOPY channel flush size once in postcopy with preemption
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
+PACE_SHARE = 0.9  # automatic pacing: this share of the bandwidth measured in precopy
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
 
@@ -513,9 +514,11 @@ class MigrationSource:
         if self.sched.preempt:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
+            pacing = self._pacing_rate()
+            st.extra["precopy-pacing-rate"] = pacing
             if hasattr(ch.writer.transport, "tune"):
                 ch.writer.transport.tune(notsent_lowat=self.config.param("precopy-notsent-lowat"),
-                                         pacing_rate=self.config.param("precopy-pacing-rate"))
+                                         pacing_rate=pacing)
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
         # Background pages and requested pages until every page went out.
@@ -537,6 +540,27 @@ class MigrationSource:
         ch.flush()
         st.remaining = 0
         st.extra["postcopy-bytes"] = ch.transferred - st.ram.precopy_bytes - st.ram.downtime_bytes
+
+    def _pacing_rate(self) -> int:
+        """Pacing of background pages once in postcopy with preemption (0 = none).
+
+        A little under what the path sustained in precopy: background pages
+        then do not build a queue at the bottleneck (a rate-limited link, or
+        the destination itself) that requested pages would wait behind.
+        """
+        cfg = self.config
+        rate = cfg.param("precopy-pacing-rate")
+        if rate or not cfg.param("preempt-pace-background"):
+            return rate
+        base = cfg.param("max-postcopy-bandwidth")
+        if not base:
+            # What the peer acknowledged, not what left our buffers: bytes still
+            # in the socket or a link queue say nothing about the path's pace.
+            ch = self.channel
+            elapsed = time.monotonic() - (self.stats.setup_done or self.stats.start_time)
+            delivered = ch.transferred - ch.writer.transport.outq()
+            base = delivered / elapsed if elapsed > 0 else 0
+        return int(base * PACE_SHARE)
 
     def _end_postcopy_channels(self) -> None:
         """EOS on every POSTCOPY channel, after any page already claimed for it."""

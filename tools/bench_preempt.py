@@ -6,8 +6,9 @@ pass started). Cases, on each host page size and link:
 
   vanilla          postcopy-ram only: requested pages queue on the main stream
   preempt          + postcopy-preempt, urgent pages sent by the migration thread (QEMU 7.2);
-                   Ferry's defaults: precopy-notsent-lowat 128 KiB from the switch on,
-                   preempt-hold-background on (background waits for urgent pages to leave)
+                   Ferry's defaults from the switch on: precopy-notsent-lowat 128 KiB,
+                   preempt-hold-background (background waits for urgent pages to leave),
+                   preempt-pace-background (PRECOPY paced at 90 % of the precopy bandwidth)
   preempt-rp       urgent-pages-from=return-path (QEMU 8.0+)
   preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
 
@@ -16,7 +17,8 @@ With --knobs, the shared-bottleneck knobs one at a time:
   preempt-nolowat, preempt-rp-nolowat   precopy-notsent-lowat 0 (the kernel's default)
   preempt-rp-nohold  preempt-rp with preempt-hold-background off
   preempt-bufs     precopy-sndbuf / precopy-rcvbuf bounded
-  preempt-paced, preempt-rp-paced   precopy-pacing-rate at 90 % of the measured goodput
+  preempt-nopace, preempt-rp-nopace   preempt-pace-background off (no automatic pacing)
+  preempt-paced-link   precopy-pacing-rate set by hand to 90 % of the link's measured goodput
 
 Links: ``loopback`` (TCP on 127.0.0.1) and ``netns``: two network namespaces joined by a
 veth pair with tbf at --rate (default 1 Gbit/s) per direction, made and removed here
@@ -83,8 +85,10 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
             ("preempt-rp-nohold", PREEMPT, {**rp, "preempt-hold-background": False}, False),
             ("preempt-bufs", PREEMPT, {"precopy-sndbuf": sndbuf, "precopy-rcvbuf": rcvbuf}, False),
             # Kernel pacing of the PRECOPY channel a little under the measured goodput.
-            ("preempt-paced", PREEMPT, {"precopy-pacing-rate": PACE}, False),
-            ("preempt-rp-paced", PREEMPT, {**rp, "precopy-pacing-rate": PACE}, False),
+            ("preempt-nopace", PREEMPT, {"preempt-pace-background": False}, False),
+            ("preempt-rp-nopace", PREEMPT, {**rp, "preempt-pace-background": False}, False),
+            # Pacing at a rate given by hand: 90 % of the goodput measured on the link.
+            ("preempt-paced-link", PREEMPT, {"precopy-pacing-rate": PACE}, False),
         ]
     if args.cases:
         known = {c[0] for c in cases}
@@ -95,7 +99,7 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         cases = [c for c in cases if c[0] in args.cases]
     elif args.quick:
         cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp")
-                 or (args.knobs and c[0] in ("preempt-rp-nohold", "preempt-paced"))]
+                 or (args.knobs and c[0] in ("preempt-rp-nohold", "preempt-nopace"))]
     return cases
 
 
