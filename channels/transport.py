@@ -62,12 +62,9 @@ def parse_uri(uri: str) -> MigrationURI:
 
 
 class Transport:
-    """Byte transport under a QEMUFile: vectored send, recv_into, shutdown."""
+    """Byte transport under a QEMUFile: a file descriptor to write to, recv_into, shutdown."""
 
     name = "transport"
-
-    def send_iov(self, bufs) -> int:
-        raise NotImplementedError
 
     def recv_into(self, buf) -> int:
         raise NotImplementedError
@@ -104,9 +101,6 @@ class SocketTransport(Transport):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SOCKET_BUFFER)
             except OSError:
                 pass
-
-    def send_iov(self, bufs) -> int:
-        return self.sock.sendmsg(bufs)
 
     def recv_into(self, buf) -> int:
         return self.sock.recv_into(buf)
@@ -174,11 +168,6 @@ class FileTransport(Transport):
         self.fd = os.open(path, flags | getattr(os, "O_CLOEXEC", 0), 0o644)
         self.name = f"file:{path}"
         self._shut = False
-
-    def send_iov(self, bufs) -> int:
-        if self._shut:
-            raise OSError("file transport shut down")
-        return os.writev(self.fd, bufs)
 
     def recv_into(self, buf) -> int:
         if self._shut:

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Callable
 
-import numpy as np
 
 from channels import codec
 from channels import constants as C
@@ -30,7 +29,7 @@ from channels.transport import Listener
 from . import stats as S
 from .params import MigrationConfig
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
-from .ram import GuestRAM, RAMBlock, fingerprint_digest
+from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
 from .workload import Workload
 
@@ -331,20 +330,12 @@ class MigrationDestination:
     def _place_precopy(self, run: codec.RamRun) -> None:
         """Precopy: write a run of pages (newer versions overwrite) and mark them received."""
         blk = self.ram.blocks[run.block.index]
-        pages = run.pages
-        n = len(pages)
-        contiguous = n == 1 or bool(np.all(np.diff(pages) == 1))
-        where = slice(int(pages[0]), int(pages[0]) + n) if contiguous else pages
+        where = page_selector(run.pages)
+        blk.write_pages(where, run.data)
         if run.data is None:
-            # Like QEMU, leave pages that are already zero alone (no allocation).
-            nz = blk.words[where].any(axis=1)
-            if nz.any():
-                idx = np.arange(where.start, where.stop) if contiguous else pages
-                blk.pages[idx[nz]] = 0
-            self.stats.ram.duplicate += n
+            self.stats.ram.duplicate += len(run.pages)
         else:
-            blk.pages[where] = run.data
-            self.stats.ram.normal += n
+            self.stats.ram.normal += len(run.pages)
         self.received.bitmaps[blk.idstr].bits[where] = True
 
     def _command(self, cmd: codec.Command) -> None:

@@ -28,7 +28,7 @@ from channels.errors import ProtocolError
 
 from .bitmap import PageBitmap
 from .latency import LatencyRecorder
-from .ram import GuestRAM, RAMBlock, page_fingerprints
+from .ram import GuestRAM, RAMBlock, page_fingerprints, page_selector
 
 
 class ReceivedPages:
@@ -79,13 +79,7 @@ class ReceivedPages:
             where = idx
             if len(idx) == 0:
                 return 0
-        if data is None:
-            nz = block.words[where].any(axis=1)
-            if nz.any():
-                idx = np.arange(where.start, where.stop) if isinstance(where, slice) else np.asarray(where)
-                block.pages[idx[nz]] = 0
-        else:
-            block.pages[where] = data
+        block.write_pages(where, data)
         # Read back from guest RAM: verification then covers the placement too.
         self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
         with self.cond:
@@ -134,9 +128,7 @@ class HostPageAssembler:
         if tph == 1:
             if self.cur is not None:
                 raise self._mixed(blk, int(pages[0]))
-            contiguous = n == 1 or bool(np.all(np.diff(pages) == 1))
-            where = slice(int(pages[0]), int(pages[0]) + n) if contiguous else pages
-            self.pages_placed += self.received.place(blk, where, run.data, self.channel)
+            self.pages_placed += self.received.place(blk, page_selector(pages), run.data, self.channel)
             self.host_pages_placed += n
             return [(blk.index, int(p)) for p in pages] if n <= 64 else [(blk.index, -1)]
         i = 0

@@ -41,6 +41,14 @@ def fingerprint_digest(fps: np.ndarray) -> bytes:
     return hashlib.sha256(np.ascontiguousarray(fps, dtype="<u8").tobytes()).digest()
 
 
+def page_selector(pages: np.ndarray):
+    """A slice when ``pages`` are consecutive (cheaper numpy indexing), else the array itself."""
+    n = len(pages)
+    if n == 1 or bool(np.all(np.diff(pages) == 1)):
+        return slice(int(pages[0]), int(pages[0]) + n)
+    return pages
+
+
 class HugePagesUnavailable(RuntimeError):
     """The host has not enough huge pages reserved for a hugetlb block."""
 
@@ -172,6 +180,20 @@ class RAMBlock:
             m.madvise(mmap.MADV_HUGEPAGE)
         except (AttributeError, OSError):
             pass
+
+    def write_pages(self, where, data) -> None:
+        """Write target pages (``where``: a slice or an index array); ``data`` None = zero pages.
+
+        Zero pages that are already zero are left alone, as QEMU does: no
+        allocation of memory that was never touched.
+        """
+        if data is not None:
+            self.pages[where] = data
+            return
+        nz = self.words[where].any(axis=1)
+        if nz.any():
+            idx = np.arange(where.start, where.stop) if isinstance(where, slice) else np.asarray(where)
+            self.pages[idx[nz]] = 0
 
     def fingerprints(self, p0: int = 0, p1: int | None = None) -> np.ndarray:
         """64-bit fingerprints of target pages [p0, p1) (see :func:`page_fingerprints`)."""

@@ -122,8 +122,6 @@ def _alive(doc: dict) -> list[str]:
 
 def _stop_worker(w: dict) -> str:
     """SIGTERM the worker's process group (its own session), wait, then SIGKILL."""
-    import psutil
-
     p = _proc_of(w)
     if p is None:
         return "gone"

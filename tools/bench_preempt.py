@@ -69,7 +69,7 @@ PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 
 def case_table(args) -> list[tuple[str, dict, dict, bool]]:
     """(name, caps, params, huge pages only)."""
-    lowat, sndbuf, rcvbuf = args.lowat, args.sndbuf, args.rcvbuf
+    sndbuf, rcvbuf = args.sndbuf, args.rcvbuf
     rp = {"urgent-pages-from": "return-path"}
     cases = [
         ("vanilla", VANILLA, {}, False),
@@ -190,7 +190,6 @@ def parse_args(argv=None):
     p.add_argument("--links", default="loopback,netns", help="comma list of loopback, netns (default both)")
     p.add_argument("--knobs", action="store_true", help="also the shared-bottleneck knob cases")
     p.add_argument("--cases", help="comma list of case names to run (default: all; --quick: fewer)")
-    p.add_argument("--lowat", type=parse_size, default=128 << 10, help="precopy-notsent-lowat for knob cases")
     p.add_argument("--sndbuf", type=parse_size, default=256 << 10, help="precopy-sndbuf for knob cases")
     p.add_argument("--rcvbuf", type=parse_size, default=256 << 10, help="precopy-rcvbuf for knob cases")
     p.add_argument("--probe-seconds", type=float, default=1.0, help="bulk push per link for the goodput")
