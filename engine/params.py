@@ -93,6 +93,11 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
 ]}
 
 
+# Parameters a running migration takes up at once, as in QEMU; the others are
+# read when the migration starts.
+LIVE_PARAMETERS = ("max-bandwidth", "downtime-limit", "max-postcopy-bandwidth")
+
+
 def validate_capability(name: str, value) -> bool:
     if name not in CAPABILITIES:
         raise ParameterError(f"capability {name!r} is unknown; known: {', '.join(sorted(CAPABILITIES))}")

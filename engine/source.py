@@ -149,6 +149,17 @@ class MigrationSource:
         self._done.wait(timeout)
         return self.stats.status
 
+    def parameters_changed(self) -> None:
+        """migrate-set-parameters during the migration: apply the live ones now.
+
+        downtime-limit is read at every iteration; the bandwidth limits go to
+        the PRECOPY channel's rate limiter.
+        """
+        ch = self.channel
+        if ch is not None:
+            name = "max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth"
+            ch.writer.rate_limit = self.config.param(name)
+
     def cancel(self) -> None:
         """migrate-cancel: stop sending, resume the guest here.
 
@@ -402,10 +413,10 @@ class MigrationSource:
             ch.flush()
             st.setup_done = time.monotonic()
             self._set_state(S.ACTIVE)
-            downtime_limit = cfg.param("downtime-limit") / 1000.0
             switch = False
             while True:
                 self._check_cancel()
+                downtime_limit = cfg.param("downtime-limit") / 1000.0  # may change mid-migration
                 if self._should_switch():
                     switch = True
                     break

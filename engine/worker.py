@@ -26,7 +26,7 @@ from .control.auth import ServerKeys
 from .control.server import ControlServer
 from .destination import MigrationDestination
 from .local import GuestConfig
-from .params import CAPABILITIES, MigrationConfig, ParameterError
+from .params import CAPABILITIES, LIVE_PARAMETERS, MigrationConfig, ParameterError
 from .ram import format_size
 from .source import MigrationSource
 from .workload import Workload
@@ -128,11 +128,18 @@ class Worker:
         return {}
 
     def set_parameters(self, args: dict) -> dict:
-        self._require_idle("migrate-set-parameters")
+        running = self.status in IN_PROGRESS
+        if running:
+            fixed = sorted(k for k in args if k not in LIVE_PARAMETERS)
+            if fixed:
+                raise _err(f"migrate-set-parameters: {', '.join(fixed)} cannot change during a migration "
+                           f"(status {self.status}); only {', '.join(LIVE_PARAMETERS)} can")
         try:
             self.config.set_parameters(args)
         except ParameterError as e:
             raise _err(str(e)) from None
+        if running and hasattr(self.migration, "parameters_changed"):
+            self.migration.parameters_changed()
         return {}
 
     def query_capabilities(self, args: dict) -> list:

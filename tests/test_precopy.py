@@ -55,3 +55,32 @@ def test_two_process_precopy(transport, page_size, tmp_path, no_child_processes)
     assert dst["ram"]["transferred"] == r["transferred"]
     assert dst["ram"]["remaining"] == 0
     assert 0 <= dst["setup-time"] <= dst["total-time"]
+
+
+def test_live_parameter_change_lets_a_throttled_migration_finish():
+    """max-bandwidth and downtime-limit change while the migration runs, as in QEMU."""
+    import time
+
+    from engine.destination import MigrationDestination
+    from engine.params import MigrationConfig
+    from engine.ram import GuestRAM
+    from engine.source import MigrationSource
+
+    src, dst = GuestRAM.create(64 << 20), GuestRAM.create(64 << 20)
+    src.fill("pattern")
+    cfg = MigrationConfig()
+    cfg.set_parameters({"max-bandwidth": 1 << 20})  # 64 MiB would take a minute
+    d = MigrationDestination(dst)
+    uri = d.listen("tcp:127.0.0.1:0")
+    d.start()
+    s = MigrationSource(src, None, cfg)
+    s.start(uri)
+    time.sleep(0.5)
+    assert s.status == "active"
+    sent_slow = s.query()["ram"]["transferred"]
+    assert sent_slow < 8 << 20
+    cfg.set_parameters({"max-bandwidth": 0, "downtime-limit": 1000})
+    s.parameters_changed()
+    assert s.wait(30) == "completed", s.stats.error
+    assert d.wait(10) == "completed"
+    assert s.query()["digests"] == d.query()["digests"]
