@@ -6,6 +6,7 @@ fed in chunks, decoded from a memoryview of what is buffered.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
@@ -233,3 +234,16 @@ def hugepages():
     if old is not None:
         with open(NR_HUGEPAGES, "w") as f:
             f.write(str(old))
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+def group_gone(pgid: int) -> bool:
+    """True when no process is left in process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False

@@ -16,16 +16,9 @@ import time
 import pytest
 
 from engine.control.spawn import spawn_worker
+from .conftest import group_gone
 
 FERRY = [sys.executable, "-m", "engine.cli"]
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.fixture

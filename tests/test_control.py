@@ -25,18 +25,11 @@ from engine.control.client import CommandFailed, ControlClient, ControlError
 from engine.control.driver import run_migration
 from engine.control.spawn import spawn_worker
 from engine.params import CAPABILITIES
+from .conftest import group_gone
 
 GUEST = ["--size", "16M", "--dirty-rate", "8M"]
 SLOW = {"max-bandwidth": 6 << 20}  # ~2.5 s for a 16 MiB guest: time to act mid-migration
 UNIMPLEMENTED_CAP = next((n for n, (_, impl, _) in CAPABILITIES.items() if not impl), None)
-
-
-def group_gone(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 @pytest.fixture
