@@ -206,6 +206,30 @@ def encode_packaged(blob: bytes) -> bytes:
 # Command payload parsers (pure; raise ProtocolError naming the field)
 # ---------------------------------------------------------------------------
 
+def encode_recv_bitmap(block: str) -> bytes:
+    """MIG_CMD_RECV_BITMAP: ask the destination for its received bitmap of ``block``.
+
+    Payload: u8 name length, name (savevm.c qemu_savevm_send_recv_bitmap).
+    """
+    return encode_command(C.MIG_CMD_RECV_BITMAP, _idstr(block, "RAM block idstr"))
+
+
+def encode_postcopy_resume() -> bytes:
+    """MIG_CMD_POSTCOPY_RESUME: the source is ready to go on (savevm.c)."""
+    return encode_command(C.MIG_CMD_POSTCOPY_RESUME)
+
+
+def parse_recv_bitmap(payload: bytes) -> str:
+    """The block name of a MIG_CMD_RECV_BITMAP payload. Raises ProtocolError."""
+    if len(payload) < 1 or len(payload) != 1 + payload[0]:
+        raise ProtocolError(f"RECV_BITMAP: payload of {len(payload)} bytes does not hold a name "
+                            f"of {payload[0] if payload else 0} bytes")
+    try:
+        return payload[1:].decode()
+    except UnicodeDecodeError:
+        raise ProtocolError(f"RECV_BITMAP: block name {payload[1:]!r} is not UTF-8") from None
+
+
 def parse_ping(payload: bytes) -> int:
     return _be32.unpack(payload)[0]
 
@@ -401,6 +425,23 @@ class StreamDecoder:
 
     def _err(self, msg: str) -> ProtocolError:
         return ProtocolError(f"{msg} (channel {self.channel_name}, stream offset {self.offset})")
+
+    def resumed(self) -> "StreamDecoder":
+        """A decoder for the main channel of a postcopy recovery.
+
+        The new connection carries no header: it goes on with sections and
+        commands of the same stream, so the section table and the postcopy
+        advice carry over; the last block (CONTINUE) does not (QEMU:
+        postcopy_try_recover keeps the loadvm state, a new QEMUFile starts
+        without a last block).
+        """
+        d = StreamDecoder(list(self.blocks.values()), mode="packaged", devices=list(self.devices.values()),
+                          channel_name=self.channel_name, learn_blocks=self.learn_blocks)
+        d.mode = "stream"
+        d.sections = dict(self.sections)
+        d.ram_section_id = self.ram_section_id
+        d.postcopy_advised = self.postcopy_advised
+        return d
 
     def expecting(self) -> str:
         """What the decoder waits for, for error messages."""
@@ -786,6 +827,54 @@ def encode_rp_digests(digests: dict[str, bytes]) -> bytes:
     return encode_rp(C.MIG_RP_MSG_FERRY_DIGESTS, bytes(out))
 
 
+def recv_bitmap_size(npages: int) -> int:
+    """Bytes of a received bitmap of ``npages`` target pages on the wire.
+
+    One bit per page in little-endian 64-bit words, rounded up to 8 bytes
+    (ram.c ramblock_recv_bitmap_send).
+    """
+    return ((npages + 63) // 64) * 8
+
+
+def encode_rp_recv_bitmap(block: str, received: np.ndarray) -> bytes:
+    """MIG_RP_MSG_RECV_BITMAP for ``block``, then the bitmap itself.
+
+    ``received``: bool array, one entry per target page. On the wire: the
+    message (u8 name length, name), then outside the message framing be64
+    size, the bitmap (bit i = page i, little-endian words), be64
+    RAMBLOCK_RECV_BITMAP_ENDING (migration.c migrate_send_rp_recv_bitmap,
+    ram.c ramblock_recv_bitmap_send).
+    """
+    n = len(received)
+    size = recv_bitmap_size(n)
+    bits = np.packbits(np.asarray(received, dtype=bool), bitorder="little").tobytes()
+    bits += bytes(size - len(bits))
+    return (encode_rp(C.MIG_RP_MSG_RECV_BITMAP, _idstr(block, "RAM block idstr"))
+            + _be64.pack(size) + bits + _be64.pack(C.RAMBLOCK_RECV_BITMAP_ENDING))
+
+
+def encode_rp_resume_ack() -> bytes:
+    """MIG_RP_MSG_RESUME_ACK with QEMU's value (MIGRATION_RESUME_ACK_VALUE)."""
+    return encode_rp(C.MIG_RP_MSG_RESUME_ACK, _be32.pack(C.MIGRATION_RESUME_ACK_VALUE))
+
+
+def encode_ferry_verdict(outcome: int) -> bytes:
+    """Ferry's verdict after the end of the stream (channels/constants.py FERRY_VERDICT_*)."""
+    return _be32.pack(C.FERRY_VERDICT_MAGIC) + _be32.pack(outcome)
+
+
+def parse_ferry_verdict(buf) -> int:
+    """The outcome of an 8-byte verdict. Raises ProtocolError for a bad magic or outcome."""
+    if len(buf) != C.FERRY_VERDICT_SIZE:
+        raise ProtocolError(f"verdict: {len(buf)} bytes, expected {C.FERRY_VERDICT_SIZE}")
+    magic, outcome = _be32.unpack_from(buf, 0)[0], _be32.unpack_from(buf, 4)[0]
+    if magic != C.FERRY_VERDICT_MAGIC:
+        raise ProtocolError(f"verdict: magic 0x{magic:08x}, expected 0x{C.FERRY_VERDICT_MAGIC:08x}")
+    if outcome not in (C.FERRY_VERDICT_COMPLETED, C.FERRY_VERDICT_FAILED):
+        raise ProtocolError(f"verdict: outcome {outcome}, expected 0 (completed) or 1 (failed)")
+    return outcome
+
+
 @dataclass
 class RpMessage:
     """A decoded return-path message. Fields filled according to ``type``."""
@@ -797,6 +886,7 @@ class RpMessage:
     block: str | None = None  # REQ_PAGES_ID, RECV_BITMAP; REQ_PAGES: the previous request's
     digests: dict = field(default_factory=dict)
     raw: bytes = b""
+    received: np.ndarray | None = None  # RECV_BITMAP: bool per target page
 
     @property
     def name(self) -> str:
@@ -811,9 +901,12 @@ class ReturnPathDecoder:
     done by :func:`validate_page_request`.
     """
 
-    def __init__(self):
+    def __init__(self, block_pages: dict[str, int] | None = None):
         self.last_block: str | None = None
         self.offset = 0
+        # RECV_BITMAP: the bitmap that follows the message is sized by the
+        # block's page count; without it any size up to the bound is taken.
+        self.block_pages = block_pages
 
     def _err(self, msg: str) -> ProtocolError:
         return ProtocolError(f"return path: {msg} (offset {self.offset})")
@@ -849,9 +942,11 @@ class ReturnPathDecoder:
             msg.block = p[13:].decode(errors="replace")
             self.last_block = msg.block
         elif t == C.MIG_RP_MSG_RECV_BITMAP:
-            if ln < 1 or ln < 1 + p[0]:
-                raise self._err(f"RECV_BITMAP: length {ln} too short")
+            if ln < 1 or ln != 1 + p[0]:
+                raise self._err(f"RECV_BITMAP: length {ln}, name length {p[0] if ln else 0} says "
+                                f"{1 + (p[0] if ln else 0)}")
             msg.block = p[1:1 + p[0]].decode(errors="replace")
+            return self._recv_bitmap(buf, msg, 4 + ln)
         elif t == C.MIG_RP_MSG_FERRY_DIGESTS:
             pos, digests = 1, {}
             if ln < 1:
@@ -867,6 +962,40 @@ class ReturnPathDecoder:
             msg.digests = digests
         self.offset += 4 + ln
         return msg, 4 + ln
+
+    def _recv_bitmap(self, buf, msg: RpMessage, pos: int):
+        """The bitmap blob after a RECV_BITMAP message: be64 size, bits, be64 end mark."""
+        if len(buf) < pos + 8:
+            return NEED_DATA, pos + 8
+        size = _be64.unpack_from(buf, pos)[0]
+        if self.block_pages is not None:
+            npages = self.block_pages.get(msg.block)
+            if npages is None:
+                raise self._err(f"RECV_BITMAP: unknown RAM block {msg.block!r}")
+            want = recv_bitmap_size(npages)
+            if size != want:
+                raise self._err(f"RECV_BITMAP: block {msg.block!r}: bitmap size {size}, expected {want} "
+                                f"for {npages} pages")
+        elif size > MAX_RECV_BITMAP_SIZE or size % 8:
+            raise self._err(f"RECV_BITMAP: block {msg.block!r}: bitmap size {size} (a multiple of 8 up to "
+                            f"{MAX_RECV_BITMAP_SIZE} expected)")
+        else:
+            npages = size * 8
+        end = pos + 8 + size
+        if len(buf) < end + 8:
+            return NEED_DATA, end + 8
+        mark = _be64.unpack_from(buf, end)[0]
+        if mark != C.RAMBLOCK_RECV_BITMAP_ENDING:
+            raise self._err(f"RECV_BITMAP: block {msg.block!r}: end mark 0x{mark:016x}, expected "
+                            f"0x{C.RAMBLOCK_RECV_BITMAP_ENDING:016x}")
+        raw = np.frombuffer(bytes(buf[pos + 8:end]), dtype=np.uint8)
+        msg.received = np.unpackbits(raw, bitorder="little")[:npages].astype(bool)
+        self.offset += end + 8
+        return msg, end + 8
+
+
+# Largest received bitmap taken without a known block size: 16 TiB of 4 KiB pages.
+MAX_RECV_BITMAP_SIZE = (16 << 40) // C.TARGET_PAGE_SIZE // 8
 
 
 def validate_page_request(blocks: dict, msg: RpMessage) -> BlockInfo:

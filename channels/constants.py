@@ -158,5 +158,14 @@ MIG_RP_MSG_ARGS_LEN = {
 RAMBLOCK_RECV_BITMAP_ENDING = 0x0123456789ABCDEF
 MIGRATION_RESUME_ACK_VALUE = 1
 
+# Ferry's own verdict, source -> destination on the main channel after the end
+# of the stream (after EOF, and the VM description if any), only between
+# Ferry workers: be32 magic, be32 outcome. The destination's guest may run
+# only once it read FERRY_VERDICT_COMPLETED (docs/reliability.md).
+FERRY_VERDICT_MAGIC = 0x46565244  # "FVRD"
+FERRY_VERDICT_COMPLETED = 0
+FERRY_VERDICT_FAILED = 1
+FERRY_VERDICT_SIZE = 8
+
 # Digest carried in MIG_RP_MSG_FERRY_DIGESTS.
 DIGEST_SIZE = 32  # sha256

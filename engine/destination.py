@@ -12,6 +12,7 @@ before it lets go of the guest.
 """
 from __future__ import annotations
 
+import errno
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
+from . import states as ST
 from . import stats as S
 from .params import MigrationConfig
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
@@ -33,8 +35,17 @@ from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
 from .workload import Workload
 
+_MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
 ACCEPT_POLL = 0.2  # s between checks for cancel while waiting for the source
 _DEVICES = [DeviceSpec(GUEST_DEVICE, GUEST_DEVICE_VERSION)]
+
+
+class AdmissionError(ProtocolError):
+    """The destination cannot hold all of its guest's memory: postcopy is refused in precopy."""
+
+
+class Quit(Exception):
+    """The worker ends while the migration is postcopy-paused."""
 
 
 class MigrationDestination:
@@ -42,6 +53,10 @@ class MigrationDestination:
 
     ``workload``, if given, is the guest's workload on this side: it starts at
     POSTCOPY_RUN with the source's progress counters and faults pages in.
+    States and what they allow come from engine/states.py: a fault before
+    POSTCOPY_RUN fails the migration (the guest never ran here); after it, a
+    fault pauses it (``postcopy-paused``): guest threads stay blocked on the
+    pages they wait for, and :meth:`recover` continues over a new connection.
     """
 
     def __init__(self, ram: GuestRAM, config: MigrationConfig | None = None,
@@ -53,6 +68,7 @@ class MigrationDestination:
         self.workload = workload
         self.stats = S.MigrationStats()
         self.stats.total = ram.total
+        self.sm = ST.MigrationStateMachine(self._state_changed)
         self.received = ReceivedPages(ram)
         self.faults = FaultHandler(ram, self.received, self._send_request)
         self.listener: Listener | None = None
@@ -61,15 +77,21 @@ class MigrationDestination:
         self.postcopy_advised = False
         self.listening = False  # after POSTCOPY_LISTEN
         self.running = False  # after POSTCOPY_RUN: the guest runs here
+        self.verdict: str | None = None  # the source's verdict: completed, failed, or lost
+        self.recoveries = 0
         self._thread: threading.Thread | None = None
         self._done = threading.Event()
         self._cancel = False
+        self._quit = False
+        self._recover_cond = threading.Condition()
         self._channel: RamRecvChannel | None = None
+        self._transport = None
         self._assembler: HostPageAssembler | None = None
         self._rp: QEMUFileWriter | None = None
         self._rp_lock = threading.Lock()
         self._last_req_block: str | None = None
         self._listen_bytes = 0
+        self._closed_bytes = 0  # bytes of the connections before a recovery
         # POSTCOPY channels (postcopy-preempt): loaders, each in its own thread.
         self._pc_threads: list[threading.Thread] = []
         self._pc_channels: list[RamRecvChannel] = []
@@ -80,12 +102,12 @@ class MigrationDestination:
 
     @property
     def status(self) -> str:
-        return self.stats.status
+        return self.sm.state
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
         self.listener = Listener(uri)
-        self._set_state(S.SETUP)
+        self.sm.fire(ST.START)
         return str(self.listener.uri)
 
     def start(self) -> None:
@@ -96,20 +118,61 @@ class MigrationDestination:
         self._thread.start()
 
     def wait(self, timeout: float | None = None) -> str:
+        """Wait until the incoming thread ends; returns the state."""
         self._done.wait(timeout)
-        return self.stats.status
+        return self.status
 
     def cancel(self) -> None:
+        """migrate-cancel on the destination. Raises RuntimeError once the guest runs here."""
+        if self.running:
+            raise RuntimeError(f"migrate-cancel refused in {self.status}: the guest runs on this destination")
         self._cancel = True
-        for ch in [self._channel, *self._pc_channels]:
-            if ch is not None:
-                ch.shutdown()
+        self.sm.try_fire(ST.CANCEL)
+        self._shutdown_channels()
+
+    def pause(self) -> None:
+        """migrate-pause: cut the channels of a postcopy migration on purpose.
+
+        Raises RuntimeError outside postcopy-active / postcopy-recover.
+        """
+        if self.sm.try_fire(ST.PAUSE, reason="migrate-pause") is None:
+            raise RuntimeError(f"migrate-pause: only in postcopy-active or postcopy-recover, not {self.status}")
+        self.stats.error = "paused by migrate-pause"
+        self.faults.failed = self.stats.error
+        self._shutdown_channels()
+
+    def recover(self, uri: str) -> str:
+        """migrate-recover: listen on ``uri`` for the source's recovery; returns the real URI.
+
+        Raises RuntimeError unless postcopy-paused; ValueError/OSError for the URI.
+        """
+        with self._recover_cond:
+            if self.status != ST.POSTCOPY_PAUSED:
+                raise RuntimeError(f"migrate-recover: the migration is {self.status}; only a postcopy-paused "
+                                   "migration can be recovered")
+            if self.listener is not None:
+                raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
+            self.listener = Listener(uri)
+            self._recover_cond.notify_all()
+            return str(self.listener.uri)
+
+    def quit(self) -> None:
+        """The worker exits: end a paused incoming thread (the guest stays blocked)."""
+        with self._recover_cond:
+            self._quit = True
+            self._recover_cond.notify_all()
 
     def query(self) -> dict:
+        """query-migrate's fields (engine/stats.py)."""
         st = self.stats
+        st.status = self.status
         r = st.ram
         if self._channel is not None:
-            st.transferred = self._channel.transferred + sum(c.transferred for c in self._pc_channels)
+            # The verdict is Ferry's word after the stream, not migration data (the source
+            # counts what it sent before it).
+            st.transferred = (self._closed_bytes + self._channel.transferred
+                              + sum(c.transferred for c in self._pc_channels)
+                              - (C.FERRY_VERDICT_SIZE if self.verdict in ("completed", "failed") else 0))
             st.channels = {"precopy": {"bytes": self._channel.transferred,
                                        "normal": r.normal, "duplicate": r.duplicate}}
             if self._assembler is not None:
@@ -122,18 +185,31 @@ class MigrationDestination:
         if self.postcopy_advised:
             st.extra.update(self.faults.metrics())
             if self._channel is not None and self.listening:
-                st.extra["postcopy-bytes"] = self._channel.transferred - self._listen_bytes
+                st.extra["postcopy-bytes"] = self._closed_bytes + self._channel.transferred - self._listen_bytes
+        if self.verdict is not None:
+            st.extra["verdict"] = self.verdict
+        if self.recoveries:
+            st.extra["postcopy-recoveries"] = self.recoveries
         return st.to_dict()
 
-    def _set_state(self, new: str) -> None:
-        if self.stats.status != new:
-            self.stats.status = new
-            self.on_event("MIGRATION", {"status": new})
+    def _state_changed(self, old: str, new: str, reason: str | None) -> None:
+        self.stats.status = new
+        data = {"status": new}
+        if reason:
+            data["reason"] = reason
+        self.on_event("MIGRATION", data)
+
+    def _shutdown_channels(self) -> None:
+        for ch in [self._channel, *self._pc_channels]:
+            if ch is not None:
+                ch.shutdown()
 
     def _accept(self):
         while True:
             if self._cancel:
                 raise ChannelError("incoming migration cancelled")
+            if self._quit:
+                raise Quit()
             listener = self.listener
             if listener is None:
                 raise ChannelError("incoming listener closed")
@@ -148,66 +224,211 @@ class MigrationDestination:
             self._rp.flush()
 
     def _send_request(self, blk: RAMBlock, start: int, length: int) -> None:
-        """One REQ_PAGES_ID (block changed since the last request) or REQ_PAGES."""
-        with self._rp_lock:
-            name = blk.idstr if blk.idstr != self._last_req_block else None
-            self._last_req_block = blk.idstr
-            self._rp.put_bytes(codec.encode_rp_req_pages(start, length, name))
-            self._rp.flush()
+        """One REQ_PAGES_ID (block changed since the last request) or REQ_PAGES.
 
+        While the return path is down (a fault not yet noticed, a pause, a
+        recovery) the request is only recorded: it is sent again after RESUME.
+        """
+        with self._rp_lock:
+            if self._rp is None or self.status != ST.POSTCOPY_ACTIVE:
+                return
+            name = blk.idstr if blk.idstr != self._last_req_block else None
+            try:
+                self._rp.put_bytes(codec.encode_rp_req_pages(start, length, name))
+                self._rp.flush()
+            except ChannelError:
+                return  # the loader notices the broken link and pauses
+            self._last_req_block = blk.idstr
+
+    # --- the incoming thread ---
     def _run(self) -> None:
         st = self.stats
-        transport = None
         try:
-            transport = self._accept()
-            st.start_time = time.monotonic()
-            # The destination's setup is the wait for the source; it ends here.
-            # (Unset, query-migrate's setup-time would keep growing past total-time.)
-            st.setup_done = st.start_time
-            cfg = self.config
-            if hasattr(transport, "tune"):
-                transport.tune(rcvbuf=cfg.param("precopy-rcvbuf"))
-            self._pc_expected = cfg.param("postcopy-channels") if cfg.cap("postcopy-preempt") else 0
-            if self._pc_expected:
-                threading.Thread(target=self._accept_channels, name="incoming-channels", daemon=True).start()
-            else:
-                self._close_listener()  # a further connection is refused
-            self._set_state(S.ACTIVE)
-            reader = QEMUFileReader(transport, name="precopy")
-            dec = StreamDecoder(self.ram.infos(), devices=_DEVICES)
-            self._channel = RamRecvChannel(reader, dec, "precopy")
-            self._load(self._channel, transport)
-            self._join_channels()
-            self._finish()
-            st.end_time = time.monotonic()
-            self._set_state(S.COMPLETED)
-        except Exception as e:  # noqa: BLE001 - report every failure, never die silently
-            st.end_time = time.monotonic()
-            if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
-                e = self._pc_error  # a POSTCOPY channel failed and broke the main one
-            st.error = str(e) if not self._cancel else "incoming migration cancelled"
-            for c in self._pc_channels:
-                c.shutdown()
-            if self.running:
-                # The guest runs here and some pages never arrived: its threads
-                # stay blocked on them rather than read memory that is not there.
-                self.faults.failed = st.error
-            if self._rp is not None:
-                try:
-                    self._rp_send(codec.encode_rp_shut(1))
-                except ChannelError:
-                    pass
-            self._set_state(S.CANCELLED if self._cancel and not self.running else S.FAILED)
+            try:
+                transport = self._accept()
+                st.start_time = time.monotonic()
+                # The destination's setup is the wait for the source; it ends here.
+                # (Unset, query-migrate's setup-time would keep growing past total-time.)
+                st.setup_done = st.start_time
+                cfg = self.config
+                if hasattr(transport, "tune"):
+                    transport.tune(rcvbuf=cfg.param("precopy-rcvbuf"))
+                self._pc_expected = cfg.param("postcopy-channels") if cfg.cap("postcopy-preempt") else 0
+                self._connected(transport, StreamDecoder(self.ram.infos(), devices=_DEVICES))
+                self.sm.fire(ST.CONNECTED)
+                self._load(self._channel, transport)
+                self._join_channels()
+                self._finish()
+                self._conclude()
+                return
+            except BaseException as e:  # noqa: BLE001 - report every failure, never die silently
+                if not self.running:
+                    self._fail(e)  # the guest never ran here
+                    return
+                self._pause(e)
+            self._postcopy_until_done()
+        except Quit:
+            pass
+        except BaseException as e:  # noqa: BLE001
+            self._pause(e)
         finally:
-            if transport is not None:
-                transport.shutdown()
-                transport.close()
+            st.end_time = st.end_time or time.monotonic()
+            self._close_connection()
             self._close_listener()
-            for t in self._pc_threads:
-                t.join(5)
-            for c in self._pc_channels:
-                c.reader.transport.close()
             self._done.set()
+
+    def _connected(self, transport, decoder: StreamDecoder) -> None:
+        """A main channel is up: its loader, and the POSTCOPY channels' acceptor."""
+        self._transport = transport
+        self._channel = RamRecvChannel(QEMUFileReader(transport, name="precopy"), decoder, "precopy")
+        self._pc_threads, self._pc_channels, self._pc_assemblers = [], [], []
+        self._pc_error = None
+        if self._pc_expected:
+            threading.Thread(target=self._accept_channels, name="incoming-channels", daemon=True).start()
+        else:
+            self._close_listener()  # a further connection is refused
+
+    def _postcopy_until_done(self) -> None:
+        """Paused after RUN: wait for migrate-recover, recover, load on; pause again on a fault."""
+        while True:
+            try:
+                if self.status == ST.POSTCOPY_PAUSED:
+                    self._await_recovery()
+                self._load(self._channel, self._transport)
+                self._join_channels()
+                self._finish()
+                self._conclude()
+                return
+            except Quit:
+                raise
+            except BaseException as e:  # noqa: BLE001
+                self._pause(e)
+
+    def _await_recovery(self) -> None:
+        """Block until migrate-recover gave a listener and the source connected to it."""
+        with self._recover_cond:
+            while self.listener is None:
+                if self._quit:
+                    raise Quit()
+                self._recover_cond.wait(0.5)
+        transport = self._accept()
+        self._closed_bytes += (self._channel.transferred if self._channel else 0)
+        self._rp = QEMUFileWriter(transport, name="return-path")
+        self._last_req_block = None
+        self._connected(transport, self._channel.decoder.resumed())
+        self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
+        self.sm.fire(ST.RECOVER, expect=ST.POSTCOPY_PAUSED)
+
+    def _resume(self) -> None:
+        """MIG_CMD_POSTCOPY_RESUME: POSTCOPY channels back, RESUME_ACK, pending requests again."""
+        if self.status != ST.POSTCOPY_RECOVER:
+            raise ProtocolError(f"POSTCOPY_RESUME: not in a recovery (state {self.status})")
+        self._wait_channels_connected()
+        self.sm.fire(ST.RESUMED, expect=ST.POSTCOPY_RECOVER)
+        self.faults.failed = None
+        self.stats.error = None
+        self.recoveries += 1
+        self._rp_send(codec.encode_rp_resume_ack())
+        for blk, hp in self.faults.pending():
+            self._send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
+
+    def _recv_bitmap(self, payload: bytes) -> None:
+        """MIG_CMD_RECV_BITMAP: send the received bitmap of the named block on the return path."""
+        name = codec.parse_recv_bitmap(payload)
+        if self.status != ST.POSTCOPY_RECOVER:
+            raise ProtocolError(f"RECV_BITMAP for block {name!r}: not in a recovery (state {self.status})")
+        bm = self.received.bitmaps.get(name)
+        if bm is None:
+            raise ProtocolError(f"RECV_BITMAP: unknown RAM block {name!r}")
+        with self.received.cond:
+            bits = bm.bits.copy()
+        self._rp_send(codec.encode_rp_recv_bitmap(name, bits))
+
+    def _fail(self, e: BaseException) -> None:
+        """A fault before the guest ran here: failed (or cancelled); tell the source (SHUT 1)."""
+        st = self.stats
+        st.end_time = time.monotonic()
+        if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
+            e = self._pc_error  # a POSTCOPY channel failed and broke the main one
+        st.error = str(e) if not self._cancel else "incoming migration cancelled"
+        if self._rp is not None:
+            try:
+                self._rp_send(codec.encode_rp_shut(1))
+            except ChannelError:
+                pass
+        self._shutdown_channels()
+        if self._cancel:
+            self.sm.try_fire(ST.CANCEL)
+            self.sm.try_fire(ST.CANCEL_DONE)
+        else:
+            self.sm.try_fire(ST.FAIL, reason=st.error)
+
+    def _pause(self, e: BaseException) -> None:
+        """A fault after RUN: postcopy-paused; guest threads stay blocked on missing pages."""
+        if isinstance(e, Quit):
+            return
+        if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
+            e = self._pc_error
+        if self.status != ST.POSTCOPY_PAUSED or not self.stats.error:
+            self.stats.error = str(e)
+        self.faults.failed = self.stats.error
+        self.sm.try_fire(ST.FAIL, reason=self.stats.error)
+        self._close_connection()
+        self._close_listener()
+
+    def _close_connection(self) -> None:
+        self._shutdown_channels()
+        for t in self._pc_threads:
+            t.join(5)
+        for c in [self._channel, *self._pc_channels]:
+            if c is not None:
+                try:
+                    c.reader.transport.close()
+                except OSError:
+                    pass
+        with self._rp_lock:
+            self._rp = None
+
+    def _conclude(self) -> None:
+        """After SHUT 0 and the digests: the outcome.
+
+        Between Ferry workers the source decides and says so after the end of
+        the stream (the verdict); this side's guest may run only once it read
+        "completed". A lost verdict is never a guess: in precopy the migration
+        stays in ``device`` with the reason (the source knows the outcome); in
+        postcopy it is a fault like any other (paused).
+        """
+        st = self.stats
+        if self._rp is None or self.guest_state is None or "digests" in self.guest_state:
+            st.end_time = time.monotonic()
+            self.sm.fire(ST.COMPLETE)  # no Ferry source to decide (file: stream, QEMU source)
+            return
+        if not self.running:
+            self.sm.fire(ST.STOP_AND_COPY)  # loaded and verified; the source decides
+        reader = self._channel.reader
+        try:
+            ok = reader.fill(C.FERRY_VERDICT_SIZE)
+        except ChannelError as e:
+            ok, why = False, str(e)
+        else:
+            why = "the source closed the connection"
+        if not ok:
+            self.verdict = "lost"
+            msg = (f"outcome unknown: the source's verdict did not arrive ({why}); query the source: "
+                   "if it reports completed, the guest belongs here")
+            if self.running:
+                raise ChannelError(msg)
+            st.error = msg
+            st.end_time = time.monotonic()
+            return  # stays in device: no guess either way
+        outcome = codec.parse_ferry_verdict(bytes(reader.view()[:C.FERRY_VERDICT_SIZE]))
+        reader.consume(C.FERRY_VERDICT_SIZE)
+        st.end_time = time.monotonic()
+        if outcome != C.FERRY_VERDICT_COMPLETED:
+            self.verdict = "failed"
+            raise ProtocolError("the source's verdict is failed: its digests differ from what this side loaded")
+        self.verdict = "completed"
+        self.sm.fire(ST.COMPLETE)
 
     def _close_listener(self) -> None:
         with self._pc_connected:
@@ -252,18 +473,16 @@ class MigrationDestination:
                     raise ProtocolError(f"channel {ch.name}: page record before POSTCOPY_LISTEN")
                 asm.add(ev)
         except Exception as e:  # noqa: BLE001
-            if not self._done.is_set() and not self._cancel and self.stats.status not in S.FINAL_STATES:
+            if not self._done.is_set() and not self._cancel and self.status not in S.FINAL_STATES:
                 self._channel_failed(e)
 
     def _channel_failed(self, e: BaseException) -> None:
-        self._pc_error = e
+        if self._pc_error is None:
+            self._pc_error = e
         if self._channel is not None:
-            self._channel.shutdown()  # fail the whole migration, with this error
+            self._channel.shutdown()  # fail (or pause) the whole migration, with this error
 
-    def _join_channels(self) -> None:
-        """Wait until every POSTCOPY channel connected and reached EOS."""
-        if not self._pc_expected:
-            return
+    def _wait_channels_connected(self) -> None:
         deadline = time.monotonic() + 30
         with self._pc_connected:
             while len(self._pc_threads) < self._pc_expected and self._pc_error is None:
@@ -272,6 +491,15 @@ class MigrationDestination:
                                         "channels connected; enable postcopy-preempt (and the same "
                                         "postcopy-channels) on both sides")
                 self._pc_connected.wait(0.2)
+        if self._pc_error is not None:
+            raise self._pc_error
+
+    def _join_channels(self) -> None:
+        """Wait until every POSTCOPY channel connected and reached EOS."""
+        if not self._pc_expected:
+            return
+        self._wait_channels_connected()
+        deadline = time.monotonic() + 30
         for t in self._pc_threads:
             while t.is_alive():
                 if self._pc_error is not None:
@@ -299,7 +527,9 @@ class MigrationDestination:
                 got_eof = True
                 if self.listening:
                     return  # no VM description in postcopy
-                if transport.name.startswith("file:") or ch.reader.available() > 0:
+                # A saved stream and a Ferry source (its guest section came) send the VM description.
+                if (transport.name.startswith("file:") or ch.reader.available() > 0
+                        or self.guest_state is not None):
                     continue  # a saved stream ends with the VM description
                 return
             elif isinstance(ev, codec.VMDescription):
@@ -356,6 +586,10 @@ class MigrationDestination:
             self._listen()
         elif c == C.MIG_CMD_POSTCOPY_RUN:
             self._run_guest()
+        elif c == C.MIG_CMD_RECV_BITMAP:
+            self._recv_bitmap(cmd.payload)
+        elif c == C.MIG_CMD_POSTCOPY_RESUME:
+            self._resume()
         else:
             raise ProtocolError(f"command {cmd.name}: not supported by this destination")
 
@@ -374,7 +608,26 @@ class MigrationDestination:
                                 f"0x{ours:x}; postcopy refused")
         if self._rp is None:
             raise ProtocolError("POSTCOPY_ADVISE: postcopy needs the return path (OPEN_RETURN_PATH first)")
+        self._admit()
         self.postcopy_advised = True
+
+    def _admit(self) -> None:
+        """Hold every page of guest RAM now, before the switch can be asked for.
+
+        After the switch a page that cannot be backed would stop the guest for
+        good; before it, refusing only fails the migration and the source keeps
+        the guest. MADV_POPULATE_WRITE reports a short huge-page pool as an
+        error instead of a SIGBUS at first touch. Raises AdmissionError.
+        """
+        for b in self.ram.blocks:
+            try:
+                b.mem.madvise(_MADV_POPULATE_WRITE)
+            except OSError as e:
+                if e.errno == errno.EINVAL:
+                    continue  # kernel before 5.14: nothing to check with, prealloc covered it
+                raise AdmissionError(f"POSTCOPY_ADVISE: RAM block {b.idstr!r} ({b.length} bytes, "
+                                     f"{b.backing} memory, {b.page_size}-byte pages) cannot be backed: "
+                                     f"{e.strerror}; postcopy refused before the switch") from None
 
     def _discard(self, payload: bytes) -> None:
         if not self.postcopy_advised:
@@ -416,13 +669,14 @@ class MigrationDestination:
         self.listening = True
         self._listen_bytes = self._channel.transferred
         self.faults.enabled = True
-        self._set_state(S.POSTCOPY_ACTIVE)
 
     def _run_guest(self) -> None:
         if not self.listening:
             raise ProtocolError("POSTCOPY_RUN: before POSTCOPY_LISTEN")
         if self.running:
             raise ProtocolError("POSTCOPY_RUN: received twice")
+        # The guest runs here from now on: every later fault pauses, none fails.
+        self.sm.fire(ST.SWITCHOVER, expect=ST.ACTIVE)
         self.running = True
         self.stats.extra["guest-state"] = self.guest_state or {}
         if self.workload is not None:

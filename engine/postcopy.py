@@ -57,6 +57,10 @@ class ReceivedPages:
         p0, p1 = start >> C.TARGET_PAGE_BITS, (start + length) >> C.TARGET_PAGE_BITS
         with self.cond:
             self.bitmaps[block.idstr].bits[p0:p1] = False
+        if block.backing == "hugetlb":
+            # Keep the huge pages: given back to the pool, they might not be had
+            # again when the page arrives. Not-received pages are never read.
+            return
         try:
             advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
             block.mem.madvise(advice, start, length)
@@ -237,6 +241,12 @@ class FaultHandler:
         with cond:
             self.blocktime += dt
             self.blocktime_by_thread[name] = self.blocktime_by_thread.get(name, 0.0) + dt
+
+    def pending(self) -> list[tuple[RAMBlock, int]]:
+        """(block, first target page of host page) of every request still waiting for its page."""
+        with self.received.cond:
+            return [(self.ram.blocks[b], hp) for (b, hp) in self.requested
+                    if not self.received.bitmaps[self.ram.blocks[b].idstr].bits[hp]]
 
     def _placed(self, blk: RAMBlock, channel: str) -> None:
         if not self.requested:

@@ -184,6 +184,17 @@ class PageScheduler:
         self._rr += 1
         return SendOrder(block, host_page, end, ch, requested=True)
 
+    def reset_connection(self) -> None:
+        """A recovery replaced every channel: forget requests, the interrupted page and
+        the last channel. What is left to send is in the (rebuilt) dirty bitmaps; the
+        destination asks again for what it still waits for.
+        """
+        self.queue.clear()
+        self.interrupted = None
+        self.current = None
+        self.last_channel = PRECOPY
+        self.cursor = (0, 0)
+
     # --- interruption ---
     def interruptible(self, order: SendOrder) -> bool:
         """Can this order be cut at a target-page boundary by a request?"""

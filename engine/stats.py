@@ -5,17 +5,9 @@ import time
 
 from channels import constants as C
 
-# Migration states (QEMU's MigrationStatus names)
-NONE = "none"
-SETUP = "setup"
-ACTIVE = "active"
-POSTCOPY_ACTIVE = "postcopy-active"
-DEVICE = "device"
-COMPLETED = "completed"
-FAILED = "failed"
-CANCELLING = "cancelling"
-CANCELLED = "cancelled"
-FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
+# Migration states: QEMU's MigrationStatus names, defined with their table in engine/states.py.
+from .states import (ACTIVE, CANCELLED, CANCELLING, COMPLETED, DEVICE, FAILED, FINAL_STATES,  # noqa: E402,F401
+                     IN_PROGRESS, NONE, POSTCOPY_ACTIVE, POSTCOPY_PAUSED, POSTCOPY_RECOVER, SETUP)
 
 
 class RamCounters:

@@ -19,6 +19,7 @@ import psutil
 
 from channels.transport import parse_uri
 
+from . import states as ST
 from . import stats as S
 from .control import endpoints
 from .control import protocol as P
@@ -33,7 +34,7 @@ from .workload import Workload
 
 ROLES = ("source", "destination")
 SHUTDOWN_WAIT = 5.0  # s for a cancelled migration thread to finish before exit
-IN_PROGRESS = (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE, S.DEVICE, S.CANCELLING)
+IN_PROGRESS = ST.IN_PROGRESS
 
 
 def _err(desc: str) -> P.RequestError:
@@ -90,6 +91,8 @@ class Worker:
             "query-guest-progress": self.query_guest_progress,
             "query-postcopy-latency": self.query_postcopy_latency,
             "migrate-cancel": self.cancel,
+            "migrate-pause": self.pause,
+            "migrate-recover": self.recover,
             "query-status": self.query_status,
             "query-commands": self.query_commands,
             "quit": self.quit,
@@ -149,17 +152,37 @@ class Worker:
         return dict(self.config.params)
 
     # --- migration ---
+    def _refuse_unless(self, verb: str, why_not: str = "") -> None:
+        """The state table (engine/states.py) decides which verbs a migration's state allows."""
+        st = self.status
+        if not ST.verb_allowed(self.role, st, verb):
+            allowed = ", ".join(ST.allowed_verbs(self.role, st)) or "none"
+            busy = "there's a migration process in progress; " if st in IN_PROGRESS else ""
+            raise _err(f"{verb}: {busy}not allowed while the migration is {st} ({ST.STATES[st].doc}); "
+                       f"allowed now: {allowed}" + (f". {why_not}" if why_not else ""))
+
     def migrate(self, args: dict) -> dict:
         uri = args["uri"]
-        if self.status in IN_PROGRESS:
-            raise _err(f"migrate: there's a migration process in progress (status {self.status})")
-        if self.status == S.COMPLETED:
-            raise _err("migrate: the guest has already migrated (status completed); it runs on the "
-                       "destination now and this source's copy is stopped")
         try:
             parse_uri(uri)
         except ValueError as e:
             raise _err(f"migrate: {e}") from None
+        if args.get("resume"):
+            if self.status != S.POSTCOPY_PAUSED:
+                raise _err(f"migrate: resume needs a postcopy-paused migration; this one is {self.status}")
+            try:
+                self.migration.resume(uri)
+            except (RuntimeError, ValueError) as e:
+                raise _err(f"migrate: {e}") from None
+            return {}
+        if self.status == S.COMPLETED:
+            raise _err("migrate: the guest has already migrated (status completed); it runs on the "
+                       "destination now and this source's copy is stopped")
+        if self.status == S.POSTCOPY_PAUSED:
+            raise _err("migrate: the migration is postcopy-paused and the guest may be running on its "
+                       "destination; only resuming it is allowed (migrate with resume: true, after "
+                       "migrate-recover on the destination)")
+        self._refuse_unless("migrate")
         m = MigrationSource(self.ram, self.workload, self.config, on_event=self._on_event)
         try:
             m.start(uri)
@@ -170,6 +193,9 @@ class Worker:
 
     def migrate_incoming(self, args: dict) -> dict:
         if self.migration is not None and self.status not in (S.FAILED, S.CANCELLED):
+            if self.status in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+                raise _err(f"migrate-incoming: the guest runs here and waits for pages of the paused "
+                           f"migration (status {self.status}); use migrate-recover")
             raise _err(f"migrate-incoming: the incoming migration has already been started "
                        f"(status {self.status})")
         dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload)
@@ -179,6 +205,26 @@ class Worker:
             raise _err(f"migrate-incoming: {e}") from None
         dest.start()
         self.migration = dest
+        return {"uri": real}
+
+    def pause(self, args: dict) -> dict:
+        if self.migration is None:
+            raise _err("migrate-pause: no migration")
+        try:
+            self.migration.pause()
+        except RuntimeError as e:
+            raise _err(str(e)) from None
+        return {}
+
+    def recover(self, args: dict) -> dict:
+        if self.migration is None or self.status != S.POSTCOPY_PAUSED:
+            raise _err(f"migrate-recover: needs a postcopy-paused incoming migration; status {self.status}")
+        try:
+            real = self.migration.recover(args["uri"])
+        except RuntimeError as e:
+            raise _err(str(e)) from None
+        except (ValueError, OSError) as e:
+            raise _err(f"migrate-recover: {e}") from None
         return {"uri": real}
 
     def start_postcopy(self, args: dict) -> dict:
@@ -248,9 +294,13 @@ class Worker:
         """QEMU's RunState names for where the guest is."""
         st = self.status
         if self.role == "destination":
+            if st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+                return "paused"  # guest threads wait for pages the paused migration has not brought
             if self.workload is not None and self.workload.running:
                 return "running"  # postcopy: the guest runs here now
             return "paused" if st == S.COMPLETED else "inmigrate"
+        if st in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+            return "postmigrate"  # the guest left: it runs (or waits for pages) on the destination
         if st == S.COMPLETED:
             return "postmigrate"
         if st == S.DEVICE:
@@ -277,7 +327,11 @@ class Worker:
 
     def query_status(self, args: dict) -> dict:
         rs = self.run_state()
-        return {"status": rs, "running": rs == "running", "role": self.role,
+        out_reason = {}
+        if self.role == "destination" and self.status in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+            out_reason = {"reason": f"waiting for pages: the postcopy migration is {self.status} "
+                                    f"({self.migration.stats.error or 'a recovery is under way'})"}
+        return {"status": rs, "running": rs == "running", "role": self.role, **out_reason,
                 "migration": self.status, "guest": self.guest_shape(),
                 "control": self.endpoints.get("control"), "events": self.endpoints.get("events"),
                 "curve": self.curve, "worker": self.usage()}
@@ -297,7 +351,13 @@ class Worker:
             try:
                 m.cancel()
             except RuntimeError:
-                pass  # postcopy: cannot be cancelled; quitting now fails it on both sides
+                # Postcopy: cannot be cancelled. Quitting cuts the channels: the
+                # peer pauses; a paused thread here ends without resuming anything.
+                try:
+                    m.pause()
+                except RuntimeError:
+                    pass
+                m.quit()
             m.wait(SHUTDOWN_WAIT)
         if self.workload is not None:
             self.workload.stop()

@@ -492,7 +492,7 @@ def test_req_pages_without_block_is_rejected():
     (codec.encode_rp(C.MIG_RP_MSG_FERRY_DIGESTS, b""), "FERRY_DIGESTS: empty"),
     (codec.encode_rp(C.MIG_RP_MSG_FERRY_DIGESTS, b"\x01\x01a" + bytes(31)), "FERRY_DIGESTS: truncated"),
     (codec.encode_rp(C.MIG_RP_MSG_FERRY_DIGESTS, b"\x00\x00"), "1 trailing bytes"),
-    (codec.encode_rp(C.MIG_RP_MSG_RECV_BITMAP, b"\x09ab"), "RECV_BITMAP: length 3 too short"),
+    (codec.encode_rp(C.MIG_RP_MSG_RECV_BITMAP, b"\x09ab"), "RECV_BITMAP: length 3, name length 9 says 10"),
 ])
 def test_return_path_rejects(raw, msg):
     with pytest.raises(ProtocolError) as ei:

@@ -111,7 +111,8 @@ async def test_migration_through_the_control_plane(spawn):
         sq, dq = await wait_final(s), await wait_final(d)
 
     assert states(s_ev) in (["setup", "active", "device", "completed"], ["setup", "active", "completed"])
-    assert states(d_ev) == ["setup", "active", "completed"]
+    # device: loaded and verified, waiting for the source's verdict before the guest may run here.
+    assert states(d_ev) == ["setup", "active", "device", "completed"]
     passes = [e["data"]["pass"] for e in s_ev if e["event"] == "MIGRATION_PASS"]
     assert passes == list(range(1, len(passes) + 1)) and passes
     assert passes[-1] == sq["ram"]["dirty-sync-count"]
@@ -223,7 +224,9 @@ async def test_bad_input_gets_errors_and_the_worker_keeps_serving(spawn):
         await err(s, "migrate-set-capabilities", {"capabilities": [{"capability": "warp-drive", "state": True}]},
                   "'warp-drive'", "unknown")
         await err(s, "migrate-start-postcopy", None, "postcopy-ram")
-        await err(s, "migrate-pause", None, "not implemented")
+        await err(s, "migrate-pause", None, "no migration")
+        await err(d, "migrate-recover", {"uri": "tcp:127.0.0.1:0"}, "postcopy-paused", "none")
+        await err(s, "migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}, "postcopy-paused", "none")
         await err(s, "migrate-incoming", {"uri": "tcp:127.0.0.1:0"}, "destination", "source")
         await err(d, "migrate", {"uri": "tcp:127.0.0.1:1"}, "source", "destination")
         await err(d, "migrate-start-postcopy", None, "source")

@@ -235,6 +235,9 @@ def _raw_destination(events_until, reply):
                     buf, pos = buf[pos:] + chunk, 0  # a new buffer: events may still view the old one
                     continue
                 pos += n
+                if isinstance(ev, codec.Command) and ev.cmd == C.MIG_CMD_PING:
+                    # As a real destination: PONG, which also admits the switch to postcopy.
+                    conn.sendall(codec.encode_rp_pong(codec.parse_ping(ev.payload)))
                 if events_until(ev):
                     conn.sendall(reply)
                     break
@@ -278,13 +281,23 @@ def _postcopy_source(uri):
     (codec.encode_rp_req_pages(0, 2 << 20, None), ["REQ_PAGES before any REQ_PAGES_ID"]),
     (codec.encode_rp_shut(0) + codec.encode_rp_req_pages(0, 2 << 20, "pc.ram"), ["after completion"]),
 ])
-def test_return_path_garbage_fails_the_source_with_a_named_error(reply, words):
+def test_return_path_garbage_after_the_switch_pauses_the_source_with_a_named_error(reply, words):
+    """After the package with RUN left, bad input is a fault like any other: postcopy-paused,
+    never failed, and the source's guest is never resumed."""
     uri, t, result = _raw_destination(_is_package, reply)
     s = _postcopy_source(uri)
-    assert s.wait(30) == "failed"
-    for w in words:
-        assert w in s.stats.error, s.stats.error
-    t.join(10)
+    try:
+        assert s.sm.wait_for(("postcopy-paused", "failed", "completed"), 30) == "postcopy-paused"
+        for w in words:
+            assert w in s.stats.error, s.stats.error
+        assert ("postcopy-active", "fail", "postcopy-paused") not in [] and \
+            all(new != "failed" for _, _, new in s.sm.history)
+        t.join(10)
+        assert not t.is_alive() and result.get("closed")
+    finally:
+        s.quit()
+        s.wait(10)
+    assert s.status == "postcopy-paused"
 
 
 def test_request_outside_postcopy_is_rejected():
@@ -300,7 +313,7 @@ def test_request_outside_postcopy_is_rejected():
     t.join(10)
 
 
-def test_connection_lost_after_run_is_not_success_and_guest_stays_blocked():
+def test_connection_lost_after_run_pauses_and_guest_stays_blocked():
     """A raw source sends a stream up to RUN, with one page never sent, then vanishes."""
     d_ram = GuestRAM.create(8 << 20, 2 << 20)
     cfg = MigrationConfig()
@@ -332,8 +345,14 @@ def test_connection_lost_after_run_is_not_success_and_guest_stays_blocked():
     guest.start()
     time.sleep(0.3)
     sock.close()  # the source is gone
-    assert d.wait(10) == "failed"
+    # After RUN a fault pauses: the guest is here and waits for a recovery, never "failed".
+    assert d.sm.wait_for(("postcopy-paused", "failed"), 10) == "postcopy-paused"
     assert d.stats.error
     guest.join(1.0)
     assert guest.is_alive() and not reached  # it did not read a page that never arrived
-    assert d.query()["status"] == "failed"
+    assert d.query()["status"] == "postcopy-paused"
+    assert all(new != "failed" for _, _, new in d.sm.history)
+    d.quit()
+    assert d.wait(10) == "postcopy-paused"
+    guest.join(0.5)
+    assert guest.is_alive() and not reached  # still blocked: no page, no wake-up

@@ -100,17 +100,20 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          returns="[{capability, state}]"),
     Verb("query-migrate-parameters", "Every parameter and its value.", returns="{name: value}"),
     Verb("migrate", "Start migrating the guest to a destination that listens on uri "
-                    "(tcp:HOST:PORT, unix:PATH or file:PATH); returns at once, follow the events.",
-         {"uri": Arg((str,), "string")}, roles=_SOURCE),
+                    "(tcp:HOST:PORT, unix:PATH or file:PATH); returns at once, follow the events. "
+                    "With resume: true, recover a postcopy-paused migration over uri (the destination "
+                    "listens there after migrate-recover).",
+         {"uri": Arg((str,), "string"), "resume": Arg((bool,), "boolean", required=False)}, roles=_SOURCE),
     Verb("migrate-incoming", "Listen for an incoming migration on uri (tcp port 0 picks a free port); "
                              "returns the uri actually listened on.",
          {"uri": Arg((str,), "string")}, roles=_DEST, returns="{uri}"),
     Verb("migrate-start-postcopy", "Switch a running migration to postcopy (needs postcopy-ram).",
          roles=_SOURCE),
-    Verb("migrate-pause", "Pause a postcopy migration (not implemented in this version of Ferry).",
-         implemented=False),
-    Verb("migrate-recover", "Resume a paused postcopy migration (not implemented in this version of Ferry).",
-         {"uri": Arg((str,), "string")}, implemented=False),
+    Verb("migrate-pause", "Cut the channels of a postcopy migration on purpose: both sides enter "
+                          "postcopy-paused; recover with migrate-recover and migrate with resume."),
+    Verb("migrate-recover", "On a postcopy-paused destination: listen on uri for the source's recovery "
+                            "(migrate with resume: true); returns the uri actually listened on.",
+         {"uri": Arg((str,), "string")}, roles=_DEST, returns="{uri}"),
     Verb("query-migrate", "State and statistics of the current or last migration, plus the worker's "
                           "resource use.", returns="{status, ram, ..., worker}"),
     Verb("query-guest-progress", "The guest workload's progress series: wall-clock times, ms per GiB touched "

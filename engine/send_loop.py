@@ -1,0 +1,166 @@
+"""The source's send loop: turn scheduler orders into page records on the channels.
+
+The scheduler (engine/scheduler.py) decides what goes next and on which
+channel; this module sends it: the dirty target pages of an order, stopping
+early when a page request preempts an interruptible huge page, holding
+background pages while requested pages travel (postcopy-preempt), and the
+bandwidth estimate the stop decision uses (QEMU's migration_update_counters).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from .scheduler import PRECOPY, PageScheduler, SendOrder
+
+BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
+HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
+HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
+HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
+
+
+class SendLoop:
+    """Sends the orders of one migration's scheduler.
+
+    ``ram``: GuestRAM; ``bitmaps``: idstr -> PageBitmap of pages still to send;
+    ``lock``: guards the scheduler and the bitmaps against the return-path
+    thread; ``channels``: index = scheduler channel number (0 = PRECOPY);
+    ``stopping()``: true when the migration must stop sending (cancel, fault).
+    """
+
+    def __init__(self, ram, bitmaps: dict, sched: PageScheduler, lock: threading.Lock,
+                 stopping: Callable[[], bool]):
+        self.ram = ram
+        self.bitmaps = bitmaps
+        self.sched = sched
+        self.lock = lock
+        self.stopping = stopping
+        self.channels: list = []
+        self.hold_background = False  # preempt-hold-background, once in postcopy
+        self.urgent_busy = 0  # requested pages being sent by the return-path thread
+        # Bandwidth estimate (bytes/s) of the PRECOPY channel.
+        self.bandwidth = 0.0
+        self.mbps = 0.0
+        self.pages_per_second = 0.0
+        self._bw_t = time.monotonic()
+        self._bw_bytes = 0
+        self._bw_pages = 0
+
+    # --- orders ---
+    def execute(self, order: SendOrder) -> None:
+        """Send an order's dirty target pages; stop early if a request preempts it."""
+        blk = self.ram.blocks[order.block]
+        bm = self.bitmaps[blk.idstr]
+        ch = self.channels[order.channel]
+        sched = self.sched
+        if order.switched:
+            ch.reset_last_block()
+        interruptible = sched.interruptible(order)
+        hold = self.hold_background and order.channel == PRECOPY
+        # Where a request may make us stop early: between target pages of an
+        # interruptible huge page, anywhere in a run of small pages.
+        can_leave = interruptible or blk.tp_per_hp == 1
+        if interruptible:
+            step = 1  # stop at the next target-page boundary
+        elif hold:
+            step = min(order.end - order.start, HOLD_STEP_PAGES)
+        else:
+            step = order.end - order.start
+        # The destination assembles host pages in order once in postcopy; before,
+        # data pages first and zero pages after is cheaper to decode.
+        order_matters = sched.postcopy and blk.tp_per_hp > 1
+        p = order.start
+        while p < order.end:
+            if interruptible and sched.queue:
+                with self.lock:
+                    sched.preempted(order, p)
+                break
+            if hold and self.urgent_in_flight() and not self._hold(can_leave):
+                if interruptible:
+                    with self.lock:
+                        sched.preempted(order, p)
+                break  # small pages: the rest stays dirty and goes out later
+            with self.lock:
+                q = bm.next_set(p, order.end)
+                if q >= order.end:
+                    break
+                e = bm.next_clear(q, min(order.end, q + step))
+                bm.bits[q:e] = False
+            ch.send_range(blk, q, e, ordered=order_matters)
+            p = e
+        if order.requested:
+            ch.flush()  # the destination's guest is waiting for it
+
+    def send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
+        """Send orders until ``budget`` seconds are spent or ``stop()``.
+
+        Returns True when nothing is left to send.
+        """
+        deadline = None if budget is None else time.monotonic() + budget
+        while True:
+            with self.lock:
+                order = self.sched.next()
+            if order is None:
+                return True
+            self.execute(order)
+            if self.stopping():
+                return False
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            if stop is not None and stop():
+                return False
+
+    # --- holding background pages behind requested ones ---
+    def urgent_in_flight(self) -> bool:
+        """Requested pages are still on their way: being queued, or in a POSTCOPY socket."""
+        return self.urgent_busy > 0 or any(pc.writer.transport.outq() > 0 for pc in self.channels[1:])
+
+    def _hold(self, can_leave: bool) -> bool:
+        """Hold background pages while requested pages travel, so they get the whole link.
+
+        Returns False when a new request came in and the caller may stop to
+        serve it. Never longer than HOLD_MAX: a stalled POSTCOPY channel must
+        not stop the background.
+        """
+        deadline = time.monotonic() + HOLD_MAX
+        while self.urgent_in_flight() and not self.stopping():
+            if can_leave and self.sched.queue:
+                return False
+            if time.monotonic() > deadline:
+                break
+            time.sleep(HOLD_POLL)
+        return True
+
+    # --- figures ---
+    def pages_sent(self) -> int:
+        """Target pages sent so far, on all channels (each channel counts its own)."""
+        return sum(c.normal_pages + c.zero_pages for c in self.channels)
+
+    def reset_bandwidth(self, now: float) -> None:
+        self.bandwidth = 0.0
+        self._bw_t, self._bw_bytes, self._bw_pages = now, 0, 0
+
+    def update_bandwidth(self, since: float, force: bool = False) -> None:
+        """Every BANDWIDTH_WINDOW: the PRECOPY channel's rate (bytes/s) for the stop decision.
+
+        ``since``: when sending began (monotonic s). The estimate is never above
+        the average since then: early windows can be far faster than the
+        destination's sustained pace (socket buffers absorbing, fresh memory
+        not yet slowing it), and the stop-and-copy runs at the sustained pace.
+        """
+        now = time.monotonic()
+        dt = now - self._bw_t
+        if dt < BANDWIDTH_WINDOW and not force:
+            return
+        total = self.channels[0].transferred
+        sent = total - self._bw_bytes
+        pages = self.pages_sent() - self._bw_pages
+        if dt > 0 and sent > 0:
+            window = sent / dt
+            self.mbps = window * 8 / 1e6
+            self.pages_per_second = pages / dt
+            elapsed = now - since
+            self.bandwidth = min(window, total / elapsed) if elapsed > 0 else window
+        self._bw_t, self._bw_bytes = now, total
+        self._bw_pages = self.pages_sent()
