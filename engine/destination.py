@@ -84,6 +84,7 @@ class MigrationDestination:
         self._cancel = False
         self._quit = False
         self._recover_cond = threading.Condition()
+        self._recoverable = threading.Event()  # paused, and the old connection is closed
         self._channel: RamRecvChannel | None = None
         self._transport = None
         self._assembler: HostPageAssembler | None = None
@@ -99,6 +100,7 @@ class MigrationDestination:
         self._pc_error: BaseException | None = None
         self._pc_expected = 0
         self._pc_connected = threading.Condition()
+        self._gen = 0  # connection generation: a recovery starts a new one
 
     @property
     def status(self) -> str:
@@ -146,8 +148,11 @@ class MigrationDestination:
 
         Raises RuntimeError unless postcopy-paused; ValueError/OSError for the URI.
         """
+        # A pause asked for by migrate-pause is visible at once; wait until the
+        # incoming thread has closed that connection (and its listener).
+        self._recoverable.wait(10)
         with self._recover_cond:
-            if self.status != ST.POSTCOPY_PAUSED:
+            if self.status != ST.POSTCOPY_PAUSED or not self._recoverable.is_set():
                 raise RuntimeError(f"migrate-recover: the migration is {self.status}; only a postcopy-paused "
                                    "migration can be recovered")
             if self.listener is not None:
@@ -281,10 +286,15 @@ class MigrationDestination:
         """A main channel is up: its loader, and the POSTCOPY channels' acceptor."""
         self._transport = transport
         self._channel = RamRecvChannel(QEMUFileReader(transport, name="precopy"), decoder, "precopy")
-        self._pc_threads, self._pc_channels, self._pc_assemblers = [], [], []
-        self._pc_error = None
+        with self._pc_connected:
+            # Threads of an earlier connection may still be ending: they check
+            # the generation and leave this connection alone.
+            self._gen += 1
+            self._pc_threads, self._pc_channels, self._pc_assemblers = [], [], []
+            self._pc_error = None
         if self._pc_expected:
-            threading.Thread(target=self._accept_channels, name="incoming-channels", daemon=True).start()
+            threading.Thread(target=self._accept_channels, args=(self._gen,), name="incoming-channels",
+                             daemon=True).start()
         else:
             self._close_listener()  # a further connection is refused
 
@@ -315,6 +325,7 @@ class MigrationDestination:
         self._closed_bytes += (self._channel.transferred if self._channel else 0)
         self._rp = QEMUFileWriter(transport, name="return-path")
         self._last_req_block = None
+        self._recoverable.clear()
         self._connected(transport, self._channel.decoder.resumed())
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
         self.sm.fire(ST.RECOVER, expect=ST.POSTCOPY_PAUSED)
@@ -372,9 +383,12 @@ class MigrationDestination:
         if self.status != ST.POSTCOPY_PAUSED or not self.stats.error:
             self.stats.error = str(e)
         self.faults.failed = self.stats.error
-        self.sm.try_fire(ST.FAIL, reason=self.stats.error)
+        # Close the old connection's sockets before the state says paused: a
+        # migrate-recover that follows must find nothing of it left to close.
         self._close_connection()
         self._close_listener()
+        self.sm.try_fire(ST.FAIL, reason=self.stats.error)
+        self._recoverable.set()
 
     def _close_connection(self) -> None:
         self._shutdown_channels()
@@ -436,17 +450,24 @@ class MigrationDestination:
                 self.listener.close()
                 self.listener = None
 
-    def _accept_channels(self) -> None:
+    def _accept_channels(self, gen: int) -> None:
         """Accept the POSTCOPY channels: the connections after the main one, in order."""
         try:
             for i in range(self._pc_expected):
                 t = self._accept()
+                if gen != self._gen:
+                    t.close()
+                    return
                 name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
                 ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name)
-                th = threading.Thread(target=self._channel_loop, args=(ch, asm), name=f"load-{name}", daemon=True)
+                th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen), name=f"load-{name}",
+                                      daemon=True)
                 with self._pc_connected:
+                    if gen != self._gen:
+                        t.close()
+                        return
                     self._pc_channels.append(ch)
                     self._pc_assemblers.append(asm)
                     self._pc_threads.append(th)
@@ -454,11 +475,12 @@ class MigrationDestination:
                 th.start()
         except Exception as e:  # noqa: BLE001
             if not self._done.is_set() and not self._cancel:
-                self._channel_failed(e)
+                self._channel_failed(e, gen)
         finally:
-            self._close_listener()  # beyond the expected number: refused
+            if gen == self._gen:
+                self._close_listener()  # beyond the expected number: refused
 
-    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler) -> None:
+    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int) -> None:
         """Loader of one POSTCOPY channel: bare page records until EOS."""
         try:
             while True:
@@ -474,11 +496,15 @@ class MigrationDestination:
                 asm.add(ev)
         except Exception as e:  # noqa: BLE001
             if not self._done.is_set() and not self._cancel and self.status not in S.FINAL_STATES:
-                self._channel_failed(e)
+                self._channel_failed(e, gen)
 
-    def _channel_failed(self, e: BaseException) -> None:
-        if self._pc_error is None:
-            self._pc_error = e
+    def _channel_failed(self, e: BaseException, gen: int) -> None:
+        with self._pc_connected:
+            if gen != self._gen:
+                return  # a channel of an earlier connection: already given up
+            if self._pc_error is None:
+                self._pc_error = e
+            self._pc_connected.notify_all()
         if self._channel is not None:
             self._channel.shutdown()  # fail (or pause) the whole migration, with this error
 

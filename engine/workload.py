@@ -131,10 +131,11 @@ class Workload:
         if not self._stop and self._threads:
             self.marks.append((time.time(), "stop"))
         self._stop = True
-        self._run.set()
+        self._run.set()  # wake paused threads so they see _stop
         for t in self._threads:
             t.join(5)
         self._threads.clear()
+        self._run.clear()  # stopped: not running
 
     def progress(self) -> dict:
         """The progress series: wall-clock times, ms/GiB per interval, and pause/resume marks."""
