@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PAUSED = 0, 1, 2, 3, 4
 
 
 # --- option groups -----------------------------------------------------------
@@ -219,7 +219,9 @@ async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view:
         return await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
                                    timeout=args.migration_timeout,
                                    on_progress=view.on_progress if view else None,
-                                   on_event=view.on_event if view else None)
+                                   on_event=view.on_event if view else None,
+                                   timeout_action=getattr(args, "timeout_action", "cancel"),
+                                   resume=getattr(args, "resume", False))
 
 
 def _report(out, console) -> None:
@@ -258,6 +260,14 @@ def cmd_migrate(args) -> int:
         _print_json(out.to_dict())
     else:
         _report(out, console)
+    if out.paused:
+        if not args.json:
+            why = out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
+            console.print(f"\n[bold yellow]postcopy-paused[/] on both sides ({why}). The guest waits on the "
+                          "destination; nothing is lost. When the link is back, recover with:\n"
+                          f"  ferry migrate --resume --source {args.source} --destination {args.destination}"
+                          + (f" --uri {args.uri}" if args.uri else ""), highlight=False)
+        return EXIT_PAUSED
     return EXIT_OK if out.verified else EXIT_FAILED
 
 
@@ -641,7 +651,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_migration_options(m)
     add_client_options(m)
     m.add_argument("--migration-timeout", type=float, default=600.0,
-                   help="cancel the migration after this many seconds (default 600)")
+                   help="after this many seconds apply --timeout-action (default 600)")
+    m.add_argument("--timeout-action", choices=("cancel", "postcopy", "pause"), default="cancel",
+                   help="on --migration-timeout: cancel (precopy only; a postcopy migration cannot be "
+                        "cancelled and is followed on), postcopy (switch to postcopy), pause (migrate-pause "
+                        "in postcopy; cancel in precopy). As virsh migrate --timeout/--timeout-postcopy")
+    m.add_argument("--resume", action="store_true",
+                   help="recover a postcopy-paused migration: migrate-recover on the destination (on --uri), "
+                        "then migrate with resume on the source; exit 4 if it pauses again")
     m.set_defaults(func=cmd_migrate)
 
     q = sub.add_parser("query", help="state of a worker and its migration")

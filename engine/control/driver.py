@@ -9,6 +9,15 @@ until both sides reach a final state, then compare both sides'
 
 The workers do not need the controller once ``migrate`` returned: if it goes
 away, the migration carries on.
+
+A postcopy migration that pauses (a fault after the switch) ends the run with
+both sides ``postcopy-paused`` (``Outcome.paused``); ``resume=True`` drives its
+recovery: ``migrate-recover`` on the destination, then ``migrate`` with
+``resume: true`` on the source. On ``timeout`` the ``timeout_action`` applies,
+as libvirt's ``virsh migrate --timeout`` does: ``cancel`` (precopy only: a
+postcopy migration cannot be cancelled, it is followed on), ``postcopy``
+(switch to postcopy; needs postcopy-ram) or ``pause`` (postcopy: migrate-pause;
+precopy: cancel).
 """
 from __future__ import annotations
 
@@ -43,6 +52,14 @@ class Outcome:
     params: dict = field(default_factory=dict)
     wall_time: float = 0.0
     timed_out: bool = False
+    timeout_action: str | None = None  # what was done when the timeout expired
+    resumed: bool = False  # this run was a recovery of a paused migration
+
+    @property
+    def paused(self) -> bool:
+        """Both sides are postcopy-paused: the guest waits on the destination for a recovery."""
+        return (self.source.get("status") == S.POSTCOPY_PAUSED
+                and self.destination.get("status") == S.POSTCOPY_PAUSED)
 
     @property
     def completed(self) -> bool:
@@ -65,7 +82,9 @@ class Outcome:
         return [e["data"].get("pass") for e in self.events["source"] if e.get("event") == "MIGRATION_PASS"]
 
     def to_dict(self) -> dict:
-        return {"result": "verified" if self.verified else ("completed" if self.completed else "failed"),
+        result = ("verified" if self.verified else "completed" if self.completed
+                  else "postcopy-paused" if self.paused else "failed")
+        return {"result": result, "timeout-action": self.timeout_action, "resumed": self.resumed,
                 "verified": self.verified, "digests-match": self.digests_match, "uri": self.uri,
                 "timed-out": self.timed_out, "wall-time": round(self.wall_time, 3),
                 "capabilities": self.caps, "parameters": self.params,
@@ -135,14 +154,27 @@ def _final_seen(events: list) -> bool:
     return any(e.get("event") == "MIGRATION" and e["data"].get("status") in S.FINAL_STATES for e in events)
 
 
+TIMEOUT_ACTIONS = ("cancel", "postcopy", "pause")
+
+
 async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None = None,
                         caps: dict | None = None, params: dict | None = None, timeout: float = 300.0,
                         on_progress: Callable[[dict, dict], None] | None = None,
                         on_event: Callable[[str, dict], None] | None = None,
-                        on_started: Callable[[str], None] | None = None) -> Outcome:
-    """Migrate from ``src`` to ``dst`` and wait for the end; see the module docstring."""
+                        on_started: Callable[[str], None] | None = None,
+                        timeout_action: str = "cancel", resume: bool = False) -> Outcome:
+    """Migrate from ``src`` to ``dst`` and wait for the end; see the module docstring.
+
+    Raises DriverError for workers that cannot migrate to each other (or, with
+    ``resume``, a migration that is not paused on both), ControlError when a
+    worker does not answer, CommandFailed when a verb is refused.
+    """
+    if timeout_action not in TIMEOUT_ACTIONS:
+        raise DriverError(f"timeout action {timeout_action!r}: expected one of {', '.join(TIMEOUT_ACTIONS)}")
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    if resume:
+        return await _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action, t0)
     s_status, d_status = await prepare(src, dst, caps, params)
     s_events, d_events = await asyncio.gather(src.events(), dst.events())
     out = Outcome(uri="", source={}, destination={}, status_before={"source": s_status, "destination": d_status})
@@ -160,7 +192,7 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
             raise
         if on_started is not None:
             on_started(out.uri)
-        sq, dq = await _follow(src, dst, t0 + timeout, on_progress, out)
+        sq, dq = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
         # The last MIGRATION events may still be on their way.
         drain_until = loop.time() + EVENT_DRAIN
         while loop.time() < drain_until and not (_final_seen(out.events["source"])
@@ -179,8 +211,56 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
     return out
 
 
+async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action, t0) -> Outcome:
+    """Recover a postcopy-paused migration and follow it to its end."""
+    loop = asyncio.get_running_loop()
+    sq, dq = await asyncio.gather(src.call("query-migrate"), dst.call("query-migrate"))
+    if sq["status"] != S.POSTCOPY_PAUSED or dq["status"] != S.POSTCOPY_PAUSED:
+        raise DriverError(f"nothing to resume: the source is {sq['status']} and the destination "
+                          f"{dq['status']}; --resume needs both postcopy-paused")
+    s_events, d_events = await asyncio.gather(src.events(), dst.events())
+    out = Outcome(uri="", source={}, destination={}, resumed=True)
+    tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
+             asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
+    try:
+        listening = (await dst.call("migrate-recover", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
+        out.uri = dialable_uri(listening, dst.endpoint)
+        await src.call("migrate", {"uri": out.uri, "resume": True})
+        out.source, out.destination = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
+        out.status_after = {"source": await src.call("query-status"),
+                            "destination": await dst.call("query-status")}
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        s_events.close()
+        d_events.close()
+    out.wall_time = loop.time() - t0
+    return out
+
+
+async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: str) -> str:
+    """Apply the timeout action to the migration's state now; returns what was done."""
+    st = sq["status"]
+    postcopy = st in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
+    if postcopy:
+        if action == "pause" and st != S.POSTCOPY_PAUSED:
+            await src.call("migrate-pause")
+            return "paused"
+        return "none: past the switch to postcopy a migration cannot be cancelled; followed to its end"
+    if action == "postcopy":
+        try:
+            await src.call("migrate-start-postcopy")
+            return "switched to postcopy"
+        except CommandFailed as e:
+            return f"none: {e}"
+    await src.call("migrate-cancel")
+    await dst.call("migrate-cancel")
+    return "cancelled"
+
+
 async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
-                  on_progress, out: Outcome) -> tuple[dict, dict]:
+                  on_progress, out: Outcome, timeout_action: str = "cancel") -> tuple[dict, dict]:
     loop = asyncio.get_running_loop()
     src_final_at = None
     while True:
@@ -190,6 +270,8 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
         s_done, d_done = sq["status"] in S.FINAL_STATES, dq["status"] in S.FINAL_STATES
         if s_done and d_done:
             return sq, dq
+        if sq["status"] == S.POSTCOPY_PAUSED and dq["status"] == S.POSTCOPY_PAUSED:
+            return sq, dq  # a recovery is the user's call (ferry migrate --resume)
         now = loop.time()
         if s_done and src_final_at is None:
             src_final_at = now
@@ -199,10 +281,10 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
             await dst.call("migrate-cancel")
         if now > deadline and not out.timed_out:
             out.timed_out = True
-            await src.call("migrate-cancel")
-            await dst.call("migrate-cancel")
-            deadline = now + 10  # let both report their final state
-        elif out.timed_out and now > deadline:
+            out.timeout_action = await _on_timeout(src, dst, sq, timeout_action)
+            if out.timeout_action == "cancelled":
+                deadline = now + 10  # let both report their final state
+        elif out.timed_out and now > deadline and out.timeout_action == "cancelled":
             return sq, dq
         await asyncio.sleep(POLL)
 

@@ -81,6 +81,9 @@ def render(out: Outcome) -> list[str]:
                      f"block(s) match)")
     elif out.completed:
         lines.append("[bold red]Result: DIGESTS DIFFER[/] - both sides completed but report different memory")
+    elif out.paused:
+        lines.append("[bold yellow]Result: POSTCOPY-PAUSED[/] - a fault after the switch: the guest is on the "
+                     "destination and waits there for the pages the source keeps; recover with --resume")
     else:
         why = "timed out, cancelled by the controller; " if out.timed_out else ""
         lines.append(f"[bold red]Result: FAILED[/] - {why}{_failure('source', s)}, {_failure('destination', d)}")
