@@ -40,6 +40,9 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
                    help="a destination worker backs its RAM when it starts (QEMU's -mem-prealloc), so "
                         "faulting fresh memory in does not slow the migration and throw off the downtime "
                         "estimate; this leaves it to first touch instead")
+    g.add_argument("-S", "--no-autostart", dest="autostart", action="store_false",
+                   help="a destination does not start the guest when a precopy migration completes; "
+                        "`cont` starts it (QEMU's -S)")
     g.add_argument("--fill", default="mixed", choices=("zero", "pattern", "random", "mixed"),
                    help="initial contents on the source (mixed: 1 page in 4 is zero)")
     g.add_argument("--workload-threads", type=int, default=1,
@@ -73,6 +76,8 @@ def guest_options(args) -> list[str]:
         out += ["--workload-batch", str(args.workload_batch)]
     if not args.mem_prealloc:
         out.append("--no-mem-prealloc")
+    if not getattr(args, "autostart", True):
+        out.append("-S")
     return out
 
 
@@ -83,7 +88,8 @@ def make_guest(args):
                         fill=args.fill, workload_threads=args.workload_threads,
                         workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate,
                         write_ratio=args.workload_write_ratio, hot_fraction=args.workload_hot_fraction,
-                        zipf_a=args.workload_zipf_a, batch=args.workload_batch, prealloc=args.mem_prealloc)
+                        zipf_a=args.workload_zipf_a, batch=args.workload_batch, prealloc=args.mem_prealloc,
+                        autostart=getattr(args, "autostart", True))
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:

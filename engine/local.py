@@ -30,6 +30,8 @@ class GuestConfig:
     dest_workload: WorkloadConfig | None = None
     # Back the destination's RAM before the migration (QEMU's -mem-prealloc).
     dest_prealloc: bool = False
+    # A destination starts the guest once the migration completed (QEMU without -S).
+    autostart: bool = True
 
     def make_ram(self, prealloc: bool = False) -> GuestRAM:
         return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks,

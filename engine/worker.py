@@ -73,6 +73,8 @@ class Worker:
             if self.workload is not None:
                 self.workload.start()
         self.migration: MigrationSource | MigrationDestination | None = None
+        self._migration_role = role  # the role this worker had in self.migration
+        self._user_stopped = False  # the guest was stopped with `stop`
         self.emit: Callable[[str, dict], None] = lambda name, data: None
         self.request_stop: Callable[[], None] = lambda: None
         self.endpoints: dict[str, str] = {}
@@ -92,6 +94,8 @@ class Worker:
             "query-postcopy-latency": self.query_postcopy_latency,
             "migrate-cancel": self.cancel,
             "migrate-pause": self.pause,
+            "stop": self.stop,
+            "cont": self.cont,
             "migrate-recover": self.recover,
             "query-status": self.query_status,
             "query-commands": self.query_commands,
@@ -104,12 +108,20 @@ class Worker:
         if not spec.implemented:
             raise _err(f"{verb} is not implemented in this version of Ferry")
         if self.role not in spec.roles:
-            raise _err(f"{verb} runs on a {' or '.join(spec.roles)} worker; this worker is a {self.role}")
+            why = ""
+            if self.migration is not None and self._migration_role != self.role:
+                why = (" (the guest has already migrated: it runs on the destination now, and this worker can "
+                       "receive the next migration)" if self.role == "destination" else
+                       " (the guest arrived here: this worker can send it on)")
+            raise _err(f"{verb} runs on a {' or '.join(spec.roles)} worker; this worker is a {self.role}{why}")
         return self._handlers[verb](args)
 
     @property
     def status(self) -> str:
-        return self.migration.status if self.migration is not None else S.NONE
+        """State of this worker's migration in its current role (none after a role change)."""
+        if self.migration is None or self._migration_role != self.role:
+            return S.NONE
+        return self.migration.status
 
     def _require_idle(self, verb: str) -> None:
         if self.status in IN_PROGRESS:
@@ -119,6 +131,64 @@ class Worker:
     def _on_event(self, name: str, data: dict) -> None:
         # Called from migration threads; emit is thread-safe.
         self.emit(name, data)
+        if name == "MIGRATION" and data.get("status") == S.COMPLETED:
+            self._migration_completed()
+
+    # --- the guest's life cycle ---
+    def _migration_completed(self) -> None:
+        """The guest changed hands: roles swap, and a destination may start its guest.
+
+        A destination whose migration completed owns the guest and can be the
+        source of the next migration; a source whose guest left can receive
+        the next one (testbeds migrate a guest back and forth).
+        """
+        m = self.migration
+        if self.role == "destination":
+            self.role = "source"
+            wl = self.workload
+            if wl is not None:
+                wl.access_hook = None  # every page is here now
+                if not wl.running and self.guest.autostart:
+                    wl.restore(m.guest_state or {})
+                    wl.start()
+                    self.emit("RESUME", {"reason": "migration completed (autostart)"})
+        else:
+            self.role = "destination"
+            self.emit("STOP", {"reason": "migrated: the guest runs on the destination"})
+
+    def stop(self, args: dict) -> dict:
+        """QMP stop: pause the guest where it runs (a no-op where it is stopped already)."""
+        wl = self.workload
+        if wl is not None and wl.running:
+            wl.pause()
+            self._user_stopped = True
+            self.emit("STOP", {"reason": "stop"})
+        return {}
+
+    def cont(self, args: dict) -> dict:
+        """QMP cont: run the guest here, if it belongs here (engine/states.py says where it may run)."""
+        wl = self.workload
+        st = self.status
+        if self.role == "source":
+            # After a role change (the guest arrived here) the status is none: ours to run.
+            if not ST.STATES[st].source_guest_may_run:
+                raise _err(f"cont: the guest may not run on this source while the migration is {st} "
+                           f"({ST.STATES[st].doc})")
+        else:
+            m = self.migration
+            lost = m is not None and getattr(m, "verdict", None) == "lost" and st == S.DEVICE
+            if not (ST.STATES[st].dest_guest_may_run and st == S.COMPLETED) and not lost:
+                raise _err(f"cont: no guest to run on this destination while the migration is {st} "
+                           f"({ST.STATES[st].doc})")
+        if wl is None:
+            return {}
+        if not wl.running:
+            if self.role == "destination" and self.migration is not None:
+                wl.restore(self.migration.guest_state or {})  # outcome-unknown: the user's decision
+            wl.start() if not wl._threads else wl.resume()
+            self._user_stopped = False
+            self.emit("RESUME", {"reason": "cont"})
+        return {}
 
     # --- capabilities and parameters (validated by engine.params) ---
     def set_capabilities(self, args: dict) -> dict:
@@ -188,23 +258,25 @@ class Worker:
             m.start(uri)
         except (RuntimeError, ValueError) as e:
             raise _err(f"migrate: {e}") from None
-        self.migration = m
+        self.migration, self._migration_role = m, "source"
         return {}
 
     def migrate_incoming(self, args: dict) -> dict:
-        if self.migration is not None and self.status not in (S.FAILED, S.CANCELLED):
+        if self.migration is not None and self.status not in (S.NONE, S.FAILED, S.CANCELLED):
             if self.status in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
                 raise _err(f"migrate-incoming: the guest runs here and waits for pages of the paused "
                            f"migration (status {self.status}); use migrate-recover")
             raise _err(f"migrate-incoming: the incoming migration has already been started "
                        f"(status {self.status})")
+        if self.workload is not None and self.workload.running:
+            self.workload.pause()  # a stale copy: it runs again only if a guest arrives
         dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload)
         try:
             real = dest.listen(args["uri"])
         except (ValueError, OSError) as e:
             raise _err(f"migrate-incoming: {e}") from None
         dest.start()
-        self.migration = dest
+        self.migration, self._migration_role = dest, "destination"
         return {"uri": real}
 
     def pause(self, args: dict) -> dict:
@@ -264,7 +336,7 @@ class Worker:
             passes = getattr(self.migration, "passes", None)
             if passes is not None:
                 out["passes"] = list(passes)
-        out["role"] = self.role
+        out["role"] = self._migration_role if self.migration is not None else self.role  # in this migration
         out["worker"] = self.usage()
         return out
 
@@ -293,6 +365,10 @@ class Worker:
     def run_state(self) -> str:
         """QEMU's RunState names for where the guest is."""
         st = self.status
+        m = self.migration
+        if (self.role == "destination" and m is not None and self._migration_role == "source"
+                and m.status == S.COMPLETED):
+            return "postmigrate"  # the guest left; this worker can receive the next migration
         if self.role == "destination":
             if st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
                 return "paused"  # guest threads wait for pages the paused migration has not brought
@@ -332,7 +408,7 @@ class Worker:
             out_reason = {"reason": f"waiting for pages: the postcopy migration is {self.status} "
                                     f"({self.migration.stats.error or 'a recovery is under way'})"}
         return {"status": rs, "running": rs == "running", "role": self.role, **out_reason,
-                "migration": self.status, "guest": self.guest_shape(),
+                "migration": self.migration.status if self.migration is not None else S.NONE, "guest": self.guest_shape(),
                 "control": self.endpoints.get("control"), "events": self.endpoints.get("events"),
                 "curve": self.curve, "worker": self.usage()}
 
@@ -369,7 +445,7 @@ class Worker:
 
 def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
                  workload_threads=1, workload_pattern="hotset", dirty_rate="32M", write_ratio=1.0,
-                 hot_fraction=0.1, zipf_a=1.2, batch=None, prealloc=True) -> GuestConfig:
+                 hot_fraction=0.1, zipf_a=1.2, batch=None, prealloc=True, autostart=True) -> GuestConfig:
     """A GuestConfig from CLI-style values (sizes as strings with K/M/G)."""
     from .ram import parse_size
     from .workload import WorkloadConfig
@@ -389,7 +465,7 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
             wl.batch = batch
         wl.validate()
     return GuestConfig(size=nbytes, page_size=page, backing=backing,
-                       nblocks=blocks, fill=fill, workload=wl, dest_prealloc=prealloc)
+                       nblocks=blocks, fill=fill, workload=wl, dest_prealloc=prealloc, autostart=autostart)
 
 
 async def _serve(worker: Worker, control: str, events: str | None, keys: ServerKeys | None,

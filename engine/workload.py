@@ -96,6 +96,9 @@ class Workload:
         return self._run.is_set()
 
     def start(self) -> None:
+        """Start (or start again, after stop()) the guest's threads."""
+        if not self._threads:
+            self._stop = False
         if self._threads or self.config.threads == 0:
             self._run.set()
             return

@@ -276,9 +276,17 @@ async def test_requests_in_the_wrong_state(spawn):
         assert sq["status"] == dq["status"] == "completed" and sq["digests"] == dq["digests"]
         with pytest.raises(CommandFailed, match="already migrated"):
             await s.call("migrate", {"uri": inc["uri"]})
-        with pytest.raises(CommandFailed, match="already been started"):
+        with pytest.raises(CommandFailed, match="the guest arrived here"):
             await d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         assert (await s.call("query-status"))["status"] == "postmigrate"
+        # The roles swap with the guest: it can go back the way it came.
+        assert (await d.call("query-status"))["role"] == "source"
+        back = await s.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await d.call("migrate", {"uri": back["uri"]})
+        bq, bs = await wait_final(d), await wait_final(s)
+        assert bq["status"] == bs["status"] == "completed" and bq["digests"] == bs["digests"]
+        assert (await s.call("query-status"))["status"] == "running"  # autostart
+        assert (await d.call("query-status"))["status"] == "postmigrate"
 
 
 async def test_failed_connection_is_reported(spawn, tmp_path):

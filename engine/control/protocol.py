@@ -124,7 +124,11 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("query-postcopy-latency", "Raw postcopy request latencies in microseconds (request sent -> host page "
                                    "placed), all of them and per channel that placed the page, for CDF "
                                    "plots; empty before postcopy.",
-         roles=_DEST, returns="{all: [us], CHANNEL: [us]}"),
+         returns="{all: [us], CHANNEL: [us]}"),
+    Verb("stop", "Pause the guest where it runs (QMP stop); event STOP."),
+    Verb("cont", "Run the guest here if it belongs here (QMP cont): a source's guest before or after a "
+                 "failed migration, a destination's after its migration completed (or, by the user's "
+                 "decision, when the source's verdict was lost); event RESUME."),
     Verb("migrate-cancel", "Cancel the migration; a source's guest goes on running where it is."),
     Verb("query-status", "Run state of the guest, the worker's role, guest shape, endpoints and "
                          "resource use.", returns="{status, running, role, ...}"),

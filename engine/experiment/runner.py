@@ -300,9 +300,10 @@ class HostsLink:
                     problem = (f"{role} worker at {ep}: {e}", True)
                     break
                 mig = st.get("migration")
-                if st.get("role") != role:
+                if st.get("role") != role and mig != S.COMPLETED:
                     raise RunnerError(f"[hosts] {role} = {ep} is a {st.get('role')} worker")
-                if mig not in (S.NONE, S.FAILED, S.CANCELLED) or (role == "source" and not st.get("running")):
+                if (mig not in (S.NONE, S.FAILED, S.CANCELLED) or st.get("role") != role
+                        or (role == "source" and not st.get("running"))):
                     problem = (f"{role} worker at {ep} is not ready for a new migration (guest {st.get('status')}, "
                                f"migration {mig}); a worker migrates one guest: restart it (set [hosts] "
                                "quit-after-run = true and run the workers in a restart loop)", self.quit_after)
