@@ -18,6 +18,7 @@ import numpy as np
 
 from channels import codec
 from channels import constants as C
+from channels.errors import ChannelError
 
 GUEST_DEVICE = "ferry-guest"  # Ferry's own device section: the workload's state
 GUEST_DEVICE_VERSION = 1
@@ -92,8 +93,15 @@ def end_postcopy_channels(channels: list, lock) -> None:
     A return-path send that claimed a page holds its channel's lock already
     (taken under ``lock``, the scheduler lock), so EOS cannot overtake it.
     """
+    n = len(channels) - 1
     with lock:
-        for pc in channels[1:]:
+        for i, pc in enumerate(channels[1:], 1):
             with pc.lock:
-                pc.send_eos()
-                pc.flush()
+                try:
+                    pc.send_eos()
+                    pc.flush()
+                except ChannelError as e:
+                    # A destination without postcopy-preempt refuses the extra
+                    # connection; the source learns it here at the latest.
+                    raise ChannelError(f"POSTCOPY channel {i} of {n}: {e} (is postcopy-preempt with the same "
+                                       "postcopy-channels enabled on the destination?)") from e
