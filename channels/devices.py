@@ -220,9 +220,14 @@ def try_device_tail(buf) -> DeviceTail | None:
     return None
 
 
-def tail_error(nbytes: int) -> DeviceStateError:
-    """The stream ended inside device state that no vmdesc delimits."""
-    return DeviceStateError(f"device state: the stream ended {nbytes} bytes after the first device section "
+def tail_error(tail) -> DeviceStateError:
+    """The stream ended inside device state (``tail``: its bytes) that no vmdesc delimits."""
+    try:
+        sid, idstr, inst, _ = first_section(bytes(tail))
+        first = f"device section {idstr!r} (section id {sid}, instance {inst})"
+    except DeviceStateError:
+        first = "the first device section"
+    return DeviceStateError(f"device state: the stream ended {len(tail)} bytes after {first} "
                             "without a VM description (vmdesc) that delimits them; device sections have no "
                             "length and Ferry does not guess their end (was the stream saved with "
                             "suppress-vmdesc, or cut short?)")

@@ -348,7 +348,7 @@ class MigrationDestination:
                 if got_eof:
                     return
                 if ch.decoder.in_device_tail:
-                    raise D.tail_error(len(ch.decoder.tail))
+                    raise D.tail_error(ch.decoder.tail)
                 raise ProtocolError("stream ended before EOF")
             if isinstance(ev, codec.RamRun):
                 if self.listening:
