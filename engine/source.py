@@ -30,6 +30,7 @@ import numpy as np
 
 from channels import codec
 from channels import constants as C
+from channels.devices import GuestDevices
 from channels.channel import PostcopyChannel, PrecopyChannel
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
@@ -38,6 +39,7 @@ from channels.transport import connect, parse_uri
 from . import stats as S
 from .bitmap import PageBitmap
 from .params import MigrationConfig
+from .peer import COMPLETION_SHUT, peer_features
 from .ram import GuestRAM
 from .scheduler import PRECOPY, PageScheduler, SchedBlock, SendOrder
 from .workload import Workload
@@ -59,15 +61,22 @@ class MigrationCancelled(Exception):
     pass
 
 
-def vm_description(ram: GuestRAM) -> dict:
-    """The JSON description sent after EOF (what analyze-migration.py reads)."""
+def vm_description(ram: GuestRAM, guest_state_size: int | None = None) -> dict:
+    """The JSON description sent after EOF (what analyze-migration.py reads).
+
+    ``guest_state_size``: bytes of the ``ferry-guest`` state (JSON) when that
+    section was sent: described as a be32 length and a buffer, so a reader
+    walking the fields (QEMU's analyze-migration.py) finds its real size.
+    """
+    devs = []
+    if guest_state_size is not None:
+        devs.append({"name": GUEST_DEVICE, "instance_id": 0, "vmsd_name": GUEST_DEVICE,
+                     "version": GUEST_DEVICE_VERSION,
+                     "fields": [{"name": "length", "type": "uint32", "size": 4},
+                                {"name": "state", "type": "buffer", "size": guest_state_size}]})
     return {
         "page_size": C.TARGET_PAGE_SIZE,
-        "devices": [
-            {"name": GUEST_DEVICE, "instance_id": 0, "vmsd_name": GUEST_DEVICE,
-             "version": GUEST_DEVICE_VERSION,
-             "fields": [{"name": "state", "type": "buffer", "size": -1}]},
-        ],
+        "devices": devs,
         "ram": [{"name": b.idstr, "size": b.length, "page-size": b.page_size} for b in ram.blocks],
     }
 
@@ -85,7 +94,10 @@ class MigrationSource:
 
     def __init__(self, ram: GuestRAM, workload: Workload | None = None,
                  config: MigrationConfig | None = None,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None,
+                 devices: GuestDevices | None = None):
+        # ``devices``: device state carried from a QEMU stream, sent verbatim.
+        self.devices = devices
         self.ram = ram
         self.workload = workload
         self.config = config or MigrationConfig()
@@ -379,6 +391,7 @@ class MigrationSource:
             ch = self.channel = PrecopyChannel(writer)
             self.channels = [ch]
             ch.send_header()
+            self._send_configuration(ch)
             if use_rp:
                 ch.send_raw(codec.encode_open_return_path())
             if postcopy:
@@ -391,7 +404,7 @@ class MigrationSource:
             ch.flush()
             # POSTCOPY channels: further connections to the same address, opened
             # at setup as QEMU 7.2 does; the destination tells them by order.
-            for i in range(nchannels):
+            for i in range(nchannels if self._preempt_at_setup() else 0):
                 try:
                     t = connect(self.uri)
                 except ConnectionError as e:
@@ -399,7 +412,7 @@ class MigrationSource:
                                           "with the same postcopy-channels enabled on the destination?)") from e
                 name = "postcopy" if nchannels == 1 else f"postcopy{i + 1}"
                 self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
-            self._ram_section = ch.new_section_id()
+            self._ram_section = self._ram_section_id(ch)
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
             with self.ram.dirty_lock:
@@ -483,15 +496,29 @@ class MigrationSource:
         self._send_for(None)
         ch.send_eos()
         ch.section_footer(self._ram_section)
-        state = dict(self.workload.state()) if self.workload is not None else {}
-        if not use_rp:
-            # No return path to confirm on: the stream itself carries the digests.
-            state["digests"] = {n: d.hex() for n, d in self.ram.digests().items()}
-            st.digests = state["digests"]
-        ch.device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, json.dumps(state).encode())
-        # POSTCOPY channels opened at setup but never used still end with EOS.
-        self._end_postcopy_channels()
-        ch.send_eof(vm_description(self.ram))
+        dev = self.devices
+        if dev is not None and dev.device_bytes:
+            # Carried from a QEMU stream: sections, EOF and vmdesc as they came.
+            ch.send_raw(dev.device_bytes)
+            self._end_postcopy_channels()
+            ch.send_raw(codec.encode_eof())
+            if dev.vmdesc_raw is not None:
+                ch.send_raw(bytes([C.QEMU_VM_VMDESCRIPTION]) + len(dev.vmdesc_raw).to_bytes(4, "big")
+                            + dev.vmdesc_raw)
+        else:
+            state_size = None
+            if self.peer.guest_device:
+                state = dict(self.workload.state()) if self.workload is not None else {}
+                if not use_rp and self.peer.digests:
+                    # No return path to confirm on: the stream itself carries the digests.
+                    state["digests"] = {n: d.hex() for n, d in self.ram.digests().items()}
+                    st.digests = state["digests"]
+                payload = json.dumps(state).encode()
+                state_size = len(payload)
+                ch.device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, payload)
+            # POSTCOPY channels opened at setup but never used still end with EOS.
+            self._end_postcopy_channels()
+            ch.send_eof(vm_description(self.ram, state_size))
         ch.flush()
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
         st.remaining = 0
@@ -512,10 +539,18 @@ class MigrationSource:
                       for p, n in dirty_ranges(self.bitmaps[b.idstr].bits)]
             for cmd in codec.encode_postcopy_discard(b.idstr, ranges):
                 ch.send_raw(cmd)
-        state = dict(self.workload.state()) if self.workload is not None else {}
-        blob = (codec.encode_postcopy_listen()
-                + codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION,
-                                           json.dumps(state).encode())
+        if not self._preempt_at_setup():
+            self._open_postcopy_channels()  # QEMU 8.0+: at the switch
+        dev = self.devices
+        if dev is not None and dev.device_bytes:
+            device_part = dev.device_bytes  # carried verbatim from a QEMU stream
+        elif self.peer.guest_device:
+            state = dict(self.workload.state()) if self.workload is not None else {}
+            device_part = codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION,
+                                                   json.dumps(state).encode())
+        else:
+            device_part = b""
+        blob = (codec.encode_postcopy_listen() + device_part
                 + codec.encode_ping(PING_RUN) + codec.encode_postcopy_run())
         ch.send_raw(codec.encode_packaged(blob))
         ch.flush()
@@ -573,8 +608,60 @@ class MigrationSource:
             base = delivered / elapsed if elapsed > 0 else 0
         return int(base * PACE_SHARE)
 
+    # --- peer and dialect (engine/peer.py) ---
+    @property
+    def peer(self):
+        return peer_features(self.config.param("peer"))
+
+    def _preempt_at_setup(self) -> bool:
+        """QEMU 7.2 opens POSTCOPY channels at setup and ends them with EOS; 8.0+ at the switch, no EOS."""
+        return self.config.param("preempt-dialect") == "qemu-7.2"
+
+    def _send_configuration(self, ch: PrecopyChannel) -> None:
+        """CONFIGURATION after the header for a QEMU peer: the guest's own record, verbatim, or machine-type."""
+        if not self.peer.configuration:
+            return
+        dev = self.devices
+        if dev is not None and dev.configuration is not None:
+            ch.send_raw(dev.configuration)
+        else:
+            ch.send_raw(codec.encode_configuration(self.config.param("machine-type")))
+
+    def _ram_section_id(self, ch: PrecopyChannel) -> int:
+        """The ram section's id: the one the guest's QEMU stream used, else a fresh non-zero one.
+
+        A QEMU destination matches PART/END to handlers by the id their START
+        carried; handlers not started answer to 0, so 0 is never used.
+        """
+        dev = self.devices
+        if dev is not None and dev.ram_section_id:
+            used = dev.section_ids()
+            ch.reserve_section_ids(used | {dev.ram_section_id})
+            return dev.ram_section_id
+        return ch.new_section_id()
+
+    def _open_postcopy_channels(self) -> None:
+        """Connect the POSTCOPY channels (further connections to the same address)."""
+        n = self.config.param("postcopy-channels") if self.config.cap("postcopy-preempt") else 0
+        for i in range(n):
+            try:
+                t = connect(self.uri)
+            except ConnectionError as e:
+                raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
+                                      "with the same postcopy-channels enabled on the destination?)") from e
+            name = "postcopy" if n == 1 else f"postcopy{i + 1}"
+            self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
+
     def _end_postcopy_channels(self) -> None:
-        """EOS on every POSTCOPY channel, after any page already claimed for it."""
+        """EOS on every POSTCOPY channel, after any page already claimed for it.
+
+        Not with the QEMU 8.0+ dialect, whose channels end without EOS.
+        """
+        if not self._preempt_at_setup():
+            for pc in self.channels[1:]:
+                with pc.lock:
+                    pc.flush()
+            return
         with self._lock:
             # A return-path send that claimed a page holds its channel's lock
             # already (taken under this lock), so EOS cannot overtake it.
@@ -699,6 +786,15 @@ class MigrationSource:
         self._check_cancel()
         if self._rp_shut is None:
             raise ChannelError("destination did not confirm the load in time")
+        if self.peer.completion == COMPLETION_SHUT:
+            # A QEMU destination sends SHUT(0) and closes the return path; no digests.
+            self.stats.extra["completion"] = "shut"
+            if self._rp_thread is not None:
+                self._rp_thread.join(max(0.0, deadline - time.monotonic()))
+                if self._rp_thread.is_alive():
+                    raise ChannelError("destination confirmed (SHUT 0) but did not close the return path")
+            return
+        self.stats.extra["completion"] = "digests"
         ours = self.ram.digests()
         with self._rp_event:
             while self._rp_digests is None and self._rp_error is None:
