@@ -28,7 +28,7 @@ from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
 from . import stats as S
-from .layout import LayoutLimits, page_size_summary, ram_from_layout
+from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .params import MigrationConfig
 from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
@@ -385,6 +385,7 @@ class MigrationDestination:
         elif isinstance(ev, codec.RamBlockList):
             self._take_layout(ev)
         elif isinstance(ev, codec.Configuration):
+            check_machine_type(ev.name, self.layout)
             self.devices.configuration = ev.raw
             self.stats.extra["machine-type"] = ev.name
         elif isinstance(ev, codec.SectionStart) and ev.idstr == C.RAM_SECTION_IDSTR:

@@ -31,13 +31,15 @@ class LayoutLimits:
 
     ``max_total``: bytes over all blocks; ``max_blocks``: block count;
     ``backing``: memory of the blocks (anon, memfd, or hugetlb for huge-page
-    blocks); ``prealloc``: back every block at once (QEMU's -mem-prealloc).
+    blocks); ``prealloc``: back every block at once (QEMU's -mem-prealloc);
+    ``machine_types``: machine types a CONFIGURATION may name (empty: any).
     """
 
     max_total: int = DEFAULT_MAX_TOTAL
     max_blocks: int = DEFAULT_MAX_BLOCKS
     backing: str = "anon"
     prealloc: bool = False
+    machine_types: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.max_total <= 0 or self.max_blocks <= 0:
@@ -92,6 +94,13 @@ def ram_from_layout(blocks, limits: LayoutLimits) -> GuestRAM:
             b.close()
         raise
     return GuestRAM(made)
+
+
+def check_machine_type(name: str, limits: LayoutLimits) -> None:
+    """LayoutError when a CONFIGURATION names a machine type the user did not allow."""
+    if limits.machine_types and name not in limits.machine_types:
+        raise LayoutError(f"CONFIGURATION: machine type {name!r} not allowed here "
+                          f"(allowed: {', '.join(limits.machine_types)})")
 
 
 def page_size_summary(blocks) -> int:

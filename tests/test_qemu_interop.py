@@ -132,6 +132,20 @@ def test_qemu_destination_layout_over_limits_refused(vms):
     src.wait_migration(want=("failed",))
 
 
+def test_machine_type_not_allowed_refused(vms):
+    from engine.layout import LayoutLimits
+
+    d = MigrationDestination(None, config(), layout=LayoutLimits(machine_types=("pc-q35-7.2",)))
+    uri = d.listen("tcp:127.0.0.1:0")
+    d.start()
+    src = vms("src", load=KNOWN)
+    src.cmd("migrate", uri=uri)
+    assert d.wait(60) == "failed"
+    assert "machine type 'pc-i440fx-7.2' not allowed here (allowed: pc-q35-7.2)" in d.query()["error-desc"]
+    assert d.ram is None
+    src.wait_migration(want=("failed",))
+
+
 # ---------------------------------------------------------------------------
 # Ferry source -> QEMU destination (the guest: a QEMU-saved stream)
 # ---------------------------------------------------------------------------
@@ -180,3 +194,46 @@ def test_ferry_source_to_qemu_destination(vms, saved_guest, mode):
             assert sq["channels"]["postcopy"]["normal"] >= 1
     check_ram_equals_qemu(ram, b)
     assert b.cmd("query-status")["status"] in ("paused", "prelaunch", "postmigrate", "running")
+
+
+def test_dump_stream_reads_a_qemu_saved_stream(vms, tmp_path):
+    """tools/dump_stream.py lists QEMU's device sections, sized by the vmdesc, bytes untouched."""
+    import json as _json
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "saved.qemu"
+    a = vms("saved", load=KNOWN)
+    a.cmd("migrate", uri=f"exec:cat > {path}")
+    a.wait_migration()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "dump_stream.py"), "--json", str(path)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    out = _json.loads(r.stdout)
+    secs = [it for it in out["items"] if it["kind"] == "section" and it.get("type") == "FULL"]
+    assert "timer" in [s["idstr"] for s in secs] and all(s["size"] is not None for s in secs)
+    assert out["items"][-1]["kind"] == "vmdesc"
+    # Truncated inside the vmdesc: a named error, not a guess.
+    cut = tmp_path / "cut.qemu"
+    cut.write_bytes(path.read_bytes()[:-10])
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "dump_stream.py"), str(cut)],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode != 0 and "without a VM description" in r.stderr
+
+
+def test_truncated_vmdesc_no_guest_loaded(vms, tmp_path):
+    """A QEMU file cut inside its vmdesc: the load fails by name, no guest is reported loaded."""
+    path = tmp_path / "saved.qemu"
+    a = vms("saved", load=KNOWN)
+    a.cmd("migrate", uri=f"exec:cat > {path}")
+    a.wait_migration()
+    cut = tmp_path / "cut.qemu"
+    cut.write_bytes(path.read_bytes()[:-100])
+    d = MigrationDestination(None, config())
+    d.listen(f"file:{cut}")
+    d.start()
+    assert d.wait(60) == "failed"
+    err = d.query()["error-desc"]
+    assert "device state" in err and "'timer'" in err and "without a VM description" in err
