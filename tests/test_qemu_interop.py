@@ -237,3 +237,46 @@ def test_truncated_vmdesc_no_guest_loaded(vms, tmp_path):
     assert d.wait(60) == "failed"
     err = d.query()["error-desc"]
     assert "device state" in err and "'timer'" in err and "without a VM description" in err
+
+
+def test_destination_worker_takes_qemu_layout(vms, tmp_path):
+    """`ferry worker --role destination --ram-layout source` receives a QEMU guest over the control plane."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from engine.control.spawn import spawn_worker
+
+    from .conftest import group_gone
+
+    ctl = f"ipc://{tmp_path}/dst.ctl"
+    w = spawn_worker("destination", ctl, ["--ram-layout", "source", "--max-ram", "128M", "--max-blocks", "16",
+                                          "--workload-threads", "0"],
+                     log_path=str(tmp_path / "dst.log"), new_session=True)
+    try:
+        w.wait_ready(30)
+
+        def call(verb, args=None):
+            r = subprocess.run([sys.executable, "-m", "engine.cli", "call", ctl, verb, _json.dumps(args or {}),
+                                "--json"], capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stdout + r.stderr
+            out = _json.loads(r.stdout)
+            return out["return"] if isinstance(out, dict) and "return" in out else out
+
+        call("migrate-set-parameters", {"peer": "qemu"})
+        shape = call("query-status")["guest"]
+        assert shape["blocks"] == [] and shape["layout"]["max-blocks"] == 16
+        uri = call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})["uri"]
+        src = vms("src", load=KNOWN)
+        src.caps(**{"return-path": True})
+        src.cmd("migrate", uri=uri)
+        src.wait_migration()
+        deadline = time.monotonic() + 60
+        while (q := call("query-migrate"))["status"] != "completed":
+            assert q["status"] != "failed" and time.monotonic() < deadline, q
+            time.sleep(0.1)
+        shape = call("query-status")["guest"]
+        assert [b["idstr"] for b in shape["blocks"]][0] == "pc.ram" and shape["size"] > 64 << 20
+    finally:
+        w.kill()
+        assert group_gone(w.pid)
