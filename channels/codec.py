@@ -555,7 +555,7 @@ class StreamDecoder:
                 self.state = _S_MEMSIZE
                 return ev, need
             dev = self.devices.get(idstr)
-            if dev is None and self.opaque_devices and self.mode == "stream":
+            if dev is None and self.opaque_devices and self.mode == "stream" and t == C.QEMU_VM_SECTION_FULL:
                 # Device state of unknown layout: kept verbatim up to the vmdesc.
                 self.state = _S_TAIL
                 return self._device_tail(buf)
