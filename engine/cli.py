@@ -702,10 +702,12 @@ def build_parser() -> argparse.ArgumentParser:
     # migrations (engine/experiment/commands.py: `run`; `report` comes from
     # engine/experiment/report.py when present).
     from .experiment.commands import add_experiment_parser
+    from .snapshot_cli import add_snapshot_parser
     from .testbed_cli import add_testbed_parser
 
     add_testbed_parser(sub)
     add_experiment_parser(sub)
+    add_snapshot_parser(sub)  # saved VMs in and out of QEMU (engine/snapshot_cli.py)
     return p
 
 
