@@ -99,6 +99,10 @@ def run_load(path: str, to: str, mode: str = "postcopy-preempt", switch_at: int 
     p = {"peer": peer}
     if mode != "precopy":
         p["postcopy-after-percent"] = max(1, switch_at)
+    if mode == "postcopy-preempt":
+        # Pacing follows the bandwidth precopy measured; switched this early there is
+        # hardly any measure, and the image is local: send the background at full speed.
+        p["preempt-pace-background"] = False
     p.update(params or {})
     cfg.set_parameters(p)
     src = MigrationSource(ram, None, cfg, devices=devices)

@@ -45,12 +45,13 @@ def known_bytes(seed: int = 7, size: int = LOAD_SIZE) -> bytes:
 class QemuVM:
     """One qemu-system-x86_64 process with a QMP socket; closed (quit, then killed) by close()."""
 
-    def __init__(self, workdir: str, name: str, load: bytes | None = None, incoming: str | None = None):
+    def __init__(self, workdir: str, name: str, load: bytes | None = None, incoming: str | None = None,
+                 mem: int = GUEST_MEM):
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
         self.dir = tempfile.mkdtemp(prefix=f"{name}-", dir="/tmp")  # short: AF_UNIX paths <= 107 bytes
         self.qmp_path = os.path.join(self.dir, "qmp.sock")
-        args = [QEMU, "-machine", "pc", "-accel", "tcg", "-m", "64M", "-nodefaults", "-S",
+        args = [QEMU, "-machine", "pc", "-accel", "tcg", "-m", f"{mem >> 20}M", "-nodefaults", "-S",
                 "-display", "none", "-serial", "none", "-monitor", "none",
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if load is not None:
