@@ -418,6 +418,9 @@ class MigrationDestination:
 
     def _command(self, cmd: codec.Command) -> None:
         c = cmd.cmd
+        if self.ram is None and c in (C.MIG_CMD_POSTCOPY_RAM_DISCARD, C.MIG_CMD_POSTCOPY_LISTEN,
+                                      C.MIG_CMD_POSTCOPY_RUN, C.MIG_CMD_PACKAGED):
+            raise ProtocolError(f"command {cmd.name}: before MEM_SIZE announced the RAM blocks")
         if c == C.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
                 self._rp = QEMUFileWriter(self._channel.reader.transport, name="return-path")
