@@ -79,8 +79,8 @@ def test_saved_stream_loaded_into_qemu_postcopy_preempt(vms, tmp_path):
     b, uri = listening_qemu(vms, {"postcopy-ram": True, "postcopy-preempt": True})
     result = {}
     t = threading.Thread(target=lambda: result.update(run_load(
-        str(path), uri, "postcopy-preempt", switch_at=5,
-        params={"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20})))
+        str(path), uri, "postcopy-preempt", switch_at=1,
+        params={"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 1 << 20})))
     t.start()
     b.wait_migration(want=("postcopy-active", "completed"))
     last = LOAD_ADDR + LOAD_SIZE - 4096
