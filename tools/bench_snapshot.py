@@ -88,7 +88,8 @@ def run_qemu_load(workdir: str, stream: str, size: int) -> dict:
         vm.close()
 
 
-def run_ferry(workdir: str, path: str, size: int, mode: str, switch_at: int, nreq: int) -> dict:
+def run_ferry(workdir: str, path: str, size: int, mode: str, switch_at: int, nreq: int,
+              params: dict | None = None) -> dict:
     from engine.snapshot_cli import run_load
     from tests.qemu_vm import free_port
 
@@ -100,7 +101,7 @@ def run_ferry(workdir: str, path: str, size: int, mode: str, switch_at: int, nre
     try:
         t0 = time.monotonic()
         th = threading.Thread(target=lambda: result.update(
-            run_load(path, f"tcp:127.0.0.1:{port}", mode, switch_at=switch_at)))
+            run_load(path, f"tcp:127.0.0.1:{port}", mode, switch_at=switch_at, params=params)))
         th.start()
         run_at = None
         lat = []
@@ -148,8 +149,14 @@ def main(argv=None) -> int:
     ap.add_argument("--switch-at", type=int, default=1, help="postcopy: switch at this percent of pages sent")
     ap.add_argument("--requests", type=int, default=20, help="postcopy: pages read on the destination")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--cases", help="comma-separated subset of the cases (default: all)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a migration parameter for the Ferry cases (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    from engine.snapshot_cli import _params
+
+    params = _params(args.param)
     from tests.qemu_vm import QEMU
 
     if QEMU is None:
@@ -163,13 +170,20 @@ def main(argv=None) -> int:
               f" (saved in {time.monotonic() - t:.1f} s)", file=sys.stderr)
         cases = {
             "qemu-load": lambda: run_qemu_load(wd, stream, size),
-            "ferry-precopy-stream": lambda: run_ferry(wd, stream, size, "precopy", 0, 0),
-            "ferry-precopy-image": lambda: run_ferry(wd, image, size, "precopy", 0, 0),
+            "ferry-precopy-stream": lambda: run_ferry(wd, stream, size, "precopy", 0, 0, params),
+            "ferry-precopy-image": lambda: run_ferry(wd, image, size, "precopy", 0, 0, params),
             "ferry-postcopy-stream": lambda: run_ferry(wd, stream, size, "postcopy-preempt", args.switch_at,
-                                                       args.requests),
+                                                       args.requests, params),
             "ferry-postcopy-image": lambda: run_ferry(wd, image, size, "postcopy-preempt", args.switch_at,
-                                                      args.requests),
+                                                      args.requests, params),
         }
+        if args.cases:
+            keep = ["qemu-load", *args.cases.split(",")]
+            unknown = [c for c in keep if c not in cases]
+            if unknown:
+                print(f"bench_snapshot: unknown cases {unknown}; known: {', '.join(cases)}", file=sys.stderr)
+                return 2
+            cases = {k: v for k, v in cases.items() if k in keep}
         results = {}
         for name, fn in cases.items():
             runs = [fn() for _ in range(args.repeat)]
