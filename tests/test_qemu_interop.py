@@ -117,6 +117,19 @@ def test_qemu_source_to_ferry_destination(vms, mode):
     check_ram_equals_qemu(d.ram, src)
 
 
+def test_qemu_source_needs_no_peer_setting(vms):
+    """A destination left at peer=ferry still completes with a QEMU source: no ferry-guest came, no digests go."""
+    d = MigrationDestination(None)
+    uri = d.listen("tcp:127.0.0.1:0")
+    d.start()
+    src = vms("src", load=KNOWN)
+    src.caps(**{"return-path": True})
+    src.cmd("migrate", uri=uri)
+    assert d.wait(120) == "completed", d.query().get("error-desc")
+    assert src.wait_migration()["status"] == "completed"
+    assert "digests" not in d.query() or not d.query()["digests"]
+
+
 def test_qemu_destination_layout_over_limits_refused(vms):
     """A destination without a fixed guest refuses a layout over its limits, by name."""
     from engine.layout import LayoutLimits
