@@ -31,7 +31,7 @@ import numpy as np
 from channels import codec
 from channels import constants as C
 from channels.devices import GuestDevices
-from channels.channel import PostcopyChannel, PrecopyChannel
+from channels.channel import PrecopyChannel
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import connect, parse_uri
@@ -40,6 +40,8 @@ from . import stats as S
 from .bitmap import PageBitmap
 from .params import MigrationConfig
 from .peer import COMPLETION_SHUT, peer_features
+from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
+                          open_postcopy_channels, ram_section_id)
 from .ram import GuestRAM
 from .scheduler import PRECOPY, PageScheduler, SchedBlock, SendOrder
 from .workload import Workload
@@ -391,7 +393,7 @@ class MigrationSource:
             ch = self.channel = PrecopyChannel(writer)
             self.channels = [ch]
             ch.send_header()
-            self._send_configuration(ch)
+            ch.send_raw(configuration_record(self.peer, self.devices, cfg.param("machine-type")))
             if use_rp:
                 ch.send_raw(codec.encode_open_return_path())
             if postcopy:
@@ -404,15 +406,9 @@ class MigrationSource:
             ch.flush()
             # POSTCOPY channels: further connections to the same address, opened
             # at setup as QEMU 7.2 does; the destination tells them by order.
-            for i in range(nchannels if self._preempt_at_setup() else 0):
-                try:
-                    t = connect(self.uri)
-                except ConnectionError as e:
-                    raise ConnectionError(f"POSTCOPY channel {i + 1} of {nchannels}: {e} (is postcopy-preempt "
-                                          "with the same postcopy-channels enabled on the destination?)") from e
-                name = "postcopy" if nchannels == 1 else f"postcopy{i + 1}"
-                self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
-            self._ram_section = self._ram_section_id(ch)
+            if self._preempt_at_setup():
+                self.channels += open_postcopy_channels(self.uri, nchannels)
+            self._ram_section = ram_section_id(ch, self.devices)
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
             with self.ram.dirty_lock:
@@ -496,15 +492,10 @@ class MigrationSource:
         self._send_for(None)
         ch.send_eos()
         ch.section_footer(self._ram_section)
-        dev = self.devices
-        if dev is not None and dev.device_bytes:
+        if carries_devices(self.devices):
             # Carried from a QEMU stream: sections, EOF and vmdesc as they came.
-            ch.send_raw(dev.device_bytes)
             self._end_postcopy_channels()
-            ch.send_raw(codec.encode_eof())
-            if dev.vmdesc_raw is not None:
-                ch.send_raw(bytes([C.QEMU_VM_VMDESCRIPTION]) + len(dev.vmdesc_raw).to_bytes(4, "big")
-                            + dev.vmdesc_raw)
+            ch.send_raw(carried_precopy_end(self.devices))
         else:
             state_size = None
             if self.peer.guest_device:
@@ -539,11 +530,11 @@ class MigrationSource:
                       for p, n in dirty_ranges(self.bitmaps[b.idstr].bits)]
             for cmd in codec.encode_postcopy_discard(b.idstr, ranges):
                 ch.send_raw(cmd)
-        if not self._preempt_at_setup():
-            self._open_postcopy_channels()  # QEMU 8.0+: at the switch
-        dev = self.devices
-        if dev is not None and dev.device_bytes:
-            device_part = dev.device_bytes  # carried verbatim from a QEMU stream
+        if not self._preempt_at_setup():  # QEMU 8.0+: at the switch
+            self.channels += open_postcopy_channels(self.uri, self.sched.postcopy_channels
+                                                    if self.sched.preempt else 0)
+        if carries_devices(self.devices):
+            device_part = self.devices.device_bytes  # carried verbatim from a QEMU stream
         elif self.peer.guest_device:
             state = dict(self.workload.state()) if self.workload is not None else {}
             device_part = codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION,
@@ -615,42 +606,7 @@ class MigrationSource:
 
     def _preempt_at_setup(self) -> bool:
         """QEMU 7.2 opens POSTCOPY channels at setup and ends them with EOS; 8.0+ at the switch, no EOS."""
-        return self.config.param("preempt-dialect") == "qemu-7.2"
-
-    def _send_configuration(self, ch: PrecopyChannel) -> None:
-        """CONFIGURATION after the header for a QEMU peer: the guest's own record, verbatim, or machine-type."""
-        if not self.peer.configuration:
-            return
-        dev = self.devices
-        if dev is not None and dev.configuration is not None:
-            ch.send_raw(dev.configuration)
-        else:
-            ch.send_raw(codec.encode_configuration(self.config.param("machine-type")))
-
-    def _ram_section_id(self, ch: PrecopyChannel) -> int:
-        """The ram section's id: the one the guest's QEMU stream used, else a fresh non-zero one.
-
-        A QEMU destination matches PART/END to handlers by the id their START
-        carried; handlers not started answer to 0, so 0 is never used.
-        """
-        dev = self.devices
-        if dev is not None and dev.ram_section_id:
-            used = dev.section_ids()
-            ch.reserve_section_ids(used | {dev.ram_section_id})
-            return dev.ram_section_id
-        return ch.new_section_id()
-
-    def _open_postcopy_channels(self) -> None:
-        """Connect the POSTCOPY channels (further connections to the same address)."""
-        n = self.config.param("postcopy-channels") if self.config.cap("postcopy-preempt") else 0
-        for i in range(n):
-            try:
-                t = connect(self.uri)
-            except ConnectionError as e:
-                raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
-                                      "with the same postcopy-channels enabled on the destination?)") from e
-            name = "postcopy" if n == 1 else f"postcopy{i + 1}"
-            self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
+        return self.config.param("preempt-dialect") == DIALECT_AT_SETUP
 
     def _end_postcopy_channels(self) -> None:
         """EOS on every POSTCOPY channel, after any page already claimed for it.
