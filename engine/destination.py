@@ -540,9 +540,9 @@ class MigrationDestination:
                 raise ProtocolError(f"channel {a.channel}: stream ended inside a host page")
         if self._rp is not None:
             self._rp_send(codec.encode_rp_shut(0))
-        if not peer_features(self.config.param("peer")).digests or self.guest_state is None:
-            # A QEMU source (or a Ferry source set to peer=qemu: no ferry-guest section
-            # came): SHUT(0) and closing the return path is all it expects.
+        if not peer_features(self.config.param("peer")).digests or self.devices.configuration is not None:
+            # A stream with CONFIGURATION comes from QEMU (or a Ferry source set to
+            # peer=qemu): SHUT(0) and closing the return path is all it expects.
             return
         if self.listening:
             # The guest may have written since RUN: compare what was received.

@@ -120,3 +120,30 @@ def test_vmdesc_delimits_random_sections(shapes, r):
     tail = D.try_device_tail(data + b"\x00\x06" + len(raw).to_bytes(4, "big") + raw)
     assert tail is not None and tail.device_bytes == data
     assert [s.idstr for s in tail.sections] == [d["name"] for d in devs]
+
+
+def test_carried_qemu_devices_between_ferry_workers_verified_by_digests():
+    """A QEMU guest's device sections carried Ferry to Ferry (peer=ferry): verbatim, and digests compared."""
+    import json
+
+    from channels.devices import GuestDevices
+
+    payload = b"\x7e\x00\x00\x00\x05" * 3
+    dev = (codec.encode_section_start(C.QEMU_VM_SECTION_FULL, 5, "timer", 0, 2) + payload
+           + codec.encode_footer(5))
+    vmdesc = json.dumps({"page_size": 4096, "devices": [
+        {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
+         "fields": [{"name": "t", "type": "buffer", "size": len(payload)}]}]}).encode()
+    carried = GuestDevices(device_bytes=dev, vmdesc_raw=vmdesc, ram_section_id=2, sections=["timer"])
+    ram = GuestRAM.create(8 << 20)
+    ram.fill("mixed")
+    d = MigrationDestination(None)
+    uri = d.listen("tcp:127.0.0.1:0")
+    d.start()
+    s = MigrationSource(ram, None, MigrationConfig(), devices=carried)
+    s.start(uri)
+    assert s.wait(60) == "completed", s.query().get("error-desc")
+    assert d.wait(60) == "completed", d.query().get("error-desc")
+    assert s.query()["completion"] == "digests"
+    assert d.devices.device_bytes == dev and d.devices.vmdesc_raw == vmdesc
+    assert d.devices.ram_section_id == 2
