@@ -127,12 +127,20 @@ class PrecopyChannel(RamSendChannel):
 
     def __init__(self, writer: QEMUFileWriter, name: str = "precopy"):
         super().__init__(writer, name)
-        self._next_section_id = 0
+        # From 1: a QEMU destination's handlers not yet started answer to id 0.
+        self._next_section_id = 1
+        self._reserved: set[int] = set()
 
     def new_section_id(self) -> int:
+        while self._next_section_id in self._reserved:
+            self._next_section_id += 1
         sid = self._next_section_id
         self._next_section_id += 1
         return sid
+
+    def reserve_section_ids(self, ids) -> None:
+        """Section ids taken by sections carried verbatim: new_section_id skips them."""
+        self._reserved |= set(ids)
 
     def send_header(self) -> None:
         self.writer.put_bytes(codec.encode_header())

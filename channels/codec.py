@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import constants as C
+from . import devices
 from .errors import ProtocolError
 
 _be16 = struct.Struct(">H")
@@ -292,6 +293,7 @@ class Header:
 @dataclass
 class Configuration:
     name: str
+    raw: bytes = b""  # the whole CONFIGURATION record as received, kept verbatim
 
 
 @dataclass
@@ -384,8 +386,15 @@ class VMDescription:
     json: dict
 
 
+@dataclass
+class DeviceBytes:
+    """Bytes of opaque device state taken in; the sections are not delimited yet."""
+
+    nbytes: int
+
+
 # Decoder states
-_S_HEADER, _S_TOP, _S_RAM, _S_MEMSIZE, _S_FOOTER, _S_AFTER_EOF, _S_DONE, _S_DEVICE = range(8)
+_S_HEADER, _S_TOP, _S_RAM, _S_MEMSIZE, _S_FOOTER, _S_AFTER_EOF, _S_DONE, _S_DEVICE, _S_TAIL = range(9)
 
 
 @dataclass
@@ -405,10 +414,14 @@ class StreamDecoder:
     ``devices``: non-RAM device sections accepted (by idstr).
     ``learn_blocks``: accept blocks MEM_SIZE names that are not in ``blocks`` and
     add them (for tools that read a stream without a destination, e.g. a dump).
+    ``opaque_devices``: a device section not in ``devices`` starts the device
+    tail of a precopy stream: every byte from it on is kept verbatim (events
+    :class:`DeviceBytes`) until the stream ends with a vmdesc that delimits
+    them (event :class:`channels.devices.DeviceTail`); see channels/devices.py.
     """
 
     def __init__(self, blocks, mode: str = "stream", devices=(), channel_name: str = "main",
-                 learn_blocks: bool = False):
+                 learn_blocks: bool = False, opaque_devices: bool = False):
         self.blocks: dict[str, BlockInfo] = {b.idstr: b for b in blocks}
         self.learn_blocks = learn_blocks
         self.devices = {d.idstr: d for d in devices}
@@ -422,6 +435,8 @@ class StreamDecoder:
         self.cur_section: int | None = None
         self._device: SectionStart | None = None
         self.offset = 0  # bytes consumed so far, for error messages
+        self.opaque_devices = opaque_devices
+        self.tail = bytearray()  # the device tail so far (opaque_devices)
 
     def _err(self, msg: str) -> ProtocolError:
         return ProtocolError(f"{msg} (channel {self.channel_name}, stream offset {self.offset})")
@@ -449,11 +464,17 @@ class StreamDecoder:
             _S_HEADER: "the stream header", _S_TOP: "a section or command", _S_RAM: "a RAM record",
             _S_MEMSIZE: "the RAM block list", _S_FOOTER: "a section footer", _S_AFTER_EOF: "the VM description",
             _S_DONE: "nothing", _S_DEVICE: "a device section",
+            _S_TAIL: "device sections ended by EOF and a VM description",
         }[self.state]
 
     def at_boundary(self) -> bool:
         """True where the stream may end cleanly (after EOF, or after EOS on a page channel)."""
-        return self.state in (_S_AFTER_EOF, _S_DONE)
+        return self.state in (_S_AFTER_EOF, _S_DONE, _S_TAIL)
+
+    @property
+    def in_device_tail(self) -> bool:
+        """Inside opaque device sections not yet delimited by a vmdesc."""
+        return self.state == _S_TAIL
 
     def next_event(self, buf):
         """Decode one event from ``buf`` (bytes-like of what is buffered).
@@ -480,6 +501,8 @@ class StreamDecoder:
             return self._header(buf)
         if st == _S_DEVICE:
             return self._device_payload(buf)
+        if st == _S_TAIL:
+            return self._device_tail(buf)
         if st == _S_AFTER_EOF:
             if len(buf) < 1:
                 return NEED_DATA, 1
@@ -573,6 +596,10 @@ class StreamDecoder:
                 self.state = _S_MEMSIZE
                 return ev, need
             dev = self.devices.get(idstr)
+            if dev is None and self.opaque_devices and self.mode == "stream" and t == C.QEMU_VM_SECTION_FULL:
+                # Device state of unknown layout: kept verbatim up to the vmdesc.
+                self.state = _S_TAIL
+                return self._device_tail(buf)
             if dev is None:
                 raise self._err(f"unknown section {idstr!r} (section id {sid}, instance {inst})")
             if t != C.QEMU_VM_SECTION_FULL:
@@ -608,11 +635,28 @@ class StreamDecoder:
                 raise self._err(f"configuration: name length {n} > 255")
             if len(buf) < 5 + n:
                 return NEED_DATA, 5 + n
-            return Configuration(bytes(buf[5:5 + n]).decode(errors="replace")), 5 + n
+            return Configuration(bytes(buf[5:5 + n]).decode(errors="replace"), bytes(buf[:5 + n])), 5 + n
+        if t == C.QEMU_VM_SUBSECTION:
+            raise self._err("section type SUBSECTION (0x05) not expected here: outside a device section "
+                            "(CONFIGURATION subsections such as capabilities or uuid are not supported)")
         name = C.SECTION_TYPE_NAMES.get(t)
         if name:
             raise self._err(f"section type {name} (0x{t:02x}) not expected here")
         raise self._err(f"unknown section type 0x{t:02x}")
+
+    def _device_tail(self, buf):
+        if len(buf) == 0:
+            return NEED_DATA, 1
+        self.tail += buf
+        n = len(buf)
+        try:
+            tail = devices.try_device_tail(self.tail)
+        except ProtocolError as e:  # keeps its class (DeviceStateError), adds where
+            raise type(e)(f"{e} (channel {self.channel_name}, stream offset {self.offset})") from None
+        if tail is None:
+            return DeviceBytes(n), n
+        self.state = _S_DONE
+        return tail, n
 
     def _footer(self, buf):
         if len(buf) < 5:

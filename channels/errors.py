@@ -10,3 +10,11 @@ class ProtocolError(ChannelError):
 
     The message names the field and the value that were wrong.
     """
+
+
+class DeviceStateError(ProtocolError):
+    """Device state that cannot be delimited by the framing QEMU gives (vmdesc, PACKAGED)."""
+
+
+class LayoutError(ProtocolError):
+    """The source's RAM layout (MEM_SIZE) is outside what this destination accepts."""

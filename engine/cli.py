@@ -210,8 +210,16 @@ def cmd_worker(args) -> int:
     configure_worker_process()
     try:
         guest = make_guest(args)
+        layout = None
+        if args.ram_layout == "source":
+            from .layout import LayoutLimits
+            from .ram import parse_size
+
+            layout = LayoutLimits(max_total=parse_size(args.max_ram), max_blocks=args.max_blocks,
+                                  backing=args.backing, prealloc=args.mem_prealloc,
+                                  machine_types=tuple(args.machine_type))
         return run_worker(args.role, args.control, guest, events=args.events, curve_dir=args.curve_dir,
-                          ready_json=args.json, exit_with_parent=args.exit_with_parent)
+                          ready_json=args.json, exit_with_parent=args.exit_with_parent, layout=layout)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
         return _error(f"worker: {e}", EXIT_USAGE)
 
@@ -645,6 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--json", action="store_true", help="print the ready line as JSON")
     w.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     add_guest_options(w)
+    lay = w.add_argument_group("RAM layout", "a destination without a fixed guest (e.g. for a QEMU source)")
+    lay.add_argument("--ram-layout", choices=("fixed", "source"), default="fixed",
+                     help="fixed: the guest options above, checked against the source's MEM_SIZE; source: "
+                          "take the RAM blocks MEM_SIZE announces, within --max-ram and --max-blocks")
+    lay.add_argument("--max-ram", default="64G", metavar="SIZE",
+                     help="--ram-layout source: most RAM accepted over all blocks (default 64G)")
+    lay.add_argument("--max-blocks", type=int, default=256, metavar="N",
+                     help="--ram-layout source: most RAM blocks accepted (default 256)")
+    lay.add_argument("--machine-type", action="append", default=[], metavar="NAME",
+                     help="--ram-layout source: a machine type the stream's CONFIGURATION may name "
+                          "(repeatable; default: any)")
     w.set_defaults(func=cmd_worker)
 
     m = sub.add_parser("migrate", help="migrate between two running workers",
@@ -706,10 +725,12 @@ def build_parser() -> argparse.ArgumentParser:
     # migrations (engine/experiment/commands.py: `run`; `report` comes from
     # engine/experiment/report.py when present).
     from .experiment.commands import add_experiment_parser
+    from .snapshot_cli import add_snapshot_parser
     from .testbed_cli import add_testbed_parser
 
     add_testbed_parser(sub)
     add_experiment_parser(sub)
+    add_snapshot_parser(sub)  # saved VMs in and out of QEMU (engine/snapshot_cli.py)
     return p
 
 

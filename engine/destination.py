@@ -21,15 +21,18 @@ from typing import Callable
 
 from channels import codec
 from channels import constants as C
+from channels import devices as D
 from channels.channel import RamRecvChannel
 from channels.codec import DeviceSpec, StreamDecoder
-from channels.errors import ChannelError, ProtocolError
+from channels.errors import ChannelError, LayoutError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
 from . import states as ST
 from . import stats as S
+from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .params import MigrationConfig
+from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
 from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
@@ -57,20 +60,28 @@ class MigrationDestination:
     POSTCOPY_RUN fails the migration (the guest never ran here); after it, a
     fault pauses it (``postcopy-paused``): guest threads stay blocked on the
     pages they wait for, and :meth:`recover` continues over a new connection.
+
+    ``ram`` None: no fixed guest; the RAM blocks MEM_SIZE announces are taken
+    within ``layout`` (engine/layout.py). Device state of a QEMU source is kept
+    verbatim in ``devices`` (channels/devices.py).
     """
 
-    def __init__(self, ram: GuestRAM, config: MigrationConfig | None = None,
+    def __init__(self, ram: GuestRAM | None, config: MigrationConfig | None = None,
                  on_event: Callable[[str, dict], None] | None = None,
-                 workload: Workload | None = None):
+                 workload: Workload | None = None, layout: LayoutLimits | None = None):
         self.ram = ram
         self.config = config or MigrationConfig()
         self.on_event = on_event or (lambda name, data: None)
         self.workload = workload
         self.stats = S.MigrationStats()
-        self.stats.total = ram.total
         self.sm = ST.MigrationStateMachine(self._state_changed)
-        self.received = ReceivedPages(ram)
-        self.faults = FaultHandler(ram, self.received, self._send_request)
+        self.layout = layout or LayoutLimits()
+        self.devices = D.GuestDevices()
+        self._layout_ready = threading.Event()
+        self._advised_summary: int | None = None
+        self.received = self.faults = None
+        if ram is not None:
+            self._use_ram(ram)
         self.listener: Listener | None = None
         self.guest_state: dict | None = None
         self.vmdesc: dict | None = None
@@ -101,6 +112,35 @@ class MigrationDestination:
         self._pc_expected = 0
         self._pc_connected = threading.Condition()
         self._gen = 0  # connection generation: a recovery starts a new one
+        self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
+
+    def _use_ram(self, ram: GuestRAM) -> None:
+        self.ram = ram
+        self.stats.total = ram.total
+        self.received = ReceivedPages(ram)
+        self.faults = FaultHandler(ram, self.received, self._send_request)
+        self._layout_ready.set()
+
+    def _take_layout(self, ev: codec.RamBlockList) -> None:
+        """MEM_SIZE arrived: a destination without a fixed guest creates the blocks it names."""
+        if self._layout_ready.is_set():
+            return  # fixed guest: the decoder checked every block against it
+        ram = ram_from_layout(ev.blocks, self.layout)
+        if self._advised_summary is not None and page_size_summary(ram.blocks) != self._advised_summary:
+            ram.close()
+            raise LayoutError(f"POSTCOPY_ADVISE: source host page sizes 0x{self._advised_summary:x}, its MEM_SIZE "
+                              f"blocks give 0x{page_size_summary(ev.blocks):x}")
+        self._use_ram(ram)
+        if self.postcopy_advised:
+            self._admit()
+        self.stats.extra["ram-layout"] = [{"idstr": b.idstr, "length": b.length, "page-size": b.page_size}
+                                          for b in ram.blocks]
+        self.on_event("RAM_LAYOUT", {"blocks": len(ram.blocks), "total": ram.total})
+
+    def _wait_layout(self) -> None:
+        while not self._layout_ready.wait(ACCEPT_POLL):
+            if self._cancel or self._done.is_set():
+                raise ChannelError("incoming migration ended before the RAM layout was known")
 
     @property
     def status(self) -> str:
@@ -185,9 +225,9 @@ class MigrationDestination:
             for c, a in zip(self._pc_channels, self._pc_assemblers):
                 st.channels[c.name] = {"bytes": c.transferred, "pages-placed": a.pages_placed,
                                        "host-pages-placed": a.host_pages_placed}
-        if st.status not in S.FINAL_STATES:
+        if st.status not in S.FINAL_STATES and self.ram is not None:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
-        if self.postcopy_advised:
+        if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
             if self._channel is not None and self.listening:
                 st.extra["postcopy-bytes"] = self._closed_bytes + self._channel.transferred - self._listen_bytes
@@ -259,7 +299,9 @@ class MigrationDestination:
                 if hasattr(transport, "tune"):
                     transport.tune(rcvbuf=cfg.param("precopy-rcvbuf"))
                 self._pc_expected = cfg.param("postcopy-channels") if cfg.cap("postcopy-preempt") else 0
-                self._connected(transport, StreamDecoder(self.ram.infos(), devices=_DEVICES))
+                self._connected(transport, StreamDecoder(
+                    self.ram.infos() if self.ram is not None else [], devices=_DEVICES,
+                    learn_blocks=self.ram is None, opaque_devices=True))
                 self.sm.fire(ST.CONNECTED)
                 self._load(self._channel, transport)
                 self._join_channels()
@@ -458,6 +500,7 @@ class MigrationDestination:
                 if gen != self._gen:
                     t.close()
                     return
+                self._wait_layout()  # a QEMU 7.2 source connects it before MEM_SIZE
                 name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
                 ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
@@ -486,8 +529,8 @@ class MigrationDestination:
             while True:
                 ev = ch.next_event()
                 if ev is None:
-                    if ch.decoder.at_boundary():
-                        return
+                    if ch.decoder.at_boundary() or self._pages_complete:
+                        return  # QEMU 8.0+ sources close the channel without EOS
                     raise ProtocolError(f"channel {ch.name}: stream ended before EOS")
                 if isinstance(ev, codec.RamEOS):
                     return
@@ -495,6 +538,8 @@ class MigrationDestination:
                     raise ProtocolError(f"channel {ch.name}: page record before POSTCOPY_LISTEN")
                 asm.add(ev)
         except Exception as e:  # noqa: BLE001
+            if self._pages_complete:
+                return  # every page is placed: what comes after on this channel does not matter
             if not self._done.is_set() and not self._cancel and self.status not in S.FINAL_STATES:
                 self._channel_failed(e, gen)
 
@@ -508,10 +553,19 @@ class MigrationDestination:
         if self._channel is not None:
             self._channel.shutdown()  # fail (or pause) the whole migration, with this error
 
-    def _wait_channels_connected(self) -> None:
+    def _all_placed(self) -> bool:
+        """Every page is here and no channel is inside a host page."""
+        if self.ram is None or self.received.count() < self.ram.npages:
+            return False
+        return not any(a is not None and a.busy for a in [self._assembler, *self._pc_assemblers])
+
+    def _wait_channels_connected(self, until_placed: bool = False) -> bool:
+        """Wait until every POSTCOPY channel connected; True if ``until_placed`` and every page is placed first."""
         deadline = time.monotonic() + 30
         with self._pc_connected:
             while len(self._pc_threads) < self._pc_expected and self._pc_error is None:
+                if until_placed and self._all_placed():
+                    return True
                 if time.monotonic() > deadline:
                     raise ProtocolError(f"postcopy-preempt: {len(self._pc_threads)} of {self._pc_expected} POSTCOPY "
                                         "channels connected; enable postcopy-preempt (and the same "
@@ -519,17 +573,28 @@ class MigrationDestination:
                 self._pc_connected.wait(0.2)
         if self._pc_error is not None:
             raise self._pc_error
+        return False
 
     def _join_channels(self) -> None:
-        """Wait until every POSTCOPY channel connected and reached EOS."""
+        """Wait until every page is placed, or every POSTCOPY channel connected and reached EOS.
+
+        A QEMU 8.0+ source opens its POSTCOPY channel only at the switch and
+        never sends EOS on it: once every page is placed nothing more is
+        waited for (a QEMU 7.2 source's late EOS is still read until the end).
+        """
         if not self._pc_expected:
             return
-        self._wait_channels_connected()
+        if self._wait_channels_connected(until_placed=True):
+            self._pages_complete = True
+            return
         deadline = time.monotonic() + 30
         for t in self._pc_threads:
             while t.is_alive():
                 if self._pc_error is not None:
                     break
+                if self._all_placed():
+                    self._pages_complete = True
+                    return
                 if time.monotonic() > deadline:
                     raise ProtocolError(f"POSTCOPY channel {t.name[5:]}: no EOS after the main stream ended")
                 t.join(0.2)
@@ -543,6 +608,8 @@ class MigrationDestination:
             if ev is None:
                 if got_eof:
                     return
+                if ch.decoder.in_device_tail:
+                    raise D.tail_error(ch.decoder.tail)
                 raise ProtocolError("stream ended before EOF")
             if isinstance(ev, codec.RamRun):
                 if self.listening:
@@ -561,6 +628,16 @@ class MigrationDestination:
             elif isinstance(ev, codec.VMDescription):
                 self.vmdesc = ev.json
                 return
+            elif isinstance(ev, D.DeviceTail):
+                # QEMU's device sections, EOF and vmdesc: kept verbatim.
+                self.devices.device_bytes = ev.device_bytes
+                self.devices.vmdesc_raw = ev.vmdesc_raw
+                self.devices.sections = ev.idstrs
+                self.vmdesc = ev.vmdesc
+                self.stats.extra["device-sections"] = len(ev.sections)
+                return
+            elif isinstance(ev, codec.DeviceBytes):
+                continue
             else:
                 self._event(ev)
 
@@ -568,6 +645,14 @@ class MigrationDestination:
         """Non-RAM events, of the main stream or of a PACKAGED blob."""
         if isinstance(ev, codec.Command):
             self._command(ev)
+        elif isinstance(ev, codec.RamBlockList):
+            self._take_layout(ev)
+        elif isinstance(ev, codec.Configuration):
+            check_machine_type(ev.name, self.layout)
+            self.devices.configuration = ev.raw
+            self.stats.extra["machine-type"] = ev.name
+        elif isinstance(ev, codec.SectionStart) and ev.idstr == C.RAM_SECTION_IDSTR:
+            self.devices.ram_section_id = ev.section_id
         elif isinstance(ev, codec.DeviceState):
             try:
                 state = json.loads(ev.payload)
@@ -596,6 +681,9 @@ class MigrationDestination:
 
     def _command(self, cmd: codec.Command) -> None:
         c = cmd.cmd
+        if self.ram is None and c in (C.MIG_CMD_POSTCOPY_RAM_DISCARD, C.MIG_CMD_POSTCOPY_LISTEN,
+                                      C.MIG_CMD_POSTCOPY_RUN, C.MIG_CMD_PACKAGED):
+            raise ProtocolError(f"command {cmd.name}: before MEM_SIZE announced the RAM blocks")
         if c == C.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
                 self._rp = QEMUFileWriter(self._channel.reader.transport, name="return-path")
@@ -623,18 +711,21 @@ class MigrationDestination:
         if adv is None:
             return  # precopy-only advise: nothing to do
         summary, tps = adv
-        ours = 0
-        for b in self.ram.blocks:
-            ours |= b.page_size
         if tps != C.TARGET_PAGE_SIZE:
             raise ProtocolError(f"POSTCOPY_ADVISE: target page size 0x{tps:x}, destination has "
                                 f"0x{C.TARGET_PAGE_SIZE:x}; postcopy refused")
+        if self.ram is None:
+            self._advised_summary = summary  # checked when MEM_SIZE gives the blocks
+            ours = summary
+        else:
+            ours = page_size_summary(self.ram.blocks)
         if summary != ours:
             raise ProtocolError(f"POSTCOPY_ADVISE: source host page sizes 0x{summary:x}, destination has "
                                 f"0x{ours:x}; postcopy refused")
         if self._rp is None:
             raise ProtocolError("POSTCOPY_ADVISE: postcopy needs the return path (OPEN_RETURN_PATH first)")
-        self._admit()
+        if self.ram is not None:
+            self._admit()  # else when MEM_SIZE gives the blocks (_take_layout)
         self.postcopy_advised = True
 
     def _admit(self) -> None:
@@ -672,6 +763,20 @@ class MigrationDestination:
             self.received.discard(blk, start, length)
 
     def _packaged(self, blob: bytes) -> None:
+        """PACKAGED: commands, then device sections (a QEMU source's kept verbatim), then PING, RUN."""
+        pkg = D.split_package(blob)
+        if pkg.device_bytes and D.first_section(pkg.device_bytes)[1] != GUEST_DEVICE:
+            for cmd, payload in pkg.head:
+                self._command(codec.Command(cmd, payload))
+            self.devices.device_bytes = pkg.device_bytes
+            self.devices.vmdesc_raw = None
+            self.stats.extra["device-bytes"] = len(pkg.device_bytes)
+            for cmd, payload in pkg.tail:
+                self._command(codec.Command(cmd, payload))
+            return
+        self._packaged_ferry(blob)
+
+    def _packaged_ferry(self, blob: bytes) -> None:
         dec = StreamDecoder(self.ram.infos(), mode="packaged", devices=_DEVICES, channel_name="packaged")
         mv = memoryview(blob)
         pos = 0
@@ -712,6 +817,8 @@ class MigrationDestination:
 
     def _finish(self) -> None:
         """All loaded: check completeness, confirm, send digests."""
+        if self.ram is None:
+            raise ProtocolError("stream ended before MEM_SIZE announced any RAM block")
         missing = {n: bm.npages - bm.count() for n, bm in self.received.bitmaps.items()
                    if bm.count() < bm.npages}
         if missing:
@@ -721,6 +828,10 @@ class MigrationDestination:
                 raise ProtocolError(f"channel {a.channel}: stream ended inside a host page")
         if self._rp is not None:
             self._rp_send(codec.encode_rp_shut(0))
+        if not peer_features(self.config.param("peer")).digests or self.devices.configuration is not None:
+            # A stream with CONFIGURATION comes from QEMU (or a Ferry source set to
+            # peer=qemu): SHUT(0) and closing the return path is all it expects.
+            return
         if self.listening:
             # The guest may have written since RUN: compare what was received.
             digests = {n: fingerprint_digest(fp) for n, fp in self.received.fingerprints.items()}

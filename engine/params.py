@@ -85,6 +85,16 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
     ParamSpec("preempt-pace-background", True, None, None, "", True,
               "Ferry: with postcopy-preempt and precopy-pacing-rate 0, pace the PRECOPY channel at 90% of "
               "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool),
+    ParamSpec("peer", "ferry", None, None, "", True,
+              "Ferry: the other end: another Ferry worker, or a real QEMU (CONFIGURATION sent, no "
+              "Ferry-only messages, completion on SHUT 0 and the return path closing); see engine/peer.py",
+              str, ("ferry", "qemu")),
+    ParamSpec("preempt-dialect", "qemu-7.2", None, None, "", True,
+              "Ferry: when a source opens its POSTCOPY channels: at setup, ended with EOS (QEMU 7.2), or "
+              "at the switch to postcopy, without EOS (QEMU 8.0 and later)", str, ("qemu-7.2", "qemu-8.0")),
+    ParamSpec("machine-type", "pc-i440fx-7.2", None, None, "", True,
+              "Ferry: machine type named in the CONFIGURATION record sent to a QEMU peer when the guest "
+              "carries none of its own", str),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),

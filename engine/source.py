@@ -31,7 +31,8 @@ from typing import Callable
 
 from channels import codec
 from channels import constants as C
-from channels.channel import PostcopyChannel, PrecopyChannel
+from channels.channel import PrecopyChannel
+from channels.devices import GuestDevices
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileWriter
 from channels.transport import connect, parse_uri
@@ -41,6 +42,9 @@ from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
 from .params import MigrationConfig
+from .peer import COMPLETION_SHUT, peer_features
+from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
+                          open_postcopy_channels, ram_section_id)
 from .ram import GuestRAM
 from .return_path import SourceReturnPath
 from .scheduler import PageScheduler, SchedBlock
@@ -77,7 +81,10 @@ class MigrationSource:
 
     def __init__(self, ram: GuestRAM, workload: Workload | None = None,
                  config: MigrationConfig | None = None,
-                 on_event: Callable[[str, dict], None] | None = None):
+                 on_event: Callable[[str, dict], None] | None = None,
+                 devices: GuestDevices | None = None):
+        # ``devices``: device state carried from a QEMU stream, sent verbatim.
+        self.devices = devices
         self.ram = ram
         self.workload = workload
         self.config = config or MigrationConfig()
@@ -317,6 +324,7 @@ class MigrationSource:
         use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
         ch = self._main_channel(transport)
         ch.send_header()
+        ch.send_raw(configuration_record(self.peer, self.devices, cfg.param("machine-type")))
         if use_rp:
             ch.send_raw(codec.encode_open_return_path())
         if postcopy:
@@ -324,14 +332,17 @@ class MigrationSource:
             for b in self.ram.blocks:
                 summary |= b.page_size
             ch.send_raw(codec.encode_postcopy_advise(summary, C.TARGET_PAGE_SIZE))
-            # Its PONG says the destination backs all its memory: no switch before it.
-            ch.send_raw(codec.encode_ping(SW.PING_ADMITTED))
         if use_rp:
             self._start_return_path(transport)
         ch.flush()
-        self._connect_postcopy_channels(nchannels)
-        self._ram_section = ch.new_section_id()
+        if self._preempt_at_setup():
+            self._connect_postcopy_channels(nchannels)
+        self._ram_section = ram_section_id(ch, self.devices)
         ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
+        if postcopy and use_rp:
+            # After ADVISE and MEM_SIZE (a destination may create its RAM there): the
+            # PONG says it backs all its memory. No switch before it.
+            ch.send_raw(codec.encode_ping(SW.PING_ADMITTED))
         # First pass: every page. Writes before now are covered by it.
         with self.ram.dirty_lock:
             for b in self.ram.blocks:
@@ -350,7 +361,8 @@ class MigrationSource:
         writer = QEMUFileWriter(transport, rate_limit=rate, name="precopy")
         ch = PrecopyChannel(writer)
         if self.channel is not None:
-            ch._next_section_id = self.channel._next_section_id  # section ids go on across a recovery
+            # Section ids go on across a recovery.
+            ch._next_section_id, ch._reserved = self.channel._next_section_id, self.channel._reserved
         self.channel = ch
         self.channels = [ch]
         self.loop.channels = self.channels
@@ -359,16 +371,19 @@ class MigrationSource:
     def _connect_postcopy_channels(self, n: int) -> None:
         """POSTCOPY channels: further connections to the same address, in order.
 
-        QEMU 7.2 opens them at setup; the destination tells them apart by order.
+        QEMU 7.2 opens them at setup, QEMU 8.0+ at the switch; the destination
+        tells them apart by order.
         """
-        for i in range(n):
-            try:
-                t = connect(self.uri)
-            except ConnectionError as e:
-                raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
-                                      "with the same postcopy-channels enabled on the destination?)") from e
-            name = "postcopy" if n == 1 else f"postcopy{i + 1}"
-            self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
+        self.channels += open_postcopy_channels(self.uri, n)
+
+    # --- peer and dialect (engine/peer.py) ---
+    @property
+    def peer(self):
+        return peer_features(self.config.param("peer"))
+
+    def _preempt_at_setup(self) -> bool:
+        """QEMU 7.2 opens POSTCOPY channels at setup and ends them with EOS; 8.0+ at the switch, no EOS."""
+        return self.config.param("preempt-dialect") == DIALECT_AT_SETUP
 
     def _start_return_path(self, transport) -> None:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
@@ -469,16 +484,24 @@ class MigrationSource:
         self.loop.send_for(None)
         ch.send_eos()
         ch.section_footer(self._ram_section)
-        extra = None
-        if not use_rp:
-            # No return path to confirm on: the stream itself carries the digests.
-            st.digests = {n: d.hex() for n, d in self.ram.digests().items()}
-            extra = {"digests": st.digests}
-        ch.device_full(ch.new_section_id(), SW.GUEST_DEVICE, SW.GUEST_DEVICE_VERSION,
-                       SW.guest_state_bytes(self.workload, extra))
-        # POSTCOPY channels opened at setup but never used still end with EOS.
-        SW.end_postcopy_channels(self.channels, self._lock)
-        ch.send_eof(SW.vm_description(self.ram))
+        if carries_devices(self.devices):
+            # Carried from a QEMU stream: sections, EOF and vmdesc as they came.
+            SW.end_postcopy_channels(self.channels, self._lock, eos=self._preempt_at_setup())
+            ch.send_raw(carried_precopy_end(self.devices))
+        else:
+            state_size = None
+            if self.peer.guest_device:
+                extra = None
+                if not use_rp and self.peer.digests:
+                    # No return path to confirm on: the stream itself carries the digests.
+                    st.digests = {n: d.hex() for n, d in self.ram.digests().items()}
+                    extra = {"digests": st.digests}
+                payload = SW.guest_state_bytes(self.workload, extra)
+                state_size = len(payload)
+                ch.device_full(ch.new_section_id(), SW.GUEST_DEVICE, SW.GUEST_DEVICE_VERSION, payload)
+            # POSTCOPY channels opened at setup but never used still end with EOS.
+            SW.end_postcopy_channels(self.channels, self._lock, eos=self._preempt_at_setup())
+            ch.send_eof(SW.vm_description(self.ram, state_size))
         ch.flush()
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
         st.remaining = 0
@@ -491,12 +514,19 @@ class MigrationSource:
         self._sync(guest_running=False)
         SW.widen_to_host_pages(self.ram, self.bitmaps)
         SW.send_discards(ch, self.ram, self.bitmaps)
-        state = SW.guest_state_bytes(self.workload)
+        if not self._preempt_at_setup():  # QEMU 8.0+: at the switch
+            self._connect_postcopy_channels(self.sched.postcopy_channels if self.sched.preempt else 0)
+        if carries_devices(self.devices):
+            device_part = self.devices.device_bytes  # carried verbatim from a QEMU stream
+        elif self.peer.guest_device:
+            device_part = SW.guest_device_section(ch, SW.guest_state_bytes(self.workload))
+        else:
+            device_part = b""
         self._check()
         # From the first byte of the package on, the destination may run the guest.
         self.in_postcopy = True
         self.sm.fire(ST.SWITCHOVER, expect=ST.ACTIVE)
-        ch.send_raw(SW.package(ch, state))
+        ch.send_raw(SW.package(device_part))
         ch.flush()
         self.sched.postcopy = True
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
@@ -544,7 +574,7 @@ class MigrationSource:
             if done:
                 break
         self._check()
-        SW.end_postcopy_channels(self.channels, self._lock)
+        SW.end_postcopy_channels(self.channels, self._lock, eos=self._preempt_at_setup())
         SW.send_ram_end(ch, self._ram_section)
         ch.send_eof(None)  # no VM description in postcopy, as QEMU
         ch.flush()
@@ -638,6 +668,13 @@ class MigrationSource:
         if not self.in_postcopy:
             self.stats.downtime_end = self._confirmed_at  # the destination may run the guest now
         self._check()
+        if self.peer.completion == COMPLETION_SHUT:
+            # A QEMU destination sends SHUT(0) and closes the return path; no digests.
+            self.stats.extra["completion"] = "shut"
+            if not rp.wait(lambda: rp.closed, CONFIRM_TIMEOUT):
+                raise ChannelError("destination confirmed (SHUT 0) but did not close the return path")
+            return
+        self.stats.extra["completion"] = "digests"
         ours = self.ram.digests()
         if not rp.wait(lambda: rp.digests is not None, CONFIRM_TIMEOUT):
             self._check()

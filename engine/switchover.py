@@ -26,15 +26,22 @@ PING_RUN = 1  # value of the PING inside the postcopy package
 PING_ADMITTED = 2  # value of the PING after POSTCOPY_ADVISE: its PONG means the destination holds all its memory
 
 
-def vm_description(ram) -> dict:
-    """The JSON description sent after EOF (what analyze-migration.py reads)."""
+def vm_description(ram, guest_state_size: int | None = None) -> dict:
+    """The JSON description sent after EOF (what analyze-migration.py reads).
+
+    ``guest_state_size``: bytes of the ``ferry-guest`` state (JSON) when that
+    section was sent: described as a be32 length and a buffer, so a reader
+    walking the fields (QEMU's analyze-migration.py) finds its real size.
+    """
+    devs = []
+    if guest_state_size is not None:
+        devs.append({"name": GUEST_DEVICE, "instance_id": 0, "vmsd_name": GUEST_DEVICE,
+                     "version": GUEST_DEVICE_VERSION,
+                     "fields": [{"name": "length", "type": "uint32", "size": 4},
+                                {"name": "state", "type": "buffer", "size": guest_state_size}]})
     return {
         "page_size": C.TARGET_PAGE_SIZE,
-        "devices": [
-            {"name": GUEST_DEVICE, "instance_id": 0, "vmsd_name": GUEST_DEVICE,
-             "version": GUEST_DEVICE_VERSION,
-             "fields": [{"name": "state", "type": "buffer", "size": -1}]},
-        ],
+        "devices": devs,
         "ram": [{"name": b.idstr, "size": b.length, "page-size": b.page_size} for b in ram.blocks],
     }
 
@@ -72,12 +79,16 @@ def guest_state_bytes(workload, extra: dict | None = None) -> bytes:
     return json.dumps(state).encode()
 
 
-def package(ch, state: bytes) -> bytes:
-    """The PACKAGED command: LISTEN, the guest's device state, PING, RUN."""
-    blob = (codec.encode_postcopy_listen()
-            + codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, state)
+def package(device_part: bytes) -> bytes:
+    """The PACKAGED command: LISTEN, the device state (sections as they go on the wire), PING, RUN."""
+    blob = (codec.encode_postcopy_listen() + device_part
             + codec.encode_ping(PING_RUN) + codec.encode_postcopy_run())
     return codec.encode_packaged(blob)
+
+
+def guest_device_section(ch, state: bytes) -> bytes:
+    """Ferry's own ``ferry-guest`` FULL section with the workload's state."""
+    return codec.encode_device_full(ch.new_section_id(), GUEST_DEVICE, GUEST_DEVICE_VERSION, state)
 
 
 def send_ram_end(ch, section_id: int) -> None:
@@ -87,12 +98,18 @@ def send_ram_end(ch, section_id: int) -> None:
     ch.section_footer(section_id)
 
 
-def end_postcopy_channels(channels: list, lock) -> None:
+def end_postcopy_channels(channels: list, lock, eos: bool = True) -> None:
     """EOS on every POSTCOPY channel, after any page already claimed for it.
 
     A return-path send that claimed a page holds its channel's lock already
     (taken under ``lock``, the scheduler lock), so EOS cannot overtake it.
+    ``eos`` False (QEMU 8.0+ dialect): the channels end without EOS; only flushed.
     """
+    if not eos:
+        for pc in channels[1:]:
+            with pc.lock:
+                pc.flush()
+        return
     n = len(channels) - 1
     with lock:
         for i, pc in enumerate(channels[1:], 1):

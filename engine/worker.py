@@ -26,6 +26,7 @@ from .control import protocol as P
 from .control.auth import ServerKeys
 from .control.server import ControlServer
 from .destination import MigrationDestination
+from .layout import LayoutLimits
 from .local import GuestConfig
 from .params import CAPABILITIES, LIVE_PARAMETERS, MigrationConfig, ParameterError
 from .ram import format_size
@@ -55,16 +56,21 @@ def resource_usage(proc: psutil.Process | None = None) -> dict:
 class Worker:
     """Verb handlers over one guest; ``handle`` is what the control server calls."""
 
-    def __init__(self, role: str, guest: GuestConfig):
+    def __init__(self, role: str, guest: GuestConfig, layout: LayoutLimits | None = None):
         if role not in ROLES:
             raise ValueError(f"worker role {role!r}: expected source or destination")
+        if layout is not None and role != "destination":
+            raise ValueError("only a destination worker takes the source's RAM layout")
         self.role = role
         self.guest = guest
         self.config = MigrationConfig()
+        # No fixed guest: the blocks come from the source's MEM_SIZE (engine/layout.py).
+        self.layout = layout
         # A destination backs its RAM now (mem-prealloc) rather than during the migration.
-        self.ram = guest.make_ram(prealloc=role == "destination" and guest.dest_prealloc)
+        self.ram = None if layout is not None else guest.make_ram(
+            prealloc=role == "destination" and guest.dest_prealloc)
         self.workload: Workload | None = None
-        if guest.workload is not None and guest.workload.threads > 0:
+        if layout is None and guest.workload is not None and guest.workload.threads > 0:
             # On a destination the workload only starts if the guest switches
             # over to it during a postcopy migration (the engine starts it).
             self.workload = Workload(self.ram, guest.workload)
@@ -270,7 +276,8 @@ class Worker:
                        f"(status {self.status})")
         if self.workload is not None and self.workload.running:
             self.workload.pause()  # a stale copy: it runs again only if a guest arrives
-        dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload)
+        dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload,
+                                    layout=self.layout)
         try:
             real = dest.listen(args["uri"])
         except (ValueError, OSError) as e:
@@ -391,14 +398,22 @@ class Worker:
             wl = {"threads": w.threads, "pattern": w.pattern, "dirty-rate": w.dirty_rate,
                   "write-ratio": w.write_ratio, "hot-fraction": w.hot_fraction, "zipf-a": w.zipf_a,
                   "batch": w.batch}
+        ram = self.ram if self.ram is not None else getattr(self.migration, "ram", None)
+        if ram is None:
+            lim = self.layout
+            return {"size": 0, "blocks": [], "fill": "zero", "workload": None,
+                    "layout": {"max-total": lim.max_total, "max-blocks": lim.max_blocks,
+                               "machine-types": list(lim.machine_types)},
+                    "description": f"no fixed guest: takes the source's RAM layout (at most "
+                                   f"{format_size(lim.max_total)} in {lim.max_blocks} blocks)"}
         return {
-            "size": self.ram.total,
+            "size": ram.total,
             "blocks": [{"idstr": b.idstr, "length": b.length, "page-size": b.page_size, "backing": b.backing}
-                       for b in self.ram.blocks],
+                       for b in ram.blocks],
             "fill": g.fill if self.role == "source" else "zero",
             "workload": wl,
-            "description": f"{format_size(self.ram.total)} in {len(self.ram.blocks)} block(s), "
-                           f"{format_size(self.ram.blocks[0].page_size)} pages, {g.backing} memory",
+            "description": f"{format_size(ram.total)} in {len(ram.blocks)} block(s), "
+                           f"{format_size(ram.blocks[0].page_size)} pages, {g.backing} memory",
         }
 
     def query_status(self, args: dict) -> dict:
@@ -439,8 +454,9 @@ class Worker:
             self.workload.stop()
         self.emit("SHUTDOWN", {"guest": False, "reason": reason})
         thread = getattr(m, "_thread", None)
-        if thread is None or not thread.is_alive():
-            self.ram.close()
+        ram = self.ram if self.ram is not None else getattr(m, "ram", None)
+        if ram is not None and (thread is None or not thread.is_alive()):
+            ram.close()
 
 
 def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
@@ -522,7 +538,8 @@ async def _watch_parent(ppid: int, server: ControlServer, reason: dict) -> None:
 
 
 def run_worker(role: str, control: str, guest: GuestConfig, events: str | None = None,
-               curve_dir: str | None = None, ready_json: bool = False, exit_with_parent: bool = False) -> int:
+               curve_dir: str | None = None, ready_json: bool = False, exit_with_parent: bool = False,
+               layout: LayoutLimits | None = None) -> int:
     """The `ferry worker` process: build the guest, serve until quit or SIGTERM. Returns the exit code."""
     endpoints.check(control)
     if events:
@@ -532,5 +549,5 @@ def run_worker(role: str, control: str, guest: GuestConfig, events: str | None =
         # Checked before the guest is built: fail in milliseconds, not after filling RAM.
         for ep in (control, events or endpoints.default_events_endpoint(control)):
             endpoints.refuse_without_curve(ep)
-    worker = Worker(role, guest)
+    worker = Worker(role, guest, layout)
     return asyncio.run(_serve(worker, control, events, keys, ready_json, exit_with_parent))

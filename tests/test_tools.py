@@ -49,10 +49,10 @@ def test_dump_text(saved_stream):
     assert r.returncode == 0, r.stderr
     out = r.stdout
     assert "header: magic QEVM, version 3" in out
-    assert "section START id 0 'ram' instance 0 version 4" in out
+    assert "section START id 1 'ram' instance 0 version 4" in out
     assert "pc.ram: 8 MiB (0x800000)" in out
     assert "1536 PAGE, 512 ZERO records" in out
-    assert "section FULL id 1 'ferry-guest'" in out
+    assert "section FULL id 2 'ferry-guest'" in out
     assert "EOF" in out
     assert "VM description:" in out and '"page_size": 4096' in out
 

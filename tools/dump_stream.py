@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from channels import codec
+from channels import codec, devices
 from channels import constants as C
 from channels.channel import RamRecvChannel
 from channels.errors import ChannelError
@@ -47,11 +47,12 @@ def dump(path: str, pages: bool, result: dict, emit=lambda kind, item: None) -> 
     ``result`` holding what was decoded up to there.
     """
     transport = FileTransport("/dev/stdin" if path == "-" else path, "r")
-    dec = codec.StreamDecoder([], devices=DEVICES, learn_blocks=True, channel_name=path)
+    dec = codec.StreamDecoder([], devices=DEVICES, learn_blocks=True, channel_name=path, opaque_devices=True)
     ch = RamRecvChannel(QEMUFileReader(transport, name=path), dec, name=path)
     items = result.setdefault("items", [])
     totals = result.setdefault("blocks", {})
     cur = None  # the RAM section being read
+    tail_off = None  # where QEMU's device sections start (delimited by the vmdesc at the end)
 
     def add(kind, off, **fields):
         item = {"kind": kind, "offset": off, **fields}
@@ -64,6 +65,8 @@ def dump(path: str, pages: bool, result: dict, emit=lambda kind, item: None) -> 
             off = dec.offset
             ev = ch.next_event()
             if ev is None:
+                if dec.in_device_tail:
+                    raise devices.tail_error(dec.tail)
                 break
             if isinstance(ev, codec.RamRun):
                 n = len(ev.pages)
@@ -110,6 +113,18 @@ def dump(path: str, pages: bool, result: dict, emit=lambda kind, item: None) -> 
                 add("eof", off)
             elif isinstance(ev, codec.VMDescription):
                 add("vmdesc", off, json=ev.json)
+            elif isinstance(ev, codec.DeviceBytes):
+                tail_off = off if tail_off is None else tail_off
+            elif isinstance(ev, devices.DeviceTail):
+                # Opaque device sections: sizes from the vmdesc, bytes not interpreted.
+                pos = off if tail_off is None else tail_off
+                for sec in ev.sections:
+                    add("section", pos, type=C.SECTION_TYPE_NAMES[sec.section_type].replace("SECTION_", ""),
+                        id=sec.section_id, idstr=sec.idstr, instance=sec.instance_id, version=sec.version_id,
+                        size=sec.payload_size)
+                    pos += len(sec.raw)
+                add("eof", pos)
+                add("vmdesc", pos + 1, json=ev.vmdesc)
     finally:
         result["bytes"] = dec.offset
         if cur is not None:  # a RAM section cut short by an error
