@@ -10,3 +10,28 @@ class ProtocolError(ChannelError):
 
     The message names the field and the value that were wrong.
     """
+
+
+class PeerTimeout(ChannelError):
+    """A blocking send or recv on a channel made no progress for the liveness timeout.
+
+    ``channel`` is the channel's name (``precopy``, ``return-path``,
+    ``postcopy1``...), ``direction`` is ``"send"`` (the peer accepted no byte)
+    or ``"recv"`` (the peer sent no byte), ``seconds`` the bound that expired
+    (the ``liveness-timeout`` parameter). ``detail`` says which check fired
+    when it was the kernel's (TCP_USER_TIMEOUT or keepalive) rather than the
+    socket timeout.
+    """
+
+    def __init__(self, channel: str, direction: str, seconds: float, detail: str = ""):
+        self.channel = channel
+        self.direction = direction
+        self.seconds = seconds
+        self.detail = detail
+        what = "received no byte from the peer" if direction == "recv" else "the peer accepted no byte"
+        super().__init__(f"channel {channel}: {direction} timed out: {what} for {seconds:g} s "
+                         f"(liveness-timeout){': ' + detail if detail else ''}")
+
+    def again(self) -> "PeerTimeout":
+        """A new exception with the same fields (a sticky error raised once more)."""
+        return PeerTimeout(self.channel, self.direction, self.seconds, self.detail)

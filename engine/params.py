@@ -85,6 +85,10 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
     ParamSpec("preempt-pace-background", True, None, None, "", True,
               "Ferry: with postcopy-preempt and precopy-pacing-rate 0, pace the PRECOPY channel at 90% of "
               "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool),
+    ParamSpec("liveness-timeout", 30, 0, 86400, "seconds", True,
+              "Ferry: a migration channel whose peer accepts or sends no byte for this long fails with "
+              "PeerTimeout (socket send/recv timeouts; on TCP also keepalive and TCP_USER_TIMEOUT); "
+              "0 = off. See docs/reliability.md, Liveness", float),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),
