@@ -84,7 +84,7 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
-        self.listener = Listener(uri)
+        self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
         self._set_state(S.SETUP)
         return str(self.listener.uri)
 
@@ -222,7 +222,9 @@ class MigrationDestination:
                 t = self._accept()
                 name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
-                ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
+                reader = QEMUFileReader(t, bufsize=1 << 20, name=name)
+                reader.idle_timeout = None  # idle while the guest faults on nothing
+                ch = RamRecvChannel(reader, dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name)
                 th = threading.Thread(target=self._channel_loop, args=(ch, asm), name=f"load-{name}", daemon=True)
                 with self._pc_connected:

@@ -371,7 +371,8 @@ class MigrationSource:
                                    preempt=preempt, break_huge=cfg.param("preempt-break-huge"),
                                    postcopy_channels=max(1, nchannels))
         try:
-            transport = connect(self.uri)
+            liveness = cfg.param("liveness-timeout")
+            transport = connect(self.uri, liveness=liveness)
             if hasattr(transport, "tune"):
                 transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
             use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
@@ -393,7 +394,7 @@ class MigrationSource:
             # at setup as QEMU 7.2 does; the destination tells them by order.
             for i in range(nchannels):
                 try:
-                    t = connect(self.uri)
+                    t = connect(self.uri, liveness=liveness)
                 except ConnectionError as e:
                     raise ConnectionError(f"POSTCOPY channel {i + 1} of {nchannels}: {e} (is postcopy-preempt "
                                           "with the same postcopy-channels enabled on the destination?)") from e
@@ -606,6 +607,7 @@ class MigrationSource:
     # --- return path ---
     def _start_return_path(self, transport) -> None:
         reader = QEMUFileReader(transport, bufsize=64 << 10, name="return-path")
+        reader.idle_timeout = None  # the destination says nothing until it confirms or faults
         self._rp_thread = threading.Thread(target=self._rp_loop, args=(reader,), name="return-path",
                                            daemon=True)
         self._rp_thread.start()
