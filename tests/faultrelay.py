@@ -188,6 +188,8 @@ class RelayConnection:
                     return
                 if n == 0:
                     st.eof = True
+                    if self.cut_done.is_set():
+                        return  # woken by our own cut: a FIN here would beat its reset
                     with contextlib.suppress(OSError):
                         wsock.shutdown(socket.SHUT_WR)  # pass the end of stream on
                     return
