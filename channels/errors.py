@@ -28,9 +28,13 @@ class PeerTimeout(ChannelError):
         self.direction = direction
         self.seconds = seconds
         self.detail = detail
-        what = "received no byte from the peer" if direction == "recv" else "the peer accepted no byte"
-        super().__init__(f"channel {channel}: {direction} timed out: {what} for {seconds:g} s "
-                         f"(liveness-timeout){': ' + detail if detail else ''}")
+        if detail:
+            what = f"{detail} after {seconds:g} s"
+        elif direction == "recv":
+            what = f"received no byte from the peer for {seconds:g} s"
+        else:
+            what = f"the peer accepted no byte for {seconds:g} s"
+        super().__init__(f"channel {channel}: {direction} timed out: {what} (liveness-timeout)")
 
     def again(self) -> "PeerTimeout":
         """A new exception with the same fields (a sticky error raised once more)."""

@@ -58,7 +58,8 @@ def _timeout_error(e: OSError, name: str, direction: str, seconds: float | None,
         return None
     if e.errno == errno.ETIMEDOUT:  # the kernel's TCP_USER_TIMEOUT or keepalive
         return PeerTimeout(name, direction, liveness or seconds or 0,
-                           "the kernel gave up on the connection (TCP_USER_TIMEOUT or keepalive)")
+                           "the kernel gave up on the connection (TCP_USER_TIMEOUT: bytes sent and not "
+                           "acknowledged or not taken by the peer, or keepalive unanswered)")
     return PeerTimeout(name, direction, seconds or 0)
 
 
