@@ -65,6 +65,7 @@ TO_SRC = "to-src"  # destination -> source: the return path
 DIRECTIONS = (TO_DST, TO_SRC)
 CHUNK = 64 << 10  # bytes read per recv
 CONNECT_TIMEOUT = 10.0  # s to reach the destination
+FINAL_STATES = ("completed", "failed", "cancelled")
 
 
 class RelayError(RuntimeError):
@@ -528,7 +529,8 @@ async def wait_state(client, cond: Callable[[dict], bool] | str, timeout: float 
                      poll: float = 0.02) -> dict:
     """Poll query-migrate on ``client`` (a ControlClient) until ``cond(reply)`` (or status == cond).
 
-    Returns the reply that matched; TimeoutError with the last reply if it never does.
+    Returns the reply that matched; TimeoutError with the last reply if it never does;
+    RelayError at once if the migration ended (completed, failed, cancelled) without matching.
     """
     want = cond
     if isinstance(cond, str):
@@ -538,6 +540,9 @@ async def wait_state(client, cond: Callable[[dict], bool] | str, timeout: float 
         q = await client.call("query-migrate")
         if cond(q):
             return q
+        if q["status"] in FINAL_STATES:
+            raise RelayError(f"migration ended ({q['status']}: {q.get('error-desc', '')}) before the "
+                             "condition was met")
         if time.monotonic() > deadline:
             raise TimeoutError(f"migration condition not met after {timeout:g} s; last: status {q['status']}")
         await asyncio.sleep(poll)

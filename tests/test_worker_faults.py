@@ -108,3 +108,27 @@ async def test_aborted_migrations_do_not_grow_the_destination_rss(spawn):  # noq
           f"fds {fds}, threads {threads}")
     assert growth < RSS_GROWTH_BOUND, (f"destination RSS grew by {growth / MiB:.1f} MiB over {ABORTS} aborted "
                                        f"migrations: {[round(r / MiB, 1) for r in rss]}")
+
+
+# --- idle channels are not timed out ----------------------------------------------------
+
+async def test_idle_channels_outlast_the_timeout_in_precopy_and_postcopy_preempt(spawn):  # noqa: F811
+    # The source's return path (silent all through precopy) and the destination's
+    # two POSTCOPY channels (connected at setup, silent until the switch) stay
+    # idle for several liveness timeouts; the migration completes all the same.
+    opts = ["--size", "48M"]
+    src, dst = spawn("source", opts), spawn("destination", [*opts, "--workload-threads", "1"])
+    caps = {"capabilities": [{"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-preempt")]}
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        for c in (s, d):
+            await c.call("migrate-set-capabilities", caps)
+            await c.call("migrate-set-parameters", {"liveness-timeout": 1, "postcopy-channels": 2})
+        await s.call("migrate-set-parameters", {"max-bandwidth": 6 * MiB})
+        inc = (await d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}))["uri"]
+        await s.call("migrate", {"uri": inc})
+        await wait_state(s, lambda q: q["status"] == "active" and q["ram"]["transferred"] > 18 * MiB)
+        await s.call("migrate-start-postcopy")
+        sq, dq = await wait_final(s, timeout=120), await wait_final(d, timeout=120)
+    assert sq["status"] == dq["status"] == "completed", (sq.get("error-desc"), dq.get("error-desc"))
+    assert sq["digests"] == dq["digests"]
+    assert sq["total-time"] > 3000  # ms: the idle channels waited past the 1 s timeout
