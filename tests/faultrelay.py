@@ -548,6 +548,21 @@ async def wait_state(client, cond: Callable[[dict], bool] | str, timeout: float 
         await asyncio.sleep(poll)
 
 
+async def signal_when(client, cond: Callable[[dict], bool] | str, worker, sig: int,
+                      timeout: float = 60.0) -> dict:
+    """Send ``sig`` to ``worker`` once query-migrate on ``client`` meets ``cond`` (see wait_state).
+
+    E.g. ``await signal_when(s, "postcopy-active", dst, signal.SIGKILL)``. Returns the reply
+    that matched. SIGKILL reaps the worker (sigkill).
+    """
+    q = await wait_state(client, cond, timeout)
+    if sig == signal.SIGKILL:
+        sigkill(worker)
+    else:
+        send_signal(worker, sig)
+    return q
+
+
 async def wait_event_state(stream, status: str, timeout: float = 60.0) -> dict:
     """Read events from ``stream`` (ControlClient.events()) until MIGRATION with ``status``; returns it."""
     deadline = time.monotonic() + timeout

@@ -6,12 +6,14 @@ states, the source guest, and the destination's RSS (psutil).
 """
 from __future__ import annotations
 
+import signal
+
 import psutil
-import pytest
 
 from engine.control.client import ControlClient
 
-from .faultrelay import TO_DST, FaultRelay, sigcont, sigstop, stop_for, wait_state
+from .faultrelay import (TO_DST, TO_SRC, FaultRelay, sigcont, signal_when, sigstop, stop_for, wait_event_state,
+                         wait_state)
 from .test_control import spawn, wait_final  # noqa: F401 - spawn is a fixture
 
 MiB = 1 << 20
@@ -132,3 +134,48 @@ async def test_idle_channels_outlast_the_timeout_in_precopy_and_postcopy_preempt
     assert sq["status"] == dq["status"] == "completed", (sq.get("error-desc"), dq.get("error-desc"))
     assert sq["digests"] == dq["digests"]
     assert sq["total-time"] > 3000  # ms: the idle channels waited past the 1 s timeout
+
+
+# --- the relay between real workers -------------------------------------------------------
+
+async def test_postcopy_preempt_through_the_relay_keeps_the_channel_order(spawn):  # noqa: F811
+    opts = ["--size", "32M"]
+    src, dst = spawn("source", opts), spawn("destination", [*opts, "--workload-threads", "1"])
+    caps = {"capabilities": [{"capability": c, "state": True} for c in ("postcopy-ram", "postcopy-preempt")]}
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        for c in (s, d):
+            await c.call("migrate-set-capabilities", caps)
+            await c.call("migrate-set-parameters", {"postcopy-channels": 2})
+        await s.call("migrate-set-parameters", {"max-bandwidth": 16 * MiB})
+        inc = (await d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}))["uri"]
+        events = await d.events()
+        with FaultRelay(inc) as relay:
+            await s.call("migrate", {"uri": relay.uri})
+            relay.wait_connections(3)
+            await wait_state(s, lambda q: q["status"] == "active" and q["ram"]["transferred"] > 4 * MiB)
+            await s.call("migrate-start-postcopy")
+            await wait_event_state(events, "postcopy-active")
+            sq, dq = await wait_final(s, timeout=120), await wait_final(d, timeout=120)
+            counters = relay.counters()
+    assert sq["status"] == dq["status"] == "completed", (sq.get("error-desc"), dq.get("error-desc"))
+    assert sq["digests"] == dq["digests"]
+    # Every byte each side sent went through its own relayed connection.
+    assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"]
+    for i, name in ((1, "postcopy1"), (2, "postcopy2")):
+        assert counters[i][TO_DST]["forwarded"] == sq["channels"][name]["bytes"]
+        assert counters[i][TO_SRC]["received"] == 0  # POSTCOPY channels are one-way
+    assert counters[0][TO_SRC]["forwarded"] > 0  # the return path
+
+
+async def test_destination_killed_in_precopy_fails_the_source_and_its_guest_runs(spawn):  # noqa: F811
+    src, dst = spawn("source"), spawn("destination")
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        inc = await _incoming(s, d, {"max-bandwidth": 6 * MiB})
+        await s.call("migrate", {"uri": inc})
+        q = await signal_when(s, lambda q: q["status"] == "active" and q["ram"]["transferred"] > MiB,
+                              dst, signal.SIGKILL)
+        assert q["status"] == "active"
+        sq = await wait_final(s, timeout=120)
+        assert not dst.alive()
+        assert sq["status"] == "failed", sq
+        assert (await s.call("query-status"))["status"] == "running"
