@@ -22,6 +22,7 @@ import errno
 import mmap
 import struct
 import threading
+import time
 
 import numpy as np
 
@@ -36,6 +37,7 @@ _be64 = struct.Struct(">Q")
 
 # Flush by itself once this much is queued (by reference or buffered).
 AUTO_FLUSH_BYTES = 1 << 20
+TEARDOWN_WAIT = 1.0  # s a reader waits for the error of a torn-down connection
 
 
 def anon_buffer(size: int) -> mmap.mmap:
@@ -199,6 +201,7 @@ class QEMUFileWriter(_StickyError):
             try:
                 self._send_all(iov)
             except OSError as e:
+                self.transport.aborted = e
                 timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
                 self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
                 self._check()
@@ -283,6 +286,7 @@ class QEMUFileReader(_StickyError):
             try:
                 n = self.transport.recv_into(self._mv[self._end:])
             except OSError as e:
+                self.transport.aborted = e
                 timeout = _timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
                 self.set_error(timeout or ChannelError(f"read failed: {e.strerror or e}"))
                 self._check()
@@ -290,11 +294,25 @@ class QEMUFileReader(_StickyError):
                 # Woken by shutdown() from another thread: that is the sticky
                 # error, not a clean end of stream.
                 self._check()
+                if self.transport.torn_down():
+                    self.set_error(self._teardown_error())
+                    self._check()
                 self.eof = True
                 return self._end - self._start >= need
             self._end += n
             self.transferred += n
         return True
+
+    def _teardown_error(self) -> ChannelError:
+        """The error of a connection the kernel tore down while the writer on it got the errno."""
+        deadline = time.monotonic() + TEARDOWN_WAIT
+        while self.transport.aborted is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer's thread is about to record it
+        e = self.transport.aborted
+        if e is None:
+            return ChannelError("read failed: the kernel tore the connection down (reset or timed out)")
+        return (_timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
+                or ChannelError(f"read failed: {e.strerror or e}"))
 
     def _make_room(self, need: int) -> None:
         avail = self._end - self._start

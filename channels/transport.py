@@ -24,6 +24,7 @@ from dataclasses import dataclass
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 UNIX_SOCKET_BUFFER = 4 << 20  # SO_SNDBUF of unix stream sockets (capped by net.core.wmem_max)
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # linux/tcp.h
+TCP_CLOSE = 7  # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
 KEEPALIVE_MAX = 32767  # s, the kernel's bound on TCP_KEEPIDLE and TCP_KEEPINTVL
 # errno of a send or recv that ran into a liveness bound: EAGAIN from
 # SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket, ETIMEDOUT from the kernel
@@ -114,6 +115,13 @@ class Transport:
 
     name = "transport"
     liveness: float | None = None
+    # The OSError a send or recv on this transport got. Both directions share
+    # the connection, and the kernel reports its error to one call only.
+    aborted: OSError | None = None
+
+    def torn_down(self) -> bool:
+        """True when an end of stream is really the kernel tearing the connection down (reset, timeout)."""
+        return False
 
     def set_send_timeout(self, seconds: float | None) -> None:
         """Bound a blocking send that makes no progress (None: block forever). No-op where sends never block."""
@@ -174,6 +182,16 @@ class SocketTransport(Transport):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
         s.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+    def torn_down(self) -> bool:
+        # A peer's FIN leaves us in CLOSE_WAIT; a reset or TCP_USER_TIMEOUT
+        # makes it CLOSE, and the thread that did not get the error reads EOF.
+        if self._shut or self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+        except OSError:
+            return False
 
     def set_send_timeout(self, seconds: float | None) -> None:
         # SO_SNDTIMEO on a blocking socket: writev returns what it sent, or

@@ -283,3 +283,32 @@ def test_stalled_connection_gives_the_sender_peer_timeout():
         src.close()
         dst.close()
     lst.close()
+
+
+def test_reader_sharing_a_reset_connection_never_sees_a_clean_end():
+    # The kernel reports a reset (or TCP_USER_TIMEOUT) to one call; the other
+    # direction's reader then reads EOF. It must still fail, not end cleanly.
+    for _ in range(5):
+        lst = Listener("tcp:127.0.0.1:0", liveness=30)
+        src = connect(lst.uri, liveness=30)
+        peer = lst.accept(10)
+        lst.close()
+        w, r = QEMUFileWriter(src, name="precopy"), QEMUFileReader(src, name="return-path")
+        result = []
+
+        def read():
+            try:
+                result.append(r.fill(1))
+            except ChannelError as e:
+                result.append(e)
+
+        th = threading.Thread(target=read)
+        th.start()
+        peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # reset
+        with pytest.raises(ChannelError):
+            _write_until(w, 1 << 40)
+        th.join(10)
+        assert isinstance(result[0], ChannelError) and not isinstance(result[0], PeerTimeout), result
+        assert "shut down" not in str(result[0])
+        src.close()
