@@ -28,7 +28,8 @@ reached (``at=`` offset in the stream as the sender wrote it):
 - ``blackhole``: read and drop every further byte silently, sockets open;
 - ``flip``: XOR one byte at stream offset K (default mask 0xFF).
 
-Faults armed for a connection that has not arrived yet apply when it does.
+Faults armed for a connection that has not arrived yet apply when it does
+(one without a byte offset at its first byte in that direction).
 Counters per connection and direction: ``received`` (bytes read from the
 sender), ``forwarded`` (written to the receiver), ``dropped`` (black-holed).
 ``fired`` records each fault as it took effect. Everything is real sockets
