@@ -29,12 +29,13 @@ class PeerTimeout(ChannelError):
         self.seconds = seconds
         self.detail = detail
         if detail:
-            what = f"{detail} after {seconds:g} s"
+            what = f"{detail} after {seconds:g} s" if seconds else detail
         elif direction == "recv":
             what = f"received no byte from the peer for {seconds:g} s"
         else:
             what = f"the peer accepted no byte for {seconds:g} s"
-        super().__init__(f"channel {channel}: {direction} timed out: {what} (liveness-timeout)")
+        bound = " (liveness-timeout)" if seconds else " (the kernel's own retransmission limit)"
+        super().__init__(f"channel {channel}: {direction} timed out: {what}{bound}")
 
     def again(self) -> "PeerTimeout":
         """A new exception with the same fields (a sticky error raised once more)."""

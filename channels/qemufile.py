@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import mmap
+import os
 import struct
 import threading
 import time
@@ -29,7 +30,7 @@ import numpy as np
 from .errors import ChannelError, PeerTimeout, ProtocolError
 from .iovec import iovec_of, writev_all
 from .ratelimit import RateLimiter
-from .transport import IOV_MAX, TIMEOUT_ERRNOS, Transport
+from .transport import IOV_MAX, KERNEL_TIMEOUT_ERRNOS, TIMEOUT_ERRNOS, Transport
 
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
@@ -58,10 +59,11 @@ def _timeout_error(e: OSError, name: str, direction: str, seconds: float | None,
     """The PeerTimeout an OSError from a send or recv stands for, or None if it is another error."""
     if e.errno not in TIMEOUT_ERRNOS:
         return None
-    if e.errno == errno.ETIMEDOUT:  # the kernel's TCP_USER_TIMEOUT or keepalive
-        return PeerTimeout(name, direction, liveness or seconds or 0,
+    if e.errno in KERNEL_TIMEOUT_ERRNOS:
+        last = "" if e.errno == errno.ETIMEDOUT else f"; last error: {os.strerror(e.errno)}"
+        return PeerTimeout(name, direction, liveness or 0,
                            "the kernel gave up on the connection (TCP_USER_TIMEOUT: bytes sent and not "
-                           "acknowledged or not taken by the peer, or keepalive unanswered)")
+                           f"acknowledged or not taken by the peer, or keepalive unanswered{last})")
     return PeerTimeout(name, direction, seconds or 0)
 
 

@@ -27,9 +27,13 @@ TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # linux/tcp.h
 TCP_CLOSE = 7  # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
 KEEPALIVE_MAX = 32767  # s, the kernel's bound on TCP_KEEPIDLE and TCP_KEEPINTVL
 # errno of a send or recv that ran into a liveness bound: EAGAIN from
-# SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket, ETIMEDOUT from the kernel
-# (TCP_USER_TIMEOUT or keepalive gave up on the peer).
-TIMEOUT_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ETIMEDOUT)
+# SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket; from the kernel giving up on
+# an established TCP connection (TCP_USER_TIMEOUT, keepalive, retransmissions)
+# ETIMEDOUT, or the last soft error it saw meanwhile (an unreachable route or
+# host: on an established connection those are only reported when it gives up).
+KERNEL_TIMEOUT_ERRNOS = (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+                         errno.ENETDOWN)
+TIMEOUT_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK, *KERNEL_TIMEOUT_ERRNOS)
 
 
 def keepalive_settings(seconds: float) -> tuple[int, int, int]:

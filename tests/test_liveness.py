@@ -312,3 +312,91 @@ def test_reader_sharing_a_reset_connection_never_sees_a_clean_end():
         assert isinstance(result[0], ChannelError) and not isinstance(result[0], PeerTimeout), result
         assert "shut down" not in str(result[0])
         src.close()
+
+
+# --- a dead link, in network namespaces ----------------------------------------------------
+
+def _in_netns(ns: str, fn):
+    """Run ``fn`` in a thread that joined network namespace ``ns`` (its sockets stay there)."""
+    from engine.testbed import enter_netns
+
+    out = {}
+
+    def run():
+        try:
+            enter_netns(ns)
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _expect_timeout(fn, box: list) -> threading.Thread:
+    def run():
+        t0 = time.monotonic()
+        try:
+            fn()
+            box.append(("no error", 0.0))
+        except BaseException as e:  # noqa: BLE001 - checked by the test
+            box.append((e, time.monotonic() - t0))
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    return th
+
+
+def test_pulled_cable_fails_busy_and_idle_channels():
+    """The destination's link goes down: packets vanish, no FIN, no reset, sockets open.
+
+    The source's sender fails (its send bound or TCP_USER_TIMEOUT), the destination's
+    receiver fails (its recv bound), and an idle reader without a recv bound (like the
+    source's return path) fails too: its keepalive probes go unanswered.
+    """
+    from engine.testbed import Testbed, TestbedUnavailable
+
+    tb = Testbed()
+    try:
+        tb.setup()
+    except TestbedUnavailable as e:
+        pytest.skip(str(e))
+    T = 3
+    socks = []
+    try:
+        lst = _in_netns(tb.ns["b"], lambda: Listener(f"tcp:{tb.address('b')}:0", liveness=T))
+        socks.append(lst)
+        src = _in_netns(tb.ns["a"], lambda: connect(lst.uri, liveness=T))
+        dst = lst.accept(10)
+        idle_src = _in_netns(tb.ns["a"], lambda: connect(lst.uri, liveness=T))
+        idle_dst = lst.accept(10)
+        socks += [src, dst, idle_src, idle_dst]
+        w, r = QEMUFileWriter(src, name="precopy"), QEMUFileReader(dst, name="precopy")
+        rp = QEMUFileReader(idle_src, name="return-path")
+        rp.idle_timeout = None
+        w.put_bytes(b"x" * 1000)
+        w.flush()
+        assert r.fill(1000)
+        r.consume(1000)
+
+        tb.exec("b", "ip", "link", "set", tb.link("a", "b").ifname, "down")
+        got_r, got_rp = [], []
+        threads = [_expect_timeout(lambda: r.fill(1), got_r), _expect_timeout(lambda: rp.fill(1), got_rp)]
+        t0 = time.monotonic()
+        with pytest.raises(PeerTimeout) as ei:
+            _write_until(w, 1 << 40)
+        assert time.monotonic() - t0 < BOUND and ei.value.direction == "send"
+        for th in threads:
+            th.join(BOUND)
+        (er, dr), (erp, drp) = got_r[0], got_rp[0]
+        assert isinstance(er, PeerTimeout) and er.direction == "recv" and dr < BOUND, got_r
+        assert isinstance(erp, PeerTimeout) and "kernel gave up" in str(erp) and drp < BOUND, got_rp
+        assert erp.channel == "return-path"
+    finally:
+        for s in socks:
+            s.close()
+        tb.teardown()
