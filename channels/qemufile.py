@@ -7,18 +7,30 @@ parsers look into without copying.
 
 Both keep a sticky error: the first failure is kept and every later call fails
 fast with it, as QEMUFile does.
+
+Liveness: the writer's ``timeout`` and the reader's ``idle_timeout`` (seconds,
+None = wait forever) bound a blocking send or recv that makes no progress; it
+then fails with PeerTimeout. Both default to the transport's ``liveness`` and
+are applied as SO_SNDTIMEO/SO_RCVTIMEO on the socket, so the hot path gains no
+system call. A reader whose peer may legitimately say nothing for long (the
+source's return path, the destination's POSTCOPY channels) sets
+``idle_timeout = None``; see docs/reliability.md, "Liveness".
 """
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import struct
 import threading
+import time
 
 import numpy as np
 
-from .errors import ChannelError, ProtocolError
+from .errors import ChannelError, PeerTimeout, ProtocolError
 from .iovec import iovec_of, writev_all
 from .ratelimit import RateLimiter
-from .transport import IOV_MAX, Transport
+from .transport import IOV_MAX, KERNEL_TIMEOUT_ERRNOS, TIMEOUT_ERRNOS, Transport
 
 _be16 = struct.Struct(">H")
 _be32 = struct.Struct(">I")
@@ -26,6 +38,33 @@ _be64 = struct.Struct(">Q")
 
 # Flush by itself once this much is queued (by reference or buffered).
 AUTO_FLUSH_BYTES = 1 << 20
+TEARDOWN_WAIT = 1.0  # s a reader waits for the error of a torn-down connection
+
+
+def anon_buffer(size: int) -> mmap.mmap:
+    """A zero-filled buffer of ``size`` bytes in its own anonymous mapping.
+
+    Unmapped (returned to the kernel) as soon as the last view of it goes.
+    A bytearray of a few MiB is not: once one such block was freed, glibc
+    raises its mmap threshold and serves the next from a malloc arena, and
+    each thread arena then keeps a freed block resident. With a new reader
+    per migration that grew a worker's RSS by a reader buffer per migration
+    (up to one per arena, 4 MiB each), migration after migration.
+    """
+    return mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _timeout_error(e: OSError, name: str, direction: str, seconds: float | None,
+                   liveness: float | None) -> PeerTimeout | None:
+    """The PeerTimeout an OSError from a send or recv stands for, or None if it is another error."""
+    if e.errno not in TIMEOUT_ERRNOS:
+        return None
+    if e.errno in KERNEL_TIMEOUT_ERRNOS:
+        last = "" if e.errno == errno.ETIMEDOUT else f"; last error: {os.strerror(e.errno)}"
+        return PeerTimeout(name, direction, liveness or 0,
+                           "the kernel gave up on the connection (TCP_USER_TIMEOUT: bytes sent and not "
+                           f"acknowledged or not taken by the peer, or keepalive unanswered{last})")
+    return PeerTimeout(name, direction, seconds or 0)
 
 
 class _StickyError:
@@ -36,6 +75,8 @@ class _StickyError:
 
     def _check(self) -> None:
         if self.error is not None:
+            if isinstance(self.error, PeerTimeout):
+                raise self.error.again() from self.error  # callers react to the type
             raise ChannelError(f"{self.name}: {self.error}") from self.error
 
     def set_error(self, err: BaseException) -> None:
@@ -61,6 +102,18 @@ class QEMUFileWriter(_StickyError):
         # sooner from a blocking send (it can serve a request), larger means
         # fewer system calls.
         self.auto_flush = AUTO_FLUSH_BYTES
+        self._timeout: float | None = None
+        self.timeout = transport.liveness
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a blocking send may make no progress before PeerTimeout (None: forever)."""
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, seconds: float | None) -> None:
+        self._timeout = seconds or None
+        self.transport.set_send_timeout(self._timeout)
 
     @property
     def rate_limit(self) -> int:
@@ -150,7 +203,9 @@ class QEMUFileWriter(_StickyError):
             try:
                 self._send_all(iov)
             except OSError as e:
-                self.set_error(ChannelError(f"write failed: {e.strerror or e}"))
+                self.transport.aborted = e
+                timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
+                self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
                 self._check()
             except ChannelError as e:
                 self.set_error(e)
@@ -184,13 +239,29 @@ class QEMUFileReader(_StickyError):
     def __init__(self, transport: Transport, bufsize: int = 4 << 20, name: str = ""):
         self.transport = transport
         self.name = name or transport.name
-        self._buf = bytearray(bufsize)
+        self._buf = anon_buffer(bufsize)
         self._mv = memoryview(self._buf)
         self._start = 0
         self._end = 0
         self.transferred = 0  # bytes read from the transport
         self.error: BaseException | None = None
         self.eof = False
+        self._idle_timeout: float | None = None
+        self.idle_timeout = transport.liveness
+
+    @property
+    def idle_timeout(self) -> float | None:
+        """Seconds a blocking recv may get no byte before PeerTimeout (None: wait forever).
+
+        Set it to None on a channel whose peer may rightly stay silent for
+        long, unless the peer feeds it (PING/PONG).
+        """
+        return self._idle_timeout
+
+    @idle_timeout.setter
+    def idle_timeout(self, seconds: float | None) -> None:
+        self._idle_timeout = seconds or None
+        self.transport.set_recv_timeout(self._idle_timeout)
 
     def available(self) -> int:
         return self._end - self._start
@@ -217,27 +288,44 @@ class QEMUFileReader(_StickyError):
             try:
                 n = self.transport.recv_into(self._mv[self._end:])
             except OSError as e:
-                self.set_error(ChannelError(f"read failed: {e.strerror or e}"))
+                self.transport.aborted = e
+                timeout = _timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
+                self.set_error(timeout or ChannelError(f"read failed: {e.strerror or e}"))
                 self._check()
             if n == 0:
                 # Woken by shutdown() from another thread: that is the sticky
                 # error, not a clean end of stream.
                 self._check()
+                if self.transport.torn_down():
+                    self.set_error(self._teardown_error())
+                    self._check()
                 self.eof = True
                 return self._end - self._start >= need
             self._end += n
             self.transferred += n
         return True
 
+    def _teardown_error(self) -> ChannelError:
+        """The error of a connection the kernel tore down while the writer on it got the errno."""
+        deadline = time.monotonic() + TEARDOWN_WAIT
+        while self.transport.aborted is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the writer's thread is about to record it
+        e = self.transport.aborted
+        if e is None:
+            return ChannelError("read failed: the kernel tore the connection down (reset or timed out)")
+        return (_timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
+                or ChannelError(f"read failed: {e.strerror or e}"))
+
     def _make_room(self, need: int) -> None:
         avail = self._end - self._start
         size = len(self._buf)
         if need > size:
             # Grow (e.g. a large PACKAGED blob): a new buffer, old views stay valid.
-            newbuf = bytearray(max(need, size * 2))
-            newbuf[:avail] = self._mv[self._start:self._end]
+            newbuf = anon_buffer(max(need, size * 2))
+            newmv = memoryview(newbuf)
+            newmv[:avail] = self._mv[self._start:self._end]
             self._buf = newbuf
-            self._mv = memoryview(newbuf)
+            self._mv = newmv
         else:
             self._mv[:avail] = self._mv[self._start:self._end]
         self._start, self._end = 0, avail

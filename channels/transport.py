@@ -1,10 +1,20 @@
 """Transports under a QEMUFile: TCP, Unix socket, plain file; and migration URIs.
 
 A migration URI is ``tcp:HOST:PORT``, ``unix:PATH`` or ``file:PATH`` as in QEMU.
+
+Liveness (see docs/reliability.md, "Liveness"): a socket transport made with a
+``liveness`` timeout T (seconds) gets, on TCP, SO_KEEPALIVE with
+TCP_KEEPIDLE/TCP_KEEPINTVL/TCP_KEEPCNT adding up to about T and
+TCP_USER_TIMEOUT = T, so the kernel gives up on a dead or unreachable peer;
+and on every socket, SO_SNDTIMEO/SO_RCVTIMEO set by the QEMUFile writer and
+reader above it, so a blocking send or recv that makes no progress for T
+fails (channels.errors.PeerTimeout). Both cost nothing per call.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
+import math
 import os
 import socket
 import struct
@@ -13,6 +23,44 @@ from dataclasses import dataclass
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 UNIX_SOCKET_BUFFER = 4 << 20  # SO_SNDBUF of unix stream sockets (capped by net.core.wmem_max)
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # linux/tcp.h
+TCP_CLOSE = 7  # tcpi_state of a connection the kernel tore down (linux/tcp_states.h)
+KEEPALIVE_MAX = 32767  # s, the kernel's bound on TCP_KEEPIDLE and TCP_KEEPINTVL
+# errno of a send or recv that ran into a liveness bound: EAGAIN from
+# SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket; from the kernel giving up on
+# an established TCP connection (TCP_USER_TIMEOUT, keepalive, retransmissions)
+# ETIMEDOUT, or the last soft error it saw meanwhile (an unreachable route or
+# host: on an established connection those are only reported when it gives up).
+KERNEL_TIMEOUT_ERRNOS = (errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+                         errno.ENETDOWN)
+TIMEOUT_ERRNOS = (errno.EAGAIN, errno.EWOULDBLOCK, *KERNEL_TIMEOUT_ERRNOS)
+
+
+def keepalive_settings(seconds: float) -> tuple[int, int, int]:
+    """(TCP_KEEPIDLE s, TCP_KEEPINTVL s, TCP_KEEPCNT) for a liveness timeout of ``seconds``.
+
+    A third of the time idle before the first probe, then probes every ninth
+    until about ``seconds`` have passed: a dead peer is noticed within the
+    timeout, a live one answers the first probe. Whole seconds (the kernel's
+    unit), at least 1 each. TCP_USER_TIMEOUT, set alongside, bounds the total.
+    """
+    if seconds <= 0:
+        raise ValueError(f"liveness timeout {seconds!r}: expected a positive number of seconds")
+    idle = min(KEEPALIVE_MAX, max(1, int(seconds / 3)))
+    intvl = min(KEEPALIVE_MAX, max(1, int(seconds / 9)))
+    cnt = max(1, min(127, math.ceil((seconds - idle) / intvl)))
+    return idle, intvl, cnt
+
+
+def _timeval(seconds: float | None) -> bytes:
+    """struct timeval for SO_SNDTIMEO/SO_RCVTIMEO; None or 0 = block forever."""
+    if not seconds:
+        return struct.pack("ll", 0, 0)
+    sec = int(seconds)
+    usec = int(round((seconds - sec) * 1e6))
+    if sec == 0 and usec == 0:
+        usec = 1  # a zero timeval would mean "no timeout"
+    return struct.pack("ll", sec, usec)
 
 
 @dataclass(frozen=True)
@@ -62,9 +110,28 @@ def parse_uri(uri: str) -> MigrationURI:
 
 
 class Transport:
-    """Byte transport under a QEMUFile: a file descriptor to write to, recv_into, shutdown."""
+    """Byte transport under a QEMUFile: a file descriptor to write to, recv_into, shutdown.
+
+    ``liveness`` is the liveness timeout in seconds this transport was made
+    with (None: none); the QEMUFile writer and reader on it take it as their
+    default bound (see set_send_timeout, set_recv_timeout).
+    """
 
     name = "transport"
+    liveness: float | None = None
+    # The OSError a send or recv on this transport got. Both directions share
+    # the connection, and the kernel reports its error to one call only.
+    aborted: OSError | None = None
+
+    def torn_down(self) -> bool:
+        """True when an end of stream is really the kernel tearing the connection down (reset, timeout)."""
+        return False
+
+    def set_send_timeout(self, seconds: float | None) -> None:
+        """Bound a blocking send that makes no progress (None: block forever). No-op where sends never block."""
+
+    def set_recv_timeout(self, seconds: float | None) -> None:
+        """Bound a blocking recv that gets no byte (None: block forever). No-op where reads never block."""
 
     def recv_into(self, buf) -> int:
         raise NotImplementedError
@@ -84,15 +151,23 @@ class Transport:
 
 
 class SocketTransport(Transport):
-    """A connected stream socket (TCP or Unix). Blocking; calls release the GIL."""
+    """A connected stream socket (TCP or Unix). Blocking; calls release the GIL.
 
-    def __init__(self, sock: socket.socket, name: str = "socket"):
+    ``liveness`` (seconds, None or 0 = off): on TCP, keepalive and
+    TCP_USER_TIMEOUT from it (keepalive_settings); on any socket it is the
+    default of the send and recv timeouts the QEMUFile writer and reader set.
+    """
+
+    def __init__(self, sock: socket.socket, name: str = "socket", liveness: float | None = None):
         sock.setblocking(True)
         self.sock = sock
         self.name = name
         self._shut = False
+        self.liveness = liveness or None
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.liveness:
+                self._tcp_liveness(self.liveness)
         elif sock.family == socket.AF_UNIX:
             # The default (~208 KiB) caps what one recv returns, so the
             # receiver pays its per-read work 5000 times a GiB; 4 MiB doubles
@@ -101,6 +176,35 @@ class SocketTransport(Transport):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, UNIX_SOCKET_BUFFER)
             except OSError:
                 pass
+
+    def _tcp_liveness(self, seconds: float) -> None:
+        """SO_KEEPALIVE + TCP_KEEPIDLE/INTVL/CNT and TCP_USER_TIMEOUT (ms) for ``seconds``."""
+        s = self.sock
+        idle, intvl, cnt = keepalive_settings(seconds)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+        s.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+    def torn_down(self) -> bool:
+        # A peer's FIN leaves us in CLOSE_WAIT; a reset or TCP_USER_TIMEOUT
+        # makes it CLOSE, and the thread that did not get the error reads EOF.
+        if self._shut or self.sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return False
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_CLOSE
+        except OSError:
+            return False
+
+    def set_send_timeout(self, seconds: float | None) -> None:
+        # SO_SNDTIMEO on a blocking socket: writev returns what it sent, or
+        # EAGAIN when nothing could be sent for this long. The socket stays
+        # blocking for Python, so nothing is added per call.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
+
+    def set_recv_timeout(self, seconds: float | None) -> None:
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
 
     def recv_into(self, buf) -> int:
         return self.sock.recv_into(buf)
@@ -194,8 +298,13 @@ def _family_addr(u: MigrationURI):
     return fam, addr
 
 
-def connect(uri: str | MigrationURI, timeout: float = 10.0) -> Transport:
-    """Open the source side of a migration URI (connect, or create the file)."""
+def connect(uri: str | MigrationURI, timeout: float = 10.0, liveness: float | None = None) -> Transport:
+    """Open the source side of a migration URI (connect, or create the file).
+
+    ``timeout``: seconds for the connection to be made; ``liveness``: the
+    liveness timeout of the connection (SocketTransport), None or 0 = off.
+    Raises ConnectionError naming the URI.
+    """
     u = parse_uri(uri) if isinstance(uri, str) else uri
     if u.scheme == "file":
         return FileTransport(u.path, "w")
@@ -207,15 +316,20 @@ def connect(uri: str | MigrationURI, timeout: float = 10.0) -> Transport:
     except OSError as e:
         sock.close()
         raise ConnectionError(f"cannot connect to {u}: {e.strerror or e}") from e
-    return SocketTransport(sock, name=str(u))
+    return SocketTransport(sock, name=str(u), liveness=liveness)
 
 
 class Listener:
-    """The destination side of a migration URI: bound and listening at creation."""
+    """The destination side of a migration URI: bound and listening at creation.
 
-    def __init__(self, uri: str | MigrationURI, backlog: int = 4):
+    ``liveness``: the liveness timeout (seconds, None or 0 = off) of every
+    connection accepted (SocketTransport).
+    """
+
+    def __init__(self, uri: str | MigrationURI, backlog: int = 4, liveness: float | None = None):
         u = parse_uri(uri) if isinstance(uri, str) else uri
         self.uri = u
+        self.liveness = liveness
         self.sock = None
         if u.scheme == "file":
             return
@@ -245,7 +359,7 @@ class Listener:
             return FileTransport(self.uri.path, "r")
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
-        return SocketTransport(conn, name=str(self.uri))
+        return SocketTransport(conn, name=str(self.uri), liveness=self.liveness)
 
     def close(self) -> None:
         if self.sock is not None:

@@ -148,7 +148,7 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
-        self.listener = Listener(uri)
+        self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
         self.sm.fire(ST.START)
         return str(self.listener.uri)
 
@@ -197,7 +197,7 @@ class MigrationDestination:
                                    "migration can be recovered")
             if self.listener is not None:
                 raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
-            self.listener = Listener(uri)
+            self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
             self._recover_cond.notify_all()
             return str(self.listener.uri)
 
@@ -503,7 +503,9 @@ class MigrationDestination:
                 self._wait_layout()  # a QEMU 7.2 source connects it before MEM_SIZE
                 name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
-                ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
+                reader = QEMUFileReader(t, bufsize=1 << 20, name=name)
+                reader.idle_timeout = None  # idle while the guest faults on nothing
+                ch = RamRecvChannel(reader, dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name)
                 th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen), name=f"load-{name}",
                                       daemon=True)

@@ -95,6 +95,10 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
     ParamSpec("machine-type", "pc-i440fx-7.2", None, None, "", True,
               "Ferry: machine type named in the CONFIGURATION record sent to a QEMU peer when the guest "
               "carries none of its own", str),
+    ParamSpec("liveness-timeout", 30, 0, 86400, "seconds", True,
+              "Ferry: a migration channel whose peer accepts or sends no byte for this long fails with "
+              "PeerTimeout (socket send/recv timeouts; on TCP also keepalive and TCP_USER_TIMEOUT); "
+              "0 = off. See docs/reliability.md, Liveness", float),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),

@@ -56,13 +56,16 @@ def carried_precopy_end(devices: GuestDevices) -> bytes:
     return out
 
 
-def open_postcopy_channels(uri, n: int) -> list[PostcopyChannel]:
-    """Connect ``n`` POSTCOPY channels: further connections to the migration address, in order."""
+def open_postcopy_channels(uri, n: int, liveness: float | None = None) -> list[PostcopyChannel]:
+    """Connect ``n`` POSTCOPY channels: further connections to the migration address, in order.
+
+    ``liveness``: the liveness timeout (s) of each connection (channels/transport.py).
+    """
     chans = []
     try:
         for i in range(n):
             try:
-                t = connect(uri)
+                t = connect(uri, liveness=liveness)
             except ConnectionError as e:
                 raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
                                       "with the same postcopy-channels enabled on the destination?)") from e

@@ -39,7 +39,7 @@ def recover_source(src) -> None:
     src._closed_normal += sum(c.normal_pages for c in src.channels)
     src._closed_zero += sum(c.zero_pages for c in src.channels)
     src.channels = []
-    transport = connect(src.uri)
+    transport = connect(src.uri, liveness=src.config.param("liveness-timeout"))
     if hasattr(transport, "tune"):
         transport.tune(sndbuf=src.config.param("precopy-sndbuf"))
     ch = src._main_channel(transport)

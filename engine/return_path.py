@@ -49,6 +49,7 @@ class SourceReturnPath:
         biggest = max((codec.recv_bitmap_size(b.length // C.TARGET_PAGE_SIZE) for b in block_infos.values()),
                       default=0)
         self._reader = QEMUFileReader(transport, bufsize=max(64 << 10, biggest + 1024), name="return-path")
+        self._reader.idle_timeout = None  # the destination says nothing until it requests, confirms or faults
         self._thread = threading.Thread(target=self._loop, name="return-path", daemon=True)
 
     def start(self) -> None:

@@ -318,7 +318,7 @@ class MigrationSource:
                                    postcopy_channels=max(1, nchannels))
         self.loop = SendLoop(self.ram, self.bitmaps, self.sched, self._lock, self._stopping)
         self.loop.reset_bandwidth(st.start_time)
-        transport = connect(self.uri)
+        transport = connect(self.uri, liveness=cfg.param("liveness-timeout"))
         if hasattr(transport, "tune"):
             transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
         use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
@@ -374,7 +374,7 @@ class MigrationSource:
         QEMU 7.2 opens them at setup, QEMU 8.0+ at the switch; the destination
         tells them apart by order.
         """
-        self.channels += open_postcopy_channels(self.uri, n)
+        self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"))
 
     # --- peer and dialect (engine/peer.py) ---
     @property
