@@ -15,9 +15,10 @@ from engine.control.driver import run_migration
 from .test_control import spawn, wait_status  # noqa: F401 - spawn is a fixture
 
 CAPS = {"postcopy-ram": True, "postcopy-preempt": True}
-# Background pages slow enough that the postcopy phase can be cut.
-PARAMS = {"postcopy-after-passes": 1, "max-postcopy-bandwidth": 4 << 20}
-DEST = ["--workload-threads", "1", "--workload-pattern", "random"]
+# Switch with most pages still on the source, and background pages slow enough that
+# the postcopy phase lasts while the test cuts it (tens of seconds, not a bound).
+PARAMS = {"postcopy-after-percent": 10, "max-bandwidth": 32 << 20, "max-postcopy-bandwidth": 1 << 20}
+DEST = ["--workload-threads", "1", "--workload-pattern", "random", "--dirty-rate", "2M"]
 
 
 async def _until(c: ControlClient, want: str, timeout: float = 60) -> dict:
