@@ -289,7 +289,6 @@ class Userfaultfd:
             self.fd = fd
             self.features = features
             self.ioctls = 0
-            self._structs()
             return
         have, _ = supported()
         missing = features & ~have
@@ -305,12 +304,6 @@ class Userfaultfd:
             raise
         self.features = int(api.features)
         self.ioctls = int(api.ioctls)
-        self._structs()
-
-    def _structs(self):
-        # Reused argument structures: placement is the hot path.
-        # (One uffd is used from one placing thread at a time per structure: callers lock.)
-        self._copy, self._zero, self._range = uffdio_copy(), uffdio_zeropage(), uffdio_range()
 
     def fileno(self) -> int:
         return self.fd
@@ -345,7 +338,7 @@ class Userfaultfd:
         :meth:`wake`s), UffdRangeGone if the target's memory changed or it exited.
         A partial copy (the kernel copies less and says so) is continued here.
         """
-        c = self._copy
+        c = uffdio_copy()  # one per call: several loader threads place at once
         done = 0
         while done < length:
             c.dst, c.src, c.len = dst + done, src + done, length - done
@@ -361,7 +354,7 @@ class Userfaultfd:
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> None:
         """UFFDIO_ZEROPAGE: map zero pages at ``dst`` (not on hugetlb: COPY a zeroed page there)."""
-        z = self._zero
+        z = uffdio_zeropage()
         z.range.start, z.range.len = dst, length
         z.mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
         z.zeropage = 0
@@ -370,8 +363,7 @@ class Userfaultfd:
 
     def wake(self, addr: int, length: int) -> None:
         """UFFDIO_WAKE: wake threads faulting in the range (after EEXIST, or DONTWAKE copies)."""
-        r = self._range
-        r.start, r.len = addr, length
+        r = uffdio_range(addr, length)
         if _libc.ioctl(self.fd, UFFDIO_WAKE, ctypes.addressof(r)) < 0:
             _raise("UFFDIO_WAKE", ctypes.get_errno(), f"0x{length:x} bytes at 0x{addr:x}")
 

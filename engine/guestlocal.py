@@ -1,0 +1,171 @@
+"""Two local worker processes where the destination's guest is a process of its own (userfaultfd).
+
+As engine/local.py, without the control plane: for tests, ``ferry demo
+--guest-process`` and benchmarks. The destination worker spawns ``ferry guest``
+(engine/guestproc.py), which maps its RAM from memfds and registers it with
+userfaultfd; every postcopy fault of that process is served through the
+kernel. At the end the guest process checks the fingerprints of every page it
+first read against the source's.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec, UffdBackend
+from .params import MigrationConfig
+from .ram import GuestRAM
+from .workload import Workload, WorkloadConfig
+
+
+@dataclass
+class GuestProcessConfig:
+    """Shape of the guest; ``dest_workload`` runs in the destination's guest process from RUN."""
+
+    size: int = 64 << 20
+    page_size: int = 4096
+    backing: str = "memfd"  # memfd | hugetlb
+    nblocks: int = 1
+    fill: str = "mixed"
+    workload: WorkloadConfig | None = field(default_factory=WorkloadConfig)  # the source's guest
+    dest_workload: WorkloadConfig = field(default_factory=lambda: WorkloadConfig(threads=2, pattern="random",
+                                                                                   batch=1, dirty_rate=8 << 20))
+    # Test hook: kill the destination's guest process this many seconds after RUN.
+    kill_guest_after: float | None = None
+
+
+def _dest_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: float):
+    from .destination import MigrationDestination
+    from .process import configure_worker_process
+
+    configure_worker_process()
+    link = backend = None
+    try:
+        spec = GuestSpec(g["size"], g["page_size"], g["backing"], g["nblocks"], role="destination",
+                         workload=g["dest_workload"])
+        link = GuestLink.spawn(spec)
+        cfg = MigrationConfig()
+        cfg.set_capabilities(caps)
+        cfg.set_parameters(params)
+        d = MigrationDestination(link.ram, cfg, workload=GuestProcessWorkload(link))
+        backend = UffdBackend(d, link)
+        real = d.listen(uri)
+        d.start()
+        conn.send(("listening", real))
+        if g.get("kill_guest_after") is not None:
+            threading.Thread(target=_kill_after, args=(d, link, g["kill_guest_after"]), daemon=True).start()
+        d.wait(timeout)
+        res = d.query()
+        res.update(backend.metrics())
+        res["guest-pid"] = link.pid
+        res["guest-alive"] = link.alive
+        conn.send(("done", res))
+        if conn.poll(timeout):
+            kind, fps = conn.recv()
+            if kind == "check":
+                try:
+                    conn.send(("check", link.check(fps)))
+                except Exception as e:  # noqa: BLE001
+                    conn.send(("check", {"error": f"{type(e).__name__}: {e}"}))
+    except Exception as e:  # noqa: BLE001 - report to the parent
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        if backend is not None:
+            backend.close()
+        if link is not None:
+            link.close()
+
+
+def _kill_after(d, link: GuestLink, delay: float) -> None:
+    while not d.running and not d._done.is_set():
+        time.sleep(0.01)
+    time.sleep(delay)
+    if link.proc is not None:
+        link.proc.kill()
+
+
+def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: float, warm: float):
+    from .process import configure_worker_process
+    from .source import MigrationSource
+
+    configure_worker_process()
+    try:
+        ram = GuestRAM.create(g["size"], g["page_size"], g["backing"], g["nblocks"])
+        ram.fill(g["fill"])
+        workload = None
+        if g.get("workload"):
+            workload = Workload(ram, WorkloadConfig(**g["workload"]))
+            workload.start()
+            time.sleep(warm)
+        cfg = MigrationConfig()
+        cfg.set_capabilities(caps)
+        cfg.set_parameters(params)
+        s = MigrationSource(ram, workload, cfg)
+        conn.send(("ready", None))
+        s.start(uri)
+        s.wait(timeout)
+        res = s.query()
+        # After the switch the source's guest is stopped: its memory is what the
+        # destination's guest must have read.
+        res["fingerprints"] = np.concatenate([b.fingerprints() for b in ram.blocks])
+        conn.send(("done", res))
+    except Exception as e:  # noqa: BLE001
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+
+
+def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProcessConfig | None = None,
+                                caps: dict | None = None, params: dict | None = None, timeout: float = 300.0,
+                                warm: float = 0.0) -> tuple[dict, dict, dict]:
+    """Migrate into a guest process; returns (source query, destination query, the guest's check).
+
+    The destination query has the uffd figures (uffd-kernel-faults, uffd-copies,
+    ...). The check: pages-checked, mismatches (0 when every page the guest
+    read was the source's), or ``error``.
+    """
+    guest = guest or GuestProcessConfig()
+    gd = asdict(guest)
+    ctx = mp.get_context("spawn")
+    dp, dc = ctx.Pipe()
+    sp, sc = ctx.Pipe()
+    dproc = ctx.Process(target=_dest_main, args=(dc, gd, caps or {}, params or {}, uri, timeout),
+                        name="ferry-destination", daemon=True)
+    sproc = None
+    try:
+        dproc.start()
+        if not dp.poll(60):
+            raise RuntimeError("destination process did not start")
+        kind, val = dp.recv()
+        if kind != "listening":
+            raise RuntimeError(f"destination: {val}")
+        sproc = ctx.Process(target=_source_main, args=(sc, gd, caps or {}, params or {}, val, timeout, warm),
+                            name="ferry-source", daemon=True)
+        sproc.start()
+        results = {}
+        for name, pipe in (("source", sp), ("destination", dp)):
+            while True:
+                if not pipe.poll(timeout + 60):
+                    raise RuntimeError(f"{name} process did not report in time")
+                kind, val = pipe.recv()
+                if kind == "ready":
+                    continue
+                if kind == "error":
+                    raise RuntimeError(f"{name}: {val}")
+                results[name] = val
+                break
+        src, dst = results["source"], results["destination"]
+        dp.send(("check", src.pop("fingerprints")))
+        check = {"error": "no answer"}
+        if dp.poll(timeout):
+            _, check = dp.recv()
+        return src, dst, check
+    finally:
+        for p in (sproc, dproc):
+            if p is not None and p.pid is not None:
+                p.join(15)
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
