@@ -1,0 +1,191 @@
+"""A guest in its own process: postcopy faults served through the kernel (userfaultfd).
+
+Real processes: the destination worker spawns `ferry guest` (engine/guestproc.py),
+receives its memfds and uffd over a Unix socket, and places pages with UFFDIO_COPY.
+"""
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from channels import constants as C
+from engine import uffd as U
+from engine.guestlocal import GuestProcessConfig, run_guest_process_migration
+from engine.guestproc import GuestLink, GuestSpec, UffdFaultServer, UffdPlacer
+from engine.postcopy import FaultHandler, ReceivedPages
+from engine.ram import hugepage_status
+from engine.workload import WorkloadConfig
+
+REASON = U.unavailable_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd unavailable: {REASON}")
+
+PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
+# Switch early and slow the background pages, so the guest faults on pages not yet sent.
+SLOW = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 16 << 20}
+
+
+def check_migrated(src, dst, chk):
+    assert src["status"] == "completed", src.get("error-desc")
+    assert dst["status"] == "completed", dst.get("error-desc")
+    assert src["digests"] == dst["digests"]
+    # Every fault of the guest came through the kernel, each one became one request or a wake.
+    assert dst["uffd-kernel-faults"] > 0
+    assert dst["postcopy-faults"] == dst["uffd-kernel-faults"]
+    assert dst["postcopy-requests"] > 0
+    assert dst["uffd-copies"] > 0
+    assert dst["uffd-eexist"] == 0 and dst["uffd-errors"] == [] and dst["uffd-fault-errors"] == []
+    assert dst["postcopy-latency"]["count"] > 0
+    # The guest's own check: every page it read first is the source's page.
+    assert "error" not in chk, chk
+    assert chk["pages-checked"] > 0
+    assert chk["mismatches"] == 0, chk["first-mismatches"]
+
+
+def test_guest_process_4k_postcopy_preempt():
+    g = GuestProcessConfig(size=32 << 20)
+    src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT, params=SLOW, timeout=180)
+    check_migrated(src, dst, chk)
+    assert dst["channels"]["postcopy"]["pages-placed"] > 0
+    assert dst["uffd-zeropages"] > 0  # the mixed fill has zero pages: ZEROPAGE on 4 KiB memory
+
+
+HUGE = 2 << 20
+
+
+@pytest.fixture
+def reserved_huge_pages():
+    """Reserve what the test needs (both sides' guests) and give it back after."""
+    need = 2 * (16 << 20) // HUGE + 2
+    path = "/proc/sys/vm/nr_hugepages"
+    free, total = hugepage_status(HUGE)
+    added = max(0, need - free)
+    try:
+        if added:
+            with open(path, "w") as f:
+                f.write(str(total + added))
+    except OSError as e:
+        pytest.skip(f"cannot reserve 2 MiB huge pages: {e}")
+    try:
+        if hugepage_status(HUGE)[0] < need:
+            pytest.skip(f"{need} huge pages of 2 MiB could not be reserved")
+        yield
+    finally:
+        if added:
+            _, total = hugepage_status(HUGE)
+            with open(path, "w") as f:
+                f.write(str(max(0, total - added)))
+
+
+def test_guest_process_2m_hugetlb_postcopy_preempt(reserved_huge_pages):
+    g = GuestProcessConfig(size=16 << 20, page_size=HUGE, backing="hugetlb", fill="pattern",
+                           workload=WorkloadConfig(dirty_rate=8 << 20),
+                           dest_workload=WorkloadConfig(threads=2, pattern="random", batch=1, dirty_rate=4 << 20))
+    src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT,
+                                                params={"postcopy-after-percent": 5,
+                                                        "max-postcopy-bandwidth": 8 << 20}, timeout=180)
+    check_migrated(src, dst, chk)
+    assert dst["uffd-zeropages"] == 0  # refused on hugetlb: zero huge pages are COPYs
+
+
+def test_guest_process_dying_mid_migration_fails_it_by_name():
+    g = GuestProcessConfig(size=32 << 20, kill_guest_after=0.2)
+    src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT,
+                                                params={"postcopy-after-percent": 5,
+                                                        "max-postcopy-bandwidth": 4 << 20}, timeout=180)
+    # The destination worker reported (it kept running); the migration failed naming the guest process.
+    assert dst["status"] == "failed"
+    assert "guest process" in dst["error-desc"] and "exited" in dst["error-desc"]
+    assert dst["guest-alive"] is False
+    assert src["status"] != "completed"
+    assert "error" in chk  # nobody left to check
+
+
+@pytest.fixture
+def guest_link():
+    link = GuestLink.spawn(GuestSpec(size=4 << 20, role="destination", workload={"threads": 0}))
+    yield link
+    link.close()
+
+
+def test_fault_server_and_placer_bad_input(guest_link):
+    """Bad fault addresses, duplicate faults and a second COPY: named, counted, never fatal."""
+    link = guest_link
+    blk = link.ram.blocks[0]
+    received = ReceivedPages(link.ram)
+    sent = []
+    faults = FaultHandler(link.ram, received, lambda b, start, length: sent.append((b.idstr, start, length)))
+    faults.enabled = True
+    placer = UffdPlacer(link)
+    received.placer = placer
+    server = UffdFaultServer(link, faults, placer)
+
+    def msgs(addrs):
+        ev = np.zeros(len(addrs), U.UFFD_MSG_DTYPE)
+        ev["event"] = U.UFFD_EVENT_PAGEFAULT
+        ev["a1"] = addrs
+        ev["a2"] = 4242
+        return ev
+
+    base = blk.guest_address
+    outside = base + blk.length + (1 << 20)
+    server.handle(msgs([outside, base + 5 * 4096 + 8, base + 5 * 4096]), 1.0)
+    assert server.bad_faults == 1
+    assert server.errors[0].startswith("UffdBadAddress") and f"0x{outside:x}" in server.errors[0]
+    assert sent == [("pc.ram", 5 * 4096, 4096)]  # two faults on one page: one request
+
+    data = np.full((1, C.TARGET_PAGE_SIZE), 7, np.uint8)
+    assert received.place(blk, slice(5, 6), data) == 1
+    assert placer.copies == 1 and blk.pages[5, 0] == 7  # the COPY went into the shared memfd
+    assert faults.kernel_waiters == {} and faults.blocktime_by_thread  # the waiter's blocktime ended
+    # A fault message read after the page was placed: a wake, no request.
+    server.handle(msgs([base + 5 * 4096]), 2.0)
+    assert server.wakes == 1 and len(sent) == 1
+
+    # A second COPY to a placed page (bypassing the received bitmap): EEXIST, named, not fatal.
+    placer.place(blk, slice(5, 6), np.full((1, C.TARGET_PAGE_SIZE), 9, np.uint8))
+    assert placer.eexist == 1 and placer.errors[0].startswith("UffdPageExists")
+    assert blk.pages[5, 0] == 9  # the data still reached memory
+
+    # A discard punches the page out of the memfd for real; the next placement is a COPY again.
+    received.discard(blk, 5 * 4096, 4096)
+    assert os.lseek(blk.fd, 5 * 4096, os.SEEK_HOLE) == 5 * 4096  # (reading it would allocate it)
+    assert received.place(blk, slice(5, 6), data) == 1
+    assert placer.eexist == 1 and placer.copies == 2
+
+
+def test_guest_thread_stays_blocked_without_a_page(guest_link):
+    """A faulting guest thread is woken only by its page (never by a failed migration)."""
+    link = guest_link
+    blk = link.ram.blocks[0]
+    received = ReceivedPages(link.ram)
+    sent = threading.Event()
+    faults = FaultHandler(link.ram, received, lambda *a: sent.set())
+    faults.enabled = True
+    placer = UffdPlacer(link)
+    received.placer = placer
+    server = UffdFaultServer(link, faults, placer)
+    server.start()
+    try:
+        # Asked for the fingerprints of its memory, the guest reads every page: it faults on the first.
+        done = threading.Event()
+        out = {}
+
+        def ask():
+            out["r"] = link.call("fingerprints")
+            done.set()
+
+        t = threading.Thread(target=ask, daemon=True)
+        t.start()
+        assert sent.wait(60), "the guest's fault never became a request"
+        faults.failed = "stream broke"  # the migration failing does not wake it
+        assert not done.wait(0.5)
+        # Place every page: the guest's read completes with what was placed.
+        page = np.full((1, C.TARGET_PAGE_SIZE), 3, np.uint8)
+        for p in range(blk.npages):
+            received.place(blk, slice(p, p + 1), page)
+        assert done.wait(60)
+        fps = np.frombuffer(out["r"][1], np.uint64)
+        assert len(fps) == blk.npages and len(set(fps.tolist())) == 1
+    finally:
+        server.stop()
