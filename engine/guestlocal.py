@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec, UffdBackend
+from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec, UffdBackend, WriteProtectTracker
 from .params import MigrationConfig
 from .ram import GuestRAM
 from .workload import Workload, WorkloadConfig
@@ -34,6 +34,8 @@ class GuestProcessConfig:
     workload: WorkloadConfig | None = field(default_factory=WorkloadConfig)  # the source's guest
     dest_workload: WorkloadConfig = field(default_factory=lambda: WorkloadConfig(threads=2, pattern="random",
                                                                                    batch=1, dirty_rate=8 << 20))
+    # The source's guest runs in a process of its own too (writes tracked with write-protect).
+    source_process: bool = False
     # Test hook: kill the destination's guest process this many seconds after RUN.
     kill_guest_after: float | None = None
 
@@ -93,14 +95,26 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
     from .source import MigrationSource
 
     configure_worker_process()
+    link = tracker = None
     try:
-        ram = GuestRAM.create(g["size"], g["page_size"], g["backing"], g["nblocks"])
-        ram.fill(g["fill"])
-        workload = None
-        if g.get("workload"):
-            workload = Workload(ram, WorkloadConfig(**g["workload"]))
+        if g.get("source_process"):
+            spec = GuestSpec(g["size"], g["page_size"], g["backing"], g["nblocks"], g["fill"], role="source",
+                             workload=g.get("workload") or {"threads": 0})
+            link = GuestLink.spawn(spec)
+            ram = link.ram
+            tracker = WriteProtectTracker(link)
+            ram.collect_dirty = tracker.collect
+            workload = GuestProcessWorkload(link)
             workload.start()
             time.sleep(warm)
+        else:
+            ram = GuestRAM.create(g["size"], g["page_size"], g["backing"], g["nblocks"])
+            ram.fill(g["fill"])
+            workload = None
+            if g.get("workload"):
+                workload = Workload(ram, WorkloadConfig(**g["workload"]))
+                workload.start()
+                time.sleep(warm)
         cfg = MigrationConfig()
         cfg.set_capabilities(caps)
         cfg.set_parameters(params)
@@ -112,9 +126,16 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
         # After the switch the source's guest is stopped: its memory is what the
         # destination's guest must have read.
         res["fingerprints"] = np.concatenate([b.fingerprints() for b in ram.blocks])
+        if tracker is not None:
+            res.update(tracker.metrics())
         conn.send(("done", res))
     except Exception as e:  # noqa: BLE001
         conn.send(("error", f"{type(e).__name__}: {e}"))
+    finally:
+        if tracker is not None:
+            tracker.close()
+        if link is not None:
+            link.close()
 
 
 def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProcessConfig | None = None,

@@ -143,6 +143,8 @@ class GuestSpec:
 
 
 GUEST_UFFD_FEATURES = U.F["MISSING_SHMEM"] | U.F["MISSING_HUGETLBFS"] | U.F["THREAD_ID"]
+# Source: asynchronous write-protect, collected with PAGEMAP_SCAN (Linux 6.7+).
+WP_ASYNC_FEATURES = U.F["WP_ASYNC"] | U.F["WP_HUGETLBFS_SHMEM"] | U.F["WP_UNPOPULATED"]
 
 
 class GuestProcess:
@@ -163,6 +165,7 @@ class GuestProcess:
                 self.uffd.register(b.address, b.length)
         else:
             self.ram.fill(spec.fill)
+            self.tracking, self.tracking_why = self._write_protect()
         self.workload = Workload(self.ram, WorkloadConfig(**spec.workload))
         self.workload.access_hook = self._first_touch
         self.seen = {b.idstr: np.zeros(b.npages, bool) for b in self.ram.blocks}
@@ -170,12 +173,29 @@ class GuestProcess:
         self._lock = threading.Lock()
         self._probe = ctypes.create_string_buffer(8)
 
+    def _write_protect(self) -> tuple[str, str]:
+        """Source: track writes with async write-protect; else say why the guest's own log is used."""
+        try:
+            uf = U.Userfaultfd(WP_ASYNC_FEATURES)
+        except U.UffdError as e:
+            return "dirty-log", str(e)
+        try:
+            for b in self.ram.blocks:
+                uf.register(b.address, b.length, missing=False, wp=True)
+                uf.writeprotect(b.address, b.length)  # from now on a write marks the page written
+        except U.UffdError as e:
+            uf.close()
+            return "dirty-log", str(e)
+        self.wp_uffd = uf  # kept open: closing it would drop the registration
+        return "wp-async", "UFFD_FEATURE_WP_ASYNC + PAGEMAP_SCAN"
+
     def hello(self) -> tuple[dict, list[int]]:
         blocks = [{"idstr": b.idstr, "length": b.length, "page_size": b.page_size, "address": b.address,
                    "backing": b.backing} for b in self.ram.blocks]
         fds = [b.fd for b in self.ram.blocks] + ([self.uffd.fd] if self.uffd else [])
         return {"hello": 1, "pid": os.getpid(), "role": self.spec.role, "blocks": blocks,
-                "uffd": self.uffd is not None, "uffd_features": self.uffd.features if self.uffd else 0}, fds
+                "uffd": self.uffd is not None, "uffd_features": self.uffd.features if self.uffd else 0,
+                "tracking": getattr(self, "tracking", None), "tracking-why": getattr(self, "tracking_why", None)}, fds
 
     def _first_touch(self, blk: RAMBlock, pages: np.ndarray) -> None:
         """Before the workload touches ``pages``: fingerprint those it never touched yet.
@@ -230,6 +250,13 @@ class GuestProcess:
             return {"ok": True, "progress": wl.progress(), "pages-touched": wl.pages_touched}, b""
         elif cmd == "check":
             return {"ok": True, "check": self.check(payload)}, b""
+        elif cmd == "dirty":
+            # The workload's own log of target pages written (all blocks, one byte each), then cleared.
+            with self.ram.dirty_lock:
+                data = b"".join(self.ram.dirty_log[b.idstr].raw for b in self.ram.blocks)
+                for b in self.ram.blocks:
+                    self.ram.dirty_log[b.idstr].clear_all()
+            return {"ok": True}, data
         elif cmd == "fingerprints":
             return {"ok": True}, b"".join(b.fingerprints().tobytes() for b in self.ram.blocks)
         elif cmd == "stop":
@@ -321,6 +348,7 @@ class GuestLink:
         self.sock = sock
         self.proc = proc
         self.pid = int(hello["pid"])
+        self.hello = hello
         self._lock = threading.Lock()
         blocks = hello["blocks"]
         if len(fds) != len(blocks) + (1 if hello.get("uffd") else 0):
@@ -455,6 +483,75 @@ class GuestProcessWorkload:
     @property
     def pages_touched(self) -> int:
         return self.link.call("progress")[0]["pages-touched"]
+
+
+# --- source: what the guest process dirties ------------------------------
+
+class WriteProtectTracker:
+    """Source dirty tracking of a guest process; install with ``ram.collect_dirty = tracker.collect``.
+
+    ``wp-async`` (the guest registered its memory for async write-protect): each
+    :meth:`collect` is one PAGEMAP_SCAN per block of the guest's /proc/PID/pagemap,
+    which returns the pages written since the last scan and write-protects them
+    again atomically. On hugetlb the kernel tracks whole host pages: a write to
+    one target page reports all 512 of its huge page. To measure what that
+    costs, the guest's own log of target pages written is fetched too and the
+    target pages marked only because of the granularity are counted
+    (``wp-extra-bytes``: re-sent bytes that a 4 KiB tracking would not send).
+    ``dirty-log`` (no WP_ASYNC / PAGEMAP_SCAN here): the guest's own log is used.
+    """
+
+    def __init__(self, link: GuestLink):
+        self.link = link
+        self.mode = link.hello.get("tracking") or "dirty-log"
+        self.why = link.hello.get("tracking-why")
+        self.scanner = U.PagemapScanner(link.pid) if self.mode == "wp-async" else None
+        self.huge = any(b.backing == "hugetlb" for b in link.ram.blocks)
+        self.scans = 0
+        self.dirty_pages = 0  # target pages reported dirty
+        self.extra_pages = 0  # of which not written (host-page granularity)
+
+    def _guest_log(self) -> dict[str, np.ndarray]:
+        raw = np.frombuffer(self.link.call("dirty")[1], np.bool_)
+        out, pos = {}, 0
+        for b in self.link.ram.blocks:
+            out[b.idstr] = raw[pos:pos + b.npages]
+            pos += b.npages
+        return out
+
+    def collect(self) -> None:
+        ram = self.link.ram
+        marks: dict[str, np.ndarray] = {}
+        if self.scanner is not None:
+            for b in ram.blocks:
+                r = self.scanner.collect(b.guest_address, b.guest_address + b.length)
+                d = np.zeros(b.npages + 1, np.int32)
+                if len(r):
+                    p = ((r - np.uint64(b.guest_address)) >> np.uint64(C.TARGET_PAGE_BITS)).astype(np.int64)
+                    np.add.at(d, np.minimum(p[:, 0], b.npages), 1)
+                    np.add.at(d, np.minimum(p[:, 1], b.npages), -1)
+                marks[b.idstr] = np.cumsum(d[:-1]) > 0
+            self.scans += 1
+            if self.huge:
+                exact = self._guest_log()  # after the scan: covers every write the scan saw
+                for b in ram.blocks:
+                    if b.backing == "hugetlb":
+                        self.extra_pages += int(np.count_nonzero(marks[b.idstr] & ~exact[b.idstr]))
+        else:
+            marks = self._guest_log()
+        with ram.dirty_lock:
+            for b in ram.blocks:
+                m = marks[b.idstr]
+                self.dirty_pages += int(np.count_nonzero(m))
+                ram.dirty_log[b.idstr].bits[m] = True
+
+    def metrics(self) -> dict:
+        return {"wp-tracking": self.mode, "wp-tracking-why": self.why, "wp-scans": self.scans,
+                "wp-dirty-pages": self.dirty_pages, "wp-extra-bytes": self.extra_pages * C.TARGET_PAGE_SIZE}
+
+    def close(self) -> None:
+        if self.scanner is not None:
+            self.scanner.close()
 
 
 # --- destination: placement and faults through the uffd --------------------

@@ -206,6 +206,7 @@ class MigrationSource:
     def _sync(self, guest_running: bool = True) -> int:
         """Move the guest's dirty log into the migration bitmaps. Returns dirty pages."""
         now = time.monotonic()
+        self.ram.collect_dirty()  # writes tracked outside this process (a guest process)
         with self.ram.dirty_lock:
             newly = 0
             for b in self.ram.blocks:
@@ -402,6 +403,7 @@ class MigrationSource:
             self._ram_section = ch.new_section_id()
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
+            self.ram.collect_dirty()
             with self.ram.dirty_lock:
                 for b in self.ram.blocks:
                     self.bitmaps[b.idstr].set_all()

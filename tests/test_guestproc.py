@@ -56,7 +56,7 @@ HUGE = 2 << 20
 @pytest.fixture
 def reserved_huge_pages():
     """Reserve what the test needs (both sides' guests) and give it back after."""
-    need = 2 * (16 << 20) // HUGE + 2
+    need = 2 * (16 << 20) // HUGE + 2  # both guests, and two spare
     path = "/proc/sys/vm/nr_hugepages"
     free, total = hugepage_status(HUGE)
     added = max(0, need - free)
@@ -189,3 +189,43 @@ def test_guest_thread_stays_blocked_without_a_page(guest_link):
         assert len(fps) == blk.npages and len(set(fps.tolist())) == 1
     finally:
         server.stop()
+
+
+def test_source_guest_process_tracked_with_async_write_protect_precopy():
+    """Precopy only: the digests match only if every write of the source's guest process was tracked."""
+    g = GuestProcessConfig(size=32 << 20, source_process=True,
+                           workload=WorkloadConfig(threads=2, dirty_rate=16 << 20))
+    src, dst, chk = run_guest_process_migration(guest=g, params={"max-bandwidth": 32 << 20}, warm=0.3,
+                                                timeout=180)
+    assert src["status"] == "completed", src.get("error-desc")
+    assert dst["status"] == "completed", dst.get("error-desc")
+    assert src["digests"] == dst["digests"]
+    assert src["ram"]["dirty-sync-count"] >= 2
+    assert src["wp-dirty-pages"] > 0
+    if src["wp-tracking"] == "wp-async":
+        assert src["wp-scans"] >= 2
+    else:
+        assert src["wp-tracking"] == "dirty-log" and src["wp-tracking-why"]
+    assert dst["uffd-kernel-faults"] == 0 and chk["pages-checked"] == 0  # the guest never ran there
+
+
+def test_source_and_destination_guest_processes_postcopy_preempt():
+    g = GuestProcessConfig(size=32 << 20, source_process=True,
+                           workload=WorkloadConfig(threads=2, dirty_rate=16 << 20))
+    src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT, params=SLOW, warm=0.3, timeout=180)
+    check_migrated(src, dst, chk)
+    assert src["wp-dirty-pages"] > 0
+
+
+def test_hugetlb_write_protect_granularity_reported(reserved_huge_pages):
+    g = GuestProcessConfig(size=16 << 20, page_size=HUGE, backing="hugetlb", fill="pattern", source_process=True,
+                           workload=WorkloadConfig(threads=1, pattern="random", dirty_rate=4 << 20),
+                           dest_workload=WorkloadConfig(threads=2, pattern="random", batch=1, dirty_rate=4 << 20))
+    src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT, params={"postcopy-after-percent": 5,
+                                                                                "max-postcopy-bandwidth": 8 << 20},
+                                                warm=0.3, timeout=180)
+    check_migrated(src, dst, chk)
+    if src["wp-tracking"] != "wp-async":
+        pytest.skip(f"no async write-protect here: {src['wp-tracking-why']}")
+    # Random 4 KiB writes into 2 MiB pages: the kernel reports whole huge pages.
+    assert src["wp-extra-bytes"] > 0
