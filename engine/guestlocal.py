@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec, UffdBackend, WriteProtectTracker
+from .local import _in_netns
 from .params import MigrationConfig
 from .ram import GuestRAM
 from .workload import Workload, WorkloadConfig
@@ -36,6 +37,7 @@ class GuestProcessConfig:
                                                                                    batch=1, dirty_rate=8 << 20))
     # The source's guest runs in a process of its own too (writes tracked with write-protect).
     source_process: bool = False
+    source_backing: str | None = None  # None: as ``backing``
     # Test hook: kill the destination's guest process this many seconds after RUN.
     kill_guest_after: float | None = None
 
@@ -96,9 +98,10 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
 
     configure_worker_process()
     link = tracker = None
+    backing = g.get("source_backing") or g["backing"]
     try:
         if g.get("source_process"):
-            spec = GuestSpec(g["size"], g["page_size"], g["backing"], g["nblocks"], g["fill"], role="source",
+            spec = GuestSpec(g["size"], g["page_size"], backing, g["nblocks"], g["fill"], role="source",
                              workload=g.get("workload") or {"threads": 0})
             link = GuestLink.spawn(spec)
             ram = link.ram
@@ -108,7 +111,7 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
             workload.start()
             time.sleep(warm)
         else:
-            ram = GuestRAM.create(g["size"], g["page_size"], g["backing"], g["nblocks"])
+            ram = GuestRAM.create(g["size"], g["page_size"], backing, g["nblocks"])
             ram.fill(g["fill"])
             workload = None
             if g.get("workload"):
@@ -140,19 +143,30 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
 
 def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProcessConfig | None = None,
                                 caps: dict | None = None, params: dict | None = None, timeout: float = 300.0,
-                                warm: float = 0.0) -> tuple[dict, dict, dict]:
+                                warm: float = 0.0, netns: tuple[str | None, str | None] | None = None
+                                ) -> tuple[dict, dict, dict]:
     """Migrate into a guest process; returns (source query, destination query, the guest's check).
 
     The destination query has the uffd figures (uffd-kernel-faults, uffd-copies,
     ...). The check: pages-checked, mismatches (0 when every page the guest
-    read was the source's), or ``error``.
+    read was the source's), or ``error``. ``netns``: as in
+    :func:`engine.local.run_local_migration`.
     """
     guest = guest or GuestProcessConfig()
     gd = asdict(guest)
+    src_ns, dst_ns = netns or (None, None)
+    if dst_ns and uri.startswith("tcp:"):
+        from channels.transport import MigrationURI, parse_uri
+
+        from .testbed import namespace_address
+
+        u = parse_uri(uri)
+        if u.host in ("127.0.0.1", "localhost", "::1"):
+            uri = str(MigrationURI("tcp", host=namespace_address(dst_ns), port=u.port))
     ctx = mp.get_context("spawn")
     dp, dc = ctx.Pipe()
     sp, sc = ctx.Pipe()
-    dproc = ctx.Process(target=_dest_main, args=(dc, gd, caps or {}, params or {}, uri, timeout),
+    dproc = ctx.Process(target=_in_netns, args=(dst_ns, _dest_main, dc, gd, caps or {}, params or {}, uri, timeout),
                         name="ferry-destination", daemon=True)
     sproc = None
     try:
@@ -162,7 +176,8 @@ def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProces
         kind, val = dp.recv()
         if kind != "listening":
             raise RuntimeError(f"destination: {val}")
-        sproc = ctx.Process(target=_source_main, args=(sc, gd, caps or {}, params or {}, val, timeout, warm),
+        sproc = ctx.Process(target=_in_netns, args=(src_ns, _source_main, sc, gd, caps or {}, params or {}, val,
+                                                    timeout, warm),
                             name="ferry-source", daemon=True)
         sproc.start()
         results = {}
@@ -190,3 +205,26 @@ def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProces
                 if p.is_alive():
                     p.kill()
                     p.join(5)
+
+
+def run_local_migration_uffd(uri: str, guest, caps: dict | None = None, params: dict | None = None,
+                             timeout: float = 300.0, warm: float = 0.0,
+                             netns: tuple[str | None, str | None] | None = None) -> tuple[dict, dict]:
+    """:func:`engine.local.run_local_migration`'s signature, the destination's guest in its own process.
+
+    ``guest`` is an engine.local.GuestConfig; the destination's memory becomes
+    memfd (hugetlb stays hugetlb there), the source's (in-process) memfd. Raises RuntimeError when the guest's own check finds a page
+    that differs from the source's. The destination query gets ``guest-check``.
+    """
+    backing = "hugetlb" if guest.backing == "hugetlb" else "memfd"
+    dwl = guest.dest_workload or WorkloadConfig(threads=0)
+    g = GuestProcessConfig(size=guest.size, page_size=guest.page_size, backing=backing, nblocks=guest.nblocks,
+                           fill=guest.fill, workload=guest.workload, dest_workload=dwl, source_backing="memfd")
+    src, dst, check = run_guest_process_migration(uri, g, caps, params, timeout, warm, netns)
+    dst["guest-check"] = check
+    if "error" in check and dst.get("status") == "completed":
+        raise RuntimeError(f"guest process check: {check['error']}")
+    if check.get("mismatches"):
+        raise RuntimeError(f"guest process read {check['mismatches']} pages that differ from the source's: "
+                           f"{check['first-mismatches']}")
+    return src, dst
