@@ -228,3 +228,36 @@ def run_local_migration_uffd(uri: str, guest, caps: dict | None = None, params: 
         raise RuntimeError(f"guest process read {check['mismatches']} pages that differ from the source's: "
                            f"{check['first-mismatches']}")
     return src, dst
+
+
+def demo_guest_process(args, caps: dict, params: dict) -> dict:
+    """``ferry demo --guest-process``: both guests in processes of their own, two local workers.
+
+    ``args``: the demo's parsed guest options (size, page_size, backing, fill,
+    workload_*); returns a summary dict (``verified``: completed on both sides,
+    digests equal, and the destination guest's own check clean). Raises
+    RuntimeError when a worker fails to start, with its reason.
+    """
+    from .ram import parse_size
+
+    wl = WorkloadConfig(threads=args.workload_threads, pattern=args.workload_pattern,
+                        dirty_rate=parse_size(args.dirty_rate), write_ratio=args.workload_write_ratio,
+                        hot_fraction=args.workload_hot_fraction, zipf_a=args.workload_zipf_a,
+                        batch=args.workload_batch or 64)
+    wl.validate()
+    g = GuestProcessConfig(size=parse_size(args.size), page_size=parse_size(args.page_size),
+                           backing="hugetlb" if args.backing == "hugetlb" else "memfd", nblocks=args.blocks,
+                           fill=args.fill, workload=wl, dest_workload=wl, source_process=True)
+    uri = args.uri or "tcp:127.0.0.1:0"
+    src, dst, check = run_guest_process_migration(uri, g, caps, params, args.migration_timeout, warm=0.5)
+    verified = (src.get("status") == "completed" and dst.get("status") == "completed"
+                and src.get("digests") == dst.get("digests") and not check.get("mismatches")
+                and "error" not in check)
+    keys = ("uffd-kernel-faults", "uffd-copies", "uffd-zeropages", "uffd-wakes", "uffd-eexist", "uffd-errors",
+            "uffd-bad-faults", "uffd-fault-errors", "postcopy-requests", "postcopy-blocktime", "postcopy-latency")
+    return {"verified": verified, "source": {k: src.get(k) for k in (
+                "status", "error-desc", "total-time", "downtime", "wp-tracking", "wp-tracking-why", "wp-scans",
+                "wp-dirty-pages", "wp-extra-bytes")},
+            "destination": {"status": dst.get("status"), "error-desc": dst.get("error-desc"),
+                            **{k: dst.get(k) for k in keys}},
+            "digests-equal": src.get("digests") == dst.get("digests"), "guest-check": check}

@@ -229,3 +229,17 @@ def test_hugetlb_write_protect_granularity_reported(reserved_huge_pages):
         pytest.skip(f"no async write-protect here: {src['wp-tracking-why']}")
     # Random 4 KiB writes into 2 MiB pages: the kernel reports whole huge pages.
     assert src["wp-extra-bytes"] > 0
+
+
+def test_ferry_demo_guest_process_json():
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--guest-process", "--size", "16M",
+                        "--dirty-rate", "8M", "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["verified"] and out["digests-equal"]
+    assert out["guest-check"]["mismatches"] == 0
+    assert out["source"]["wp-tracking"] in ("wp-async", "dirty-log")
