@@ -293,6 +293,9 @@ def add_guest_parser(sub) -> None:
 
 
 def run_guest_command(args) -> int:
+    from .process import configure_worker_process
+
+    configure_worker_process()  # a thread woken by its page gets the GIL back quickly
     spec = GuestSpec(parse_size(args.size), parse_size(args.page_size), args.backing, args.nblocks, args.fill,
                      args.role, json.loads(args.workload))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

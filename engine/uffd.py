@@ -382,7 +382,10 @@ class Userfaultfd:
         A closed uffd raises UffdError (EBADF).
         """
         if timeout != 0.0:
-            r, _, _ = select.select([self.fd], [], [], timeout)
+            try:
+                r, _, _ = select.select([self.fd], [], [], timeout)
+            except (OSError, ValueError) as e:  # closed under us: EBADF (ValueError: fd -1)
+                _raise("poll uffd", getattr(e, "errno", None) or errno.EBADF)
             if not r:
                 return np.empty(0, UFFD_MSG_DTYPE)
         try:

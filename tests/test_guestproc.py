@@ -243,3 +243,26 @@ def test_ferry_demo_guest_process_json():
     assert out["verified"] and out["digests-equal"]
     assert out["guest-check"]["mismatches"] == 0
     assert out["source"]["wp-tracking"] in ("wp-async", "dirty-log")
+
+
+def test_uffd_closed_under_ferry(guest_link):
+    """The worker's uffd closed under it: placements and the fault thread fail by name, nothing hangs."""
+    import errno
+
+    link = guest_link
+    blk = link.ram.blocks[0]
+    received = ReceivedPages(link.ram)
+    faults = FaultHandler(link.ram, received, lambda *a: None)
+    placer = UffdPlacer(link)
+    received.placer = placer
+    server = UffdFaultServer(link, faults, placer)
+    os.close(link.uffd.fd)
+    link.uffd.closed = True  # (its number may be reused by the next open: nothing else must close it)
+    with pytest.raises(U.UffdError) as ei:
+        received.place(blk, slice(0, 1), np.zeros((1, C.TARGET_PAGE_SIZE), np.uint8))
+    assert ei.value.errno == errno.EBADF and "UFFDIO_COPY" in str(ei.value)
+    assert not received.bitmaps[blk.idstr].bits[0]  # not marked received
+    server.start()
+    server._thread.join(30)
+    assert not server._thread.is_alive()
+    assert server.errors and "reading the uffd" in server.errors[0]
