@@ -591,9 +591,9 @@ class UffdPlacer:
 
     def _tmp(self, size: int) -> np.ndarray:
         t = getattr(self._tls, "tmp", None)
-        if t is None or len(t) != size:
+        if t is None or len(t) < size:
             t = self._tls.tmp = np.empty(size, np.uint8)
-        return t
+        return t[:size]
 
     def place(self, blk: SharedRAMBlock, where, data) -> None:
         tph = blk.tp_per_hp
@@ -607,6 +607,13 @@ class UffdPlacer:
                 return
             if data is None:
                 self._op(blk, p0, n, None)
+                return
+            if n > 1:
+                # Consecutive 4 KiB pages: one contiguous copy of the stream rows and one COPY
+                # for the run, not an ioctl per page.
+                tmp = self._tmp(n << C.TARGET_PAGE_BITS)
+                tmp.reshape(n, C.TARGET_PAGE_SIZE)[:] = data
+                self._op(blk, p0, n, tmp)
                 return
             pages = range(p0, p0 + n)
         else:
@@ -641,6 +648,18 @@ class UffdPlacer:
                 self.uffd.copy(dst, addr, length)
                 self.copies += 1
         except U.UffdPageExists as e:
+            k = getattr(e, "done", 0) >> C.TARGET_PAGE_BITS
+            if k or (n > 1 and blk.tp_per_hp == 1):
+                # A run of small pages: the ones before the existing one are placed; that one
+                # alone is the error; the rest go on one by one.
+                self.placed[blk.idstr][p:p + k] = True
+                one = None if src is None else src[k << C.TARGET_PAGE_BITS:(k + 1) << C.TARGET_PAGE_BITS]
+                self._exists(blk, p + k, 1, one, e)
+                self.placed[blk.idstr][p + k] = True
+                for q in range(p + k + 1, p + n):
+                    off = (q - p) << C.TARGET_PAGE_BITS
+                    self._op(blk, q, 1, None if src is None else src[off:off + C.TARGET_PAGE_SIZE])
+                return
             self._exists(blk, p, n, src, e)
         except U.UffdRangeGone as e:
             if not self.link.alive or e.errno == 3:  # ESRCH: the guest's memory is gone with it

@@ -335,8 +335,9 @@ class Userfaultfd:
         Atomically maps the page(s) and, unless ``wake`` is False
         (UFFDIO_COPY_MODE_DONTWAKE), wakes threads faulting on the range.
         Raises UffdPageExists if a page is already mapped there (the caller then
-        :meth:`wake`s), UffdRangeGone if the target's memory changed or it exited.
-        A partial copy (the kernel copies less and says so) is continued here.
+        :meth:`wake`s), UffdRangeGone if the target's memory changed or it exited;
+        the error's ``done`` is the bytes placed before it. A partial copy (the
+        kernel copies less and says so) is continued here.
         """
         c = uffdio_copy()  # one per call: several loader threads place at once
         done = 0
@@ -350,16 +351,31 @@ class Userfaultfd:
             if err == errno.EAGAIN and c.copy > 0:
                 done += c.copy  # partial copy: go on with the rest
                 continue
-            _raise("UFFDIO_COPY", err, f"0x{length:x} bytes at 0x{dst + done:x}")
+            try:
+                _raise("UFFDIO_COPY", err, f"0x{length - done:x} bytes at 0x{dst + done:x}")
+            except UffdError as e:
+                e.done = done  # bytes placed before the failure (those threads are woken)
+                raise
 
     def zeropage(self, dst: int, length: int, wake: bool = True) -> None:
         """UFFDIO_ZEROPAGE: map zero pages at ``dst`` (not on hugetlb: COPY a zeroed page there)."""
         z = uffdio_zeropage()
-        z.range.start, z.range.len = dst, length
-        z.mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
-        z.zeropage = 0
-        if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, ctypes.addressof(z)) < 0:
-            _raise("UFFDIO_ZEROPAGE", ctypes.get_errno(), f"0x{length:x} bytes at 0x{dst:x}")
+        done = 0
+        while done < length:
+            z.range.start, z.range.len = dst + done, length - done
+            z.mode = 0 if wake else UFFDIO_ZEROPAGE_MODE_DONTWAKE
+            z.zeropage = 0
+            if _libc.ioctl(self.fd, UFFDIO_ZEROPAGE, ctypes.addressof(z)) == 0:
+                return
+            err = ctypes.get_errno()
+            if err == errno.EAGAIN and z.zeropage > 0:
+                done += z.zeropage  # partial: go on with the rest
+                continue
+            try:
+                _raise("UFFDIO_ZEROPAGE", err, f"0x{length - done:x} bytes at 0x{dst + done:x}")
+            except UffdError as e:
+                e.done = done
+                raise
 
     def wake(self, addr: int, length: int) -> None:
         """UFFDIO_WAKE: wake threads faulting in the range (after EEXIST, or DONTWAKE copies)."""

@@ -266,3 +266,22 @@ def test_uffd_closed_under_ferry(guest_link):
     server._thread.join(30)
     assert not server._thread.is_alive()
     assert server.errors and "reading the uffd" in server.errors[0]
+
+
+def test_run_of_small_pages_with_one_already_there(guest_link):
+    """One COPY for a run of 4 KiB pages; a page already there in its middle is named, the others placed."""
+    link = guest_link
+    blk = link.ram.blocks[0]
+    received = ReceivedPages(link.ram)
+    placer = UffdPlacer(link)
+    received.placer = placer
+    blk.pages[12, 0] = 1  # something mapped page 12 behind Ferry's back (through the worker's mapping)
+    data = np.arange(16, dtype=np.uint8).repeat(C.TARGET_PAGE_SIZE).reshape(16, C.TARGET_PAGE_SIZE)
+    assert received.place(blk, slice(8, 24), data) == 16
+    assert placer.eexist == 1 and "offset 0xc000" in placer.errors[0]
+    assert (blk.pages[8:24, 7] == np.arange(16)).all()  # every page holds its data, page 12 too
+    assert placer.placed[blk.idstr][8:24].all()
+    # Zero pages likewise: one ZEROPAGE for the run.
+    blk.pages[40, 0] = 1
+    received.place(blk, slice(32, 48), None)
+    assert placer.eexist == 2 and not blk.pages[32:48].any()
