@@ -16,7 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec, UffdBackend, WriteProtectTracker
+from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec
+from .uffd_dest import UffdBackend
+from .wptrack import WriteProtectTracker
 from .local import _in_netns
 from .params import MigrationConfig
 from .ram import GuestRAM

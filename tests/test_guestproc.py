@@ -12,7 +12,8 @@ import pytest
 from channels import constants as C
 from engine import uffd as U
 from engine.guestlocal import GuestProcessConfig, run_guest_process_migration
-from engine.guestproc import GuestLink, GuestSpec, UffdFaultServer, UffdPlacer
+from engine.guestproc import GuestLink, GuestSpec
+from engine.uffd_dest import UffdFaultServer, UffdPlacer
 from engine.postcopy import FaultHandler, ReceivedPages
 from engine.ram import hugepage_status
 from engine.workload import WorkloadConfig
