@@ -218,9 +218,12 @@ def uffd_backing(args, page_size: int):
         yield run_local_migration_uffd
         return
     need = args.size // page_size + 1
-    free, total = hugepage_status(page_size)
-    added = max(0, need - free)
-    path = (f"/sys/kernel/mm/hugepages/hugepages-{page_size >> 10}kB/nr_hugepages")
+    d = f"/sys/kernel/mm/hugepages/hugepages-{page_size >> 10}kB"
+    _, total = hugepage_status(page_size)
+    with open(f"{d}/free_hugepages") as f, open(f"{d}/resv_hugepages") as g:
+        available = int(f.read()) - int(g.read())  # free and not promised to a mapping already
+    added = max(0, need - available)
+    path = f"{d}/nr_hugepages"
     if added:
         with open(path, "w") as f:
             f.write(str(total + added))
