@@ -342,6 +342,8 @@ def cmd_demo(args) -> int:
             check.set_parameters(params)
     except (ParameterError, ValueError) as e:
         return _error(str(e), EXIT_USAGE)
+    if args.guest_process:
+        return _demo_guest_process(args, caps, params)
     tmp = tempfile.mkdtemp(prefix="ferry-demo-")
     if args.control == "ipc" and len(tmp) < 80:
         eps = {r: f"ipc://{tmp}/{r}.ctl" for r in ("source", "destination")}
@@ -386,6 +388,36 @@ def cmd_demo(args) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             print(f"ferry demo: worker logs kept in {tmp}", file=sys.stderr)
+
+
+def _demo_guest_process(args, caps: dict, params: dict) -> int:
+    """The demo with each guest in its own process (userfaultfd; engine/guestlocal.py), no control plane."""
+    from .guestlocal import demo_guest_process
+    from .uffd import unavailable_reason
+
+    why = unavailable_reason()
+    if why is not None:
+        return _error(f"--guest-process needs userfaultfd: {why}", EXIT_FAILED)
+    try:
+        out = demo_guest_process(args, caps, params)
+    except (RuntimeError, ValueError) as e:
+        return _error(str(e), EXIT_FAILED)
+    if args.json:
+        _print_json(out)
+    else:
+        s, d, c = out["source"], out["destination"], out["guest-check"]
+        lat = d.get("postcopy-latency") or {}
+        print(f"source {s['status']}, destination {d['status']} {d.get('error-desc') or ''}".rstrip())
+        print(f"  source writes tracked by {s.get('wp-tracking')} ({s.get('wp-tracking-why')}): "
+              f"{s.get('wp-dirty-pages')} pages dirty in {s.get('wp-scans')} scans, "
+              f"{s.get('wp-extra-bytes')} bytes re-sent for host-page granularity")
+        print(f"  destination guest: {d.get('uffd-kernel-faults')} kernel faults, {d.get('postcopy-requests')} "
+              f"requests, {d.get('uffd-copies')} UFFDIO_COPY, {d.get('uffd-zeropages')} UFFDIO_ZEROPAGE; "
+              f"fault->wake p50 {lat.get('p50', 0) / 1000:.2f} ms p99 {lat.get('p99', 0) / 1000:.2f} ms")
+        print(f"  guest's own check: {c.get('pages-checked')} pages read first, {c.get('mismatches')} differ "
+              f"from the source{'; ' + c['error'] if 'error' in c else ''}")
+        print("verified" if out["verified"] else "NOT verified")
+    return EXIT_OK if out["verified"] else EXIT_FAILED
 
 
 def _client_run(args, coro_fn):
@@ -637,6 +669,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--precopy", action="store_true",
                    help="plain precopy; by default the demo switches to postcopy with preemption "
                         "(postcopy-ram, postcopy-preempt) after the first pass")
+    d.add_argument("--guest-process", action="store_true",
+                   help="each guest in a process of its own: the destination's faults served through "
+                        "userfaultfd, the source's writes tracked with write-protect (docs/uffd.md); "
+                        "two local workers without the control plane")
     d.add_argument("--keep", action="store_true", help="keep the temp dir with the worker logs")
     d.add_argument("--json", action="store_true", help="print only the result as JSON")
     d.set_defaults(func=cmd_demo, curve_dir=None)
@@ -731,6 +767,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_testbed_parser(sub)
     add_experiment_parser(sub)
     add_snapshot_parser(sub)  # saved VMs in and out of QEMU (engine/snapshot_cli.py)
+    from .guestproc import add_guest_parser  # `ferry guest`: a guest in its own process (userfaultfd)
+
+    add_guest_parser(sub)
     return p
 
 

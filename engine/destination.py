@@ -96,6 +96,7 @@ class MigrationDestination:
         self._quit = False
         self._recover_cond = threading.Condition()
         self._recoverable = threading.Event()  # paused, and the old connection is closed
+        self._guest_lost: BaseException | None = None
         self._channel: RamRecvChannel | None = None
         self._transport = None
         self._assembler: HostPageAssembler | None = None
@@ -200,6 +201,13 @@ class MigrationDestination:
             self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
             self._recover_cond.notify_all()
             return str(self.listener.uri)
+
+    def guest_lost(self, err: BaseException) -> None:
+        """The guest itself died (its process): the migration fails; there is nothing to pause for."""
+        self._guest_lost = err
+        self._shutdown_channels()
+        with self._recover_cond:
+            self._recover_cond.notify_all()
 
     def quit(self) -> None:
         """The worker exits: end a paused incoming thread (the guest stays blocked)."""
@@ -362,6 +370,8 @@ class MigrationDestination:
             while self.listener is None:
                 if self._quit:
                     raise Quit()
+                if self._guest_lost is not None:
+                    self._pause(self._guest_lost)
                 self._recover_cond.wait(0.5)
         transport = self._accept()
         self._closed_bytes += (self._channel.transferred if self._channel else 0)
@@ -403,6 +413,8 @@ class MigrationDestination:
         st.end_time = time.monotonic()
         if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
             e = self._pc_error  # a POSTCOPY channel failed and broke the main one
+        if self._guest_lost is not None:
+            e = self._guest_lost
         st.error = str(e) if not self._cancel else "incoming migration cancelled"
         if self._rp is not None:
             try:
@@ -420,6 +432,12 @@ class MigrationDestination:
         """A fault after RUN: postcopy-paused; guest threads stay blocked on missing pages."""
         if isinstance(e, Quit):
             return
+        if self._guest_lost is not None:
+            self._close_connection()
+            self._close_listener()
+            self.stats.error = str(self._guest_lost)
+            self.sm.try_fire(ST.GUEST_LOST, reason=self.stats.error)
+            raise Quit()  # nothing left to wait for
         if self._pc_error is not None and isinstance(e, ChannelError) and not isinstance(e, ProtocolError):
             e = self._pc_error
         if self.status != ST.POSTCOPY_PAUSED or not self.stats.error:

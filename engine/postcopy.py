@@ -12,6 +12,13 @@ before the current one is complete.
 request (deduplicated while in flight, like QEMU's page_requested) and blocks
 until the page is placed. Latency (request sent -> host page placed) and
 blocktime (time guest threads spent blocked) are recorded.
+
+*Placement backends*: by default a placed page is copied into guest RAM
+(memcpy). A guest in its own process (engine/guestproc.py) sets
+``ReceivedPages.placer``: each placement is then one UFFDIO_COPY of the whole
+host page, which also wakes the guest threads the kernel stopped on it, and
+its faults come in through :meth:`FaultHandler.kernel_fault` instead of
+:meth:`FaultHandler.ensure`.
 """
 from __future__ import annotations
 
@@ -37,6 +44,9 @@ class ReceivedPages:
     """What the destination holds: received bitmaps and page fingerprints, per block.
 
     ``cond`` guards the bits; it is notified each time pages are placed.
+    ``placer``, if set, writes placed pages instead of a memcpy: an object with
+    ``place(block, where, data)`` (same arguments as :meth:`RAMBlock.write_pages`)
+    and ``discard(block, start, length)`` (bytes), e.g. engine/guestproc.py's UffdPlacer.
     """
 
     def __init__(self, ram: GuestRAM):
@@ -45,20 +55,37 @@ class ReceivedPages:
         self.fingerprints = {b.idstr: np.zeros(b.npages, dtype=np.uint64) for b in ram.blocks}
         self.cond = threading.Condition()
         self.on_placed: Callable[[RAMBlock, str], None] | None = None
+        self.placer = None
 
     def count(self) -> int:
         return sum(b.count() for b in self.bitmaps.values())
 
     def snapshot_fingerprints(self) -> None:
-        """Record the fingerprints of what memory holds now (at LISTEN: all precopy data)."""
+        """Record the fingerprints of what memory holds now (at LISTEN: all precopy data).
+
+        Only received pages are read: reading a missing page of shared memory
+        would allocate it, and a guest in its own process would then find it
+        there without a fault. (A missing page gets its fingerprint when placed.)
+        """
         for b in self.ram.blocks:
-            self.fingerprints[b.idstr][:] = b.fingerprints()
+            bits = self.bitmaps[b.idstr].bits
+            fps = self.fingerprints[b.idstr]
+            if bits.all():
+                fps[:] = b.fingerprints()
+                continue
+            idx = np.flatnonzero(bits)
+            for i in range(0, len(idx), 4096):  # bounded temporary copies
+                sel = idx[i:i + 4096]
+                fps[sel] = page_fingerprints(b.words[sel])
 
     def discard(self, block: RAMBlock, start: int, length: int) -> None:
         """POSTCOPY_RAM_DISCARD: these pages are stale; drop them and their memory."""
         p0, p1 = start >> C.TARGET_PAGE_BITS, (start + length) >> C.TARGET_PAGE_BITS
         with self.cond:
             self.bitmaps[block.idstr].bits[p0:p1] = False
+        if self.placer is not None:
+            self.placer.discard(block, start, length)
+            return
         if block.backing == "hugetlb":
             # Keep the huge pages: given back to the pool, they might not be had
             # again when the page arrives. Not-received pages are never read.
@@ -85,9 +112,15 @@ class ReceivedPages:
             where = idx
             if len(idx) == 0:
                 return 0
-        block.write_pages(where, data)
-        # Read back from guest RAM: verification then covers the placement too.
-        self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
+        if self.placer is not None:
+            # The guest may write a page the moment it is mapped: fingerprint the data.
+            fps = 0 if data is None else page_fingerprints(data.view(np.uint64))
+            self.placer.place(block, where, data)
+            self.fingerprints[block.idstr][where] = fps
+        else:
+            block.write_pages(where, data)
+            # Read back from guest RAM: verification then covers the placement too.
+            self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
         with self.cond:
             bits[where] = True
             self.cond.notify_all()
@@ -232,6 +265,8 @@ class FaultHandler:
         self.requests = 0
         self.enabled = False  # set at LISTEN; before that nothing is missing
         self.failed: str | None = None  # the stream broke: waiters stay blocked
+        # uffd backend: (block, host page) -> [(thread id, time of the kernel fault)]
+        self.kernel_waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
         received.on_placed = weak_callback(self._placed)
 
     def ensure(self, blk: RAMBlock, pages: np.ndarray) -> None:
@@ -271,6 +306,28 @@ class FaultHandler:
             return [(self.ram.blocks[b], hp) for (b, hp) in self.requested
                     if not self.received.bitmaps[self.ram.blocks[b].idstr].bits[hp]]
 
+    def kernel_fault(self, blk: RAMBlock, hp: int, tid: int, t: float) -> bool:
+        """The kernel stopped guest thread ``tid`` on host page ``hp`` (first target page) at ``t``.
+
+        Sends one request unless the page is received or already requested
+        (deduplicated while in flight); the thread's blocktime runs until the
+        page is placed (placement wakes it). Returns False if the page is
+        already received (the caller wakes the thread). Errors of
+        ``send_request`` propagate; the thread stays blocked.
+        """
+        bits = self.received.bitmaps[blk.idstr].bits
+        with self.received.cond:
+            self.faults += 1
+            if bits[hp]:
+                return False
+            key = (blk.index, hp)
+            self.kernel_waiters.setdefault(key, []).append((tid, t))
+            if key not in self.requested:
+                self.requested[key] = t
+                self.requests += 1
+                self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
+        return True
+
     def _placed(self, blk: RAMBlock, channel: str) -> None:
         if not self.requested:
             return
@@ -287,6 +344,10 @@ class FaultHandler:
                 dt = now - self.requested.pop(k)
                 self.latency.add(dt)
                 rec.add(dt)
+                for tid, t in self.kernel_waiters.pop(k, ()):
+                    name = f"guest-tid{tid}"
+                    self.blocktime += now - t
+                    self.blocktime_by_thread[name] = self.blocktime_by_thread.get(name, 0.0) + now - t
 
     def metrics(self) -> dict:
         return {

@@ -272,6 +272,14 @@ class GuestRAM:
     def digests(self) -> dict[str, bytes]:
         return {b.idstr: b.digest() for b in self.blocks}
 
+    def collect_dirty(self) -> None:
+        """Bring writes tracked outside this process into ``dirty_log`` (called before each sync).
+
+        Nothing to do here: the workload marks its own writes. A guest in its
+        own process (engine/guestproc.py) replaces it with a PAGEMAP_SCAN of
+        that process's write-protected memory.
+        """
+
     def mark_dirty(self, block: RAMBlock, pages) -> None:
         """Record guest writes to target pages (call after writing them)."""
         with self.dirty_lock:

@@ -344,6 +344,7 @@ class MigrationSource:
             # PONG says it backs all its memory. No switch before it.
             ch.send_raw(codec.encode_ping(SW.PING_ADMITTED))
         # First pass: every page. Writes before now are covered by it.
+        self.ram.collect_dirty()
         with self.ram.dirty_lock:
             for b in self.ram.blocks:
                 self.bitmaps[b.idstr].set_all()
@@ -441,6 +442,7 @@ class MigrationSource:
     def _sync(self, guest_running: bool = True) -> int:
         """Move the guest's dirty log into the migration bitmaps. Returns dirty pages."""
         now = time.monotonic()
+        self.ram.collect_dirty()  # writes tracked outside this process (a guest process)
         with self.ram.dirty_lock:
             newly = 0
             for b in self.ram.blocks:

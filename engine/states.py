@@ -52,6 +52,7 @@ CANCEL_DONE = "cancel-done"      # the cancelled migration thread has stopped
 PAUSE = "pause"                  # migrate-pause (a fault the user asks for)
 RECOVER = "recover"              # a new main channel of a recovery is connected
 RESUMED = "resumed"              # POSTCOPY_RESUME / RESUME_ACK exchanged
+GUEST_LOST = "guest-lost"        # destination: the guest itself died (its process); nothing to recover
 
 
 class StateError(RuntimeError):
@@ -153,6 +154,14 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (POSTCOPY_RECOVER, RESUMED): POSTCOPY_ACTIVE,
     (POSTCOPY_RECOVER, FAIL): POSTCOPY_PAUSED,
     (POSTCOPY_RECOVER, PAUSE): POSTCOPY_PAUSED,
+    # The destination's guest died: no recovery can bring it back. The source
+    # stays in postcopy-paused (its own table row); it never resumes the guest.
+    (SETUP, GUEST_LOST): FAILED,
+    (ACTIVE, GUEST_LOST): FAILED,
+    (DEVICE, GUEST_LOST): FAILED,
+    (POSTCOPY_ACTIVE, GUEST_LOST): FAILED,
+    (POSTCOPY_PAUSED, GUEST_LOST): FAILED,
+    (POSTCOPY_RECOVER, GUEST_LOST): FAILED,
 }
 
 FINAL_STATES = tuple(n for n, s in STATES.items() if s.final)

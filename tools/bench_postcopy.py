@@ -89,16 +89,20 @@ def open_link(name: str, shape: LinkShape | None = None):
         yield LinkEnv("netns", f"tcp:{tb.address('dst')}:0", (tb.ns["src"], tb.ns["dst"]), tb, shape)
 
 
-def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict, args, label: str = "") -> dict:
-    """One postcopy migration; returns its latency figures (or the error)."""
+def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict, args, label: str = "",
+             runner=None) -> dict:
+    """One postcopy migration; returns its latency figures (or the error).
+
+    ``runner``: run_local_migration's signature (default: run_local_migration itself).
+    """
     wl = WorkloadConfig(threads=args.threads, pattern="random", batch=1, dirty_rate=args.dirty_rate, seed=args.seed)
     guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
     params = {"postcopy-after-percent": args.after_percent, **params}
     out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
     t0 = time.monotonic()
     try:
-        src, dst = run_local_migration(link.uri, guest, caps=caps, params=params, timeout=args.timeout,
-                                       netns=link.netns)
+        src, dst = (runner or run_local_migration)(link.uri, guest, caps=caps, params=params,
+                                                   timeout=args.timeout, netns=link.netns)
     except RuntimeError as e:
         out.update(ok=False, error=str(e), **{"wall-s": round(time.monotonic() - t0, 2)})
         return out

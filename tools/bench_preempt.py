@@ -34,6 +34,11 @@ page size, and vanilla/preempt p99 >= 20x on 4 KiB pages.
     python tools/bench_preempt.py                     # 1 GiB, 4K and 2M, loopback and netns
     python tools/bench_preempt.py --knobs --links netns
     python tools/bench_preempt.py --quick --json      # small guest, fewer cases
+    python tools/bench_preempt.py --uffd --cases vanilla,preempt   # + each case with a guest process
+
+--uffd runs each case a second time, right after it on the same link, with the
+destination's guest in its own process whose faults the kernel reports through
+userfaultfd (engine/guestproc.py): '+uffd' cases, with uffd/in-process ratios.
 """
 from __future__ import annotations
 
@@ -114,7 +119,9 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
     for c in cases:
         key = (c["link"], c["page-size"])
         c["floor-us"] = round(floors[key], 1) if key in floors else None
-        van = next((v for v in cases if v["case"] == "vanilla" and (v["link"], v["page-size"]) == key), None)
+        uffd = c["case"].endswith("+uffd")
+        vname = "vanilla+uffd" if uffd else "vanilla"
+        van = next((v for v in cases if v["case"] == vname and (v["link"], v["page-size"]) == key), None)
         lat = c.get("latency-us") or {}
         ok = c.get("ok") and lat.get("count")
         c["vanilla/case-p99"] = (round(van["latency-us"]["p99"] / lat["p99"], 2)
@@ -124,6 +131,14 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
                                  if ok and van and van.get("ok") and van["latency-us"].get("count") and lat["avg"]
                                  else None)
         c["case/floor-p99"] = round(lat["p99"] / c["floor-us"], 2) if ok and c["floor-us"] else None
+        if uffd:
+            # The same case in-process, same link and page size: uffd / in-process (< 1: uffd faster).
+            base = next((v for v in cases if v["case"] == c["case"][:-5] and (v["link"], v["page-size"]) == key),
+                        None)
+            blat = (base or {}).get("latency-us") or {}
+            for q in ("p50", "p99"):
+                c[f"uffd/inproc-{q}"] = (round(lat[q] / blat[q], 2) if ok and base and base.get("ok")
+                                         and blat.get("count") and blat[q] else None)
 
 
 def targets(cases: list[dict], link: str = "netns") -> dict:
@@ -175,13 +190,54 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
               f"{fmt_us(c.get('floor-us')):>9} {'-' if r1 is None else f'{r1:.1f}x':>7} "
               f"{'-' if r2 is None else f'{r2:.1f}x':>7} {c['total-time-ms'] / 1000:>6.1f}s  "
               f"{'ok' if c['ok'] else 'FAILED: ' + c.get('error', '')}")
-    print("latency = request sent -> host page placed (destination). floor = RTT p50 + one host page at the "
-          "link's goodput. van/p99 = vanilla p99 / case p99; p99/flr = case p99 / floor.")
+    print("latency = request sent -> host page placed (destination); +uffd: the kernel's fault (its message "
+          "read by the fault thread) -> the UFFDIO_COPY that wakes the guest. floor = RTT p50 + one host page at "
+          "the link's goodput. van/p99 = vanilla p99 / case p99; p99/flr = case p99 / floor.")
+    for c in cases:
+        if c.get("uffd/inproc-p50") is not None or c.get("uffd/inproc-p99") is not None:
+            print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} uffd/in-process p50 "
+                  f"{c.get('uffd/inproc-p50')}x p99 {c.get('uffd/inproc-p99')}x")
     if tg:
         print(f"targets on the rate-limited link (p99 <= {FLOOR_FACTOR:g}x floor; vanilla/preempt p99 >= "
               f"{SPEEDUP_4K:g}x on 4K):")
         for case, t in tg.items():
             print(f"  {case:<17} " + "  ".join(f"{k} {verdict(v)}" for k, v in t.items()))
+
+
+@contextlib.contextmanager
+def uffd_backing(args, page_size: int):
+    """A runner with the destination's guest in its own process (userfaultfd).
+
+    With --uffd-hugetlb and huge host pages, the huge pages it needs are
+    reserved for the run and given back after.
+    """
+    from engine.guestlocal import run_local_migration_uffd
+    from engine.ram import hugepage_status
+
+    if not (args.uffd_hugetlb and page_size > C.TARGET_PAGE_SIZE):
+        yield run_local_migration_uffd
+        return
+    need = args.size // page_size + 1
+    d = f"/sys/kernel/mm/hugepages/hugepages-{page_size >> 10}kB"
+    _, total = hugepage_status(page_size)
+    with open(f"{d}/free_hugepages") as f, open(f"{d}/resv_hugepages") as g:
+        available = int(f.read()) - int(g.read())  # free and not promised to a mapping already
+    added = max(0, need - available)
+    path = f"{d}/nr_hugepages"
+    if added:
+        with open(path, "w") as f:
+            f.write(str(total + added))
+
+    def runner(uri, guest, **kw):
+        guest.backing = "hugetlb"
+        return run_local_migration_uffd(uri, guest, **kw)
+    try:
+        yield runner
+    finally:
+        if added:
+            _, total = hugepage_status(page_size)
+            with open(path, "w") as f:
+                f.write(str(max(0, total - added)))
 
 
 def parse_args(argv=None):
@@ -193,6 +249,11 @@ def parse_args(argv=None):
     p.add_argument("--sndbuf", type=parse_size, default=256 << 10, help="precopy-sndbuf for knob cases")
     p.add_argument("--rcvbuf", type=parse_size, default=256 << 10, help="precopy-rcvbuf for knob cases")
     p.add_argument("--probe-seconds", type=float, default=1.0, help="bulk push per link for the goodput")
+    p.add_argument("--uffd", action="store_true",
+                   help="also run each case with the destination's guest in its own process, its faults "
+                        "served through userfaultfd (engine/guestproc.py); case names get '+uffd'")
+    p.add_argument("--uffd-hugetlb", action="store_true",
+                   help="with --uffd: 2M/1G guests on real huge pages (reserved here and given back)")
     a = p.parse_args(argv)
     finish_args(p, a, "128M")
     a.links = [x.strip() for x in a.links.split(",") if x.strip()]
@@ -237,6 +298,13 @@ def main(argv=None) -> int:
                                       "precopy-pacing-rate": int(probes[link_name]["rate-Bps"] * PACE_SHARE)}
                         runs = [run_case(link, args.size, ps, caps, params, args, name) for _ in range(args.repeat)]
                         cases.append(merge_runs(runs))
+                        if args.uffd:
+                            # Same case, same link, right after: the guest in its own process.
+                            print(f"... {link_name} {page_label(ps)} {name}+uffd", file=sys.stderr, flush=True)
+                            with uffd_backing(args, ps) as runner:
+                                runs = [run_case(link, args.size, ps, caps, params, args, f"{name}+uffd",
+                                                 runner=runner) for _ in range(args.repeat)]
+                            cases.append(merge_runs(runs))
     except KeyboardInterrupt:
         print("bench_preempt: interrupted; processes and namespaces removed", file=sys.stderr)
         return 130
