@@ -230,12 +230,29 @@ def _report(out, console) -> None:
         console.print(line, highlight=False)
 
 
+def _check_uri(uri: str | None, caps: dict) -> None:
+    """A migration uri that parses, and fits the capabilities (ValueError says why not)."""
+    if uri is None:
+        return
+    from channels.transport import parse_uri
+
+    parse_uri(uri)
+    if uri.startswith("file:") and caps.get("postcopy-ram"):
+        raise ValueError(f"migration uri {uri!r}: postcopy-ram needs a live destination, and a file: "
+                         "stream is loaded only after it is written; migrate to file: with precopy")
+
+
 def cmd_migrate(args) -> int:
     from .control.client import ControlError
     from .params import ParameterError
 
+    from .control.endpoints import check
+
     try:
+        check(args.source)
+        check(args.destination)
         caps, params = parse_caps_params(args)
+        _check_uri(args.uri, caps)
     except (ParameterError, ValueError) as e:
         return _error(str(e), EXIT_USAGE)
     console = _console()
@@ -316,6 +333,10 @@ def cmd_demo(args) -> int:
             check = MigrationConfig()
             check.set_capabilities(caps)
             check.set_parameters(params)
+        if args.uri is not None and args.uri.startswith("file:") and caps.get("postcopy-ram"):
+            raise ValueError(f"migration uri {args.uri!r}: the demo's postcopy needs a live destination; "
+                             "add --precopy to save the guest to a file and load it from there")
+        _check_uri(args.uri, caps)
     except (ParameterError, ValueError) as e:
         return _error(str(e), EXIT_USAGE)
     tmp = tempfile.mkdtemp(prefix="ferry-demo-")
@@ -696,7 +717,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    return args.func(args)
+    from .control.auth import CurveKeyError
+    from .control.endpoints import EndpointError
+
+    try:
+        return args.func(args)
+    except (EndpointError, CurveKeyError) as e:
+        # Checked where the endpoint or key directory is first used: one line, no traceback.
+        return _error(str(e), EXIT_USAGE)
 
 
 if __name__ == "__main__":

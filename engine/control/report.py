@@ -40,7 +40,8 @@ def _failure(side: str, q: dict) -> str:
 KNOWN = {"status", "total-time", "setup-time", "downtime", "expected-downtime", "ram", "channels", "digests",
          "error-desc", "passes", "role", "worker", "transfer-time", "verify-time", "guest-state",
          "postcopy-requests", "postcopy-faults", "postcopy-blocktime", "postcopy-bytes", "preemptions",
-         "restores", "requests-already-sent", "requests-dropped-in-flight", "postcopy-latency-dist"}
+         "restores", "requests-already-sent", "requests-dropped-in-flight", "postcopy-latency-dist",
+         "unreachable"}
 
 
 def _ms(us: float) -> str:
