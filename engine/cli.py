@@ -22,6 +22,7 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -543,11 +544,12 @@ def reference_markdown() -> str:
     out += ["", "| capability | default | implemented | description |", "|---|---|---|---|"]
     for n, (default, impl, doc) in CAPABILITIES.items():
         out.append(f"| `{n}` | {'on' if default else 'off'} | {'yes' if impl else 'no'} | {cell(doc)} |")
-    out += ["", "| parameter | default | range | unit | implemented | description |", "|---|---|---|---|---|---|"]
+    out += ["", "| parameter | default | range | unit | implemented | applies | live | description |",
+            "|---|---|---|---|---|---|---|---|"]
     for p in PARAMETERS.values():
         impl = "yes" if p.implemented else "no"
         out.append(f"| `{p.name}` | {_default_text(p)} | {_range_text(p)} | {p.unit} | {impl} "
-                   f"| {cell(p.doc)} |")
+                   f"| {cell(p.applies)} | {'yes' if p.live else 'no'} | {cell(p.doc)} |")
     return "\n".join(out) + "\n"
 
 
@@ -586,29 +588,32 @@ def cmd_reference(args) -> int:
             "capabilities": {n: {"default": d, "implemented": i, "doc": doc}
                              for n, (d, i, doc) in CAPABILITIES.items()},
             "parameters": {n: {"default": p.default, "min": p.lo, "max": p.hi, "unit": p.unit,
-                               "implemented": p.implemented, "doc": p.doc} for n, p in PARAMETERS.items()}})
+                               "implemented": p.implemented, "applies": p.applies, "live": p.live,
+                               "doc": p.doc} for n, p in PARAMETERS.items()}})
         return EXIT_OK
-    from rich.table import Table
+    # Name on its own line, details indented and wrapped below: readable at 80 columns.
+    width = max(60, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    out: list[str] = []
 
-    console = _console()
-    t = Table(title="Capabilities (--cap NAME[=on|off])", title_justify="left")
-    for col in ("capability", "default", "implemented", "description"):
-        t.add_column(col)
+    def entry(name: str, facts: str, *paras: str) -> None:
+        out.append(f"  {name}")
+        for text in (facts, *paras):
+            if text:
+                out.extend(textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      "))
+
+    out.append("Capabilities (--cap NAME[=on|off])")
     for n, (d, i, doc) in CAPABILITIES.items():
-        t.add_row(n, "on" if d else "off", "yes" if i else "[dim]no[/]", doc)
-    console.print(t)
-    t = Table(title="Parameters (--param NAME=VALUE)", title_justify="left")
-    for col in ("parameter", "default", "range", "unit", "implemented", "description"):
-        t.add_column(col)
+        entry(n, f"default {'on' if d else 'off'}" + ("" if i else "; not implemented"), doc)
+    out += ["", "Parameters (--param NAME=VALUE; during a migration only the live ones)"]
     for p in PARAMETERS.values():
-        t.add_row(p.name, _default_text(p), _range_text(p), p.unit, "yes" if p.implemented else "[dim]no[/]", p.doc)
-    console.print(t)
-    t = Table(title="Control-plane verbs (ferry call ENDPOINT VERB [JSON])", title_justify="left")
-    for col in ("verb", "runs on", "description"):
-        t.add_column(col)
+        rng = _range_text(p)
+        facts = f"default {_default_text(p)}" + (f", {rng}" if rng else "") + (f" {p.unit}" if p.unit else "")
+        facts += ("; live" if p.live else "") + ("" if p.implemented else "; not implemented")
+        entry(p.name, facts, p.doc, f"applies: {p.applies}" if p.implemented else "")
+    out += ["", "Control-plane verbs (ferry call ENDPOINT VERB [JSON])"]
     for v in VERBS.values():
-        t.add_row(v.name, " or ".join(v.roles), v.doc)
-    console.print(t)
+        entry(v.name, f"runs on {' or '.join(v.roles)}", v.doc)
+    print("\n".join(out))
     return EXIT_OK
 
 

@@ -105,6 +105,7 @@ class MigrationSource:
         self.channels: list = []  # index = scheduler channel number
         self.uri = None
         self.in_postcopy = False
+        self._downtime_unlimited = False  # guest paused: no rate limit (QEMU: RATE_LIMIT_DISABLED)
         # Return-path results
         self._rp_shut: int | None = None
         self._rp_digests: dict | None = None
@@ -153,10 +154,12 @@ class MigrationSource:
         """migrate-set-parameters during the migration: apply the live ones now.
 
         downtime-limit is read at every iteration; the bandwidth limits go to
-        the PRECOPY channel's rate limiter.
+        the PRECOPY channel's rate limiter, which a sender asleep in it re-reads
+        at once. While the guest is paused (stop-and-copy, the switch to
+        postcopy) the channel is unlimited, as in QEMU, and stays so.
         """
         ch = self.channel
-        if ch is not None:
+        if ch is not None and not self._downtime_unlimited:
             name = "max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth"
             ch.writer.rate_limit = self.config.param(name)
 
@@ -477,6 +480,9 @@ class MigrationSource:
 
     def _stop_and_copy(self, ch: PrecopyChannel, use_rp: bool) -> None:
         st = self.stats
+        # The guest is paused: every byte now adds to the downtime.
+        self._downtime_unlimited = True
+        ch.writer.rate_limit = 0
         self._set_state(S.DEVICE)
         self._sync(guest_running=False)
         ch.section_part(self._ram_section, end=True)
@@ -500,6 +506,9 @@ class MigrationSource:
         """The switch (discard, package with LISTEN/state/PING/RUN), then background + requests."""
         st = self.stats
         self.in_postcopy = True
+        # Paused until RUN reaches the destination: no limit for the switch.
+        self._downtime_unlimited = True
+        ch.writer.rate_limit = 0
         self._set_state(S.POSTCOPY_ACTIVE)
         self._sync(guest_running=False)
         # A host page is the unit from now on: one dirty target page makes it all dirty.
@@ -522,6 +531,7 @@ class MigrationSource:
         self.sched.postcopy = True
         self._hold_background = self.sched.preempt and self.config.param("preempt-hold-background")
         ch.writer.rate_limit = self.config.param("max-postcopy-bandwidth")
+        self._downtime_unlimited = False
         if self.sched.preempt:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
