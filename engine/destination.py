@@ -20,7 +20,7 @@ from typing import Callable
 
 from channels import codec
 from channels import constants as C
-from channels.channel import RamRecvChannel
+from channels.channel import RamRecvChannel, postcopy_channel_name
 from channels.codec import DeviceSpec, StreamDecoder
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
@@ -122,7 +122,10 @@ class MigrationDestination:
         if self.postcopy_advised:
             st.extra.update(self.faults.metrics())
             if self._channel is not None and self.listening:
-                st.extra["postcopy-bytes"] = self._channel.transferred - self._listen_bytes
+                r.precopy_bytes = self._listen_bytes  # received before the switch
+                # After the switch: the PRECOPY channel's rest and every POSTCOPY channel.
+                st.extra["postcopy-bytes"] = (self._channel.transferred - self._listen_bytes
+                                              + sum(c.transferred for c in self._pc_channels))
         return st.to_dict()
 
     def _set_state(self, new: str) -> None:
@@ -220,7 +223,7 @@ class MigrationDestination:
         try:
             for i in range(self._pc_expected):
                 t = self._accept()
-                name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
+                name = postcopy_channel_name(i)
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
                 ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name)

@@ -30,7 +30,7 @@ import numpy as np
 
 from channels import codec
 from channels import constants as C
-from channels.channel import PostcopyChannel, PrecopyChannel
+from channels.channel import PostcopyChannel, PrecopyChannel, postcopy_channel_name
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import connect, parse_uri
@@ -189,6 +189,8 @@ class MigrationSource:
                                      "duplicate": ch.zero_pages} for ch in self.channels}
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
+            if st.downtime_end is not None and st.status == S.POSTCOPY_ACTIVE:
+                st.extra["postcopy-bytes"] = self._postcopy_bytes()
         self._count_pages()
         return st.to_dict()
 
@@ -228,6 +230,7 @@ class MigrationSource:
         self.passes.append({"pass": r.dirty_sync_count, "dirty-pages": remaining,
                             "dirty-pages-rate": r.dirty_pages_rate,
                             "transferred": self.channel.transferred if self.channel else 0,
+                            "guest-paused": not guest_running,  # the last sync, once the guest stopped
                             "time": round(now - self.stats.start_time, 4)})
         self.on_event("MIGRATION_PASS", {"pass": r.dirty_sync_count})
         return remaining
@@ -400,7 +403,7 @@ class MigrationSource:
                 except ConnectionError as e:
                     raise ConnectionError(f"POSTCOPY channel {i + 1} of {nchannels}: {e} (is postcopy-preempt "
                                           "with the same postcopy-channels enabled on the destination?)") from e
-                name = "postcopy" if nchannels == 1 else f"postcopy{i + 1}"
+                name = postcopy_channel_name(i)
                 self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
             self._ram_section = ch.new_section_id()
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
@@ -411,7 +414,7 @@ class MigrationSource:
                     self.ram.dirty_log[b.idstr].clear_all()
             st.ram.dirty_sync_count = 1
             self.passes.append({"pass": 1, "dirty-pages": self.ram.npages, "dirty-pages-rate": 0,
-                                "transferred": 0, "time": 0.0})
+                                "transferred": 0, "time": 0.0, "guest-paused": False})
             self.on_event("MIGRATION_PASS", {"pass": 1})
             ch.flush()
             st.setup_done = time.monotonic()
@@ -437,6 +440,8 @@ class MigrationSource:
                     st.expected_downtime_ms = int(remaining / self._bandwidth * 1000)
                 if remaining <= threshold:
                     remaining = self._sync() * C.TARGET_PAGE_SIZE
+                    if self._bandwidth > 0:  # the estimate the stop decision uses
+                        st.expected_downtime_ms = int(remaining / self._bandwidth * 1000)
                     if remaining <= threshold and not self._should_switch():
                         break
             st.ram.precopy_bytes = ch.transferred
@@ -483,8 +488,10 @@ class MigrationSource:
         # The guest is paused: every byte now adds to the downtime.
         self._downtime_unlimited = True
         ch.writer.rate_limit = 0
+        t_paused = time.monotonic()
         self._set_state(S.DEVICE)
         self._sync(guest_running=False)
+        t_synced = time.monotonic()
         ch.section_part(self._ram_section, end=True)
         self._send_for(None)
         ch.send_eos()
@@ -500,6 +507,11 @@ class MigrationSource:
         ch.send_eof(vm_description(self.ram))
         ch.flush()
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        # Where the downtime goes (ms); "confirm" (the destination draining and
+        # loading what is still in flight) is added when it answers.
+        st.extra["downtime-phases"] = {"pause": st._ms(st.downtime_start, t_paused),
+                                       "sync": st._ms(t_paused, t_synced),
+                                       "send": st._ms(t_synced, time.monotonic())}
         st.remaining = 0
 
     def _postcopy(self, ch: PrecopyChannel) -> None:
@@ -560,7 +572,12 @@ class MigrationSource:
         ch.send_eof(None)  # no VM description in postcopy, as QEMU
         ch.flush()
         st.remaining = 0
-        st.extra["postcopy-bytes"] = ch.transferred - st.ram.precopy_bytes - st.ram.downtime_bytes
+        st.extra["postcopy-bytes"] = self._postcopy_bytes()
+
+    def _postcopy_bytes(self) -> int:
+        """Bytes sent after the switch to postcopy, on every channel (background and requested pages)."""
+        st = self.stats
+        return sum(c.transferred for c in self.channels) - st.ram.precopy_bytes - st.ram.downtime_bytes
 
     def _pacing_rate(self) -> int:
         """Pacing of background pages once in postcopy with preemption (0 = none).
@@ -706,6 +723,10 @@ class MigrationSource:
         self._confirmed_at = time.monotonic()
         if not self.in_postcopy:
             self.stats.downtime_end = self._confirmed_at  # the destination may run the guest now
+            phases = self.stats.extra.get("downtime-phases")
+            if phases is not None:
+                phases["confirm"] = max(0, self.stats._ms(self.stats.downtime_start, self._confirmed_at)
+                                        - sum(phases.values()))
         self._check_cancel()
         if self._rp_shut is None:
             raise ChannelError("destination did not confirm the load in time")

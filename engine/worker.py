@@ -218,6 +218,8 @@ class Worker:
             passes = getattr(self.migration, "passes", None)
             if passes is not None:
                 out["passes"] = list(passes)
+            if self.role == "source":
+                S.check_downtime(out, self.config.param("downtime-limit"), self.migration.in_postcopy)
         out["role"] = self.role
         out["worker"] = self.usage()
         return out

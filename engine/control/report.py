@@ -16,6 +16,19 @@ def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def mbps_to_mib(mbps: float) -> float:
+    """QEMU's ``mbps`` (megabits per second) in MiB/s, the unit of every rate Ferry prints."""
+    return mbps * 1e6 / 8 / (1 << 20)
+
+
+def rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / (1 << 20):.1f} MiB/s"
+
+
+# Figures in "more" lines that need their unit: key -> formatter.
+UNITS = {"precopy-pacing-rate": lambda v: rate(v) if v else "0 (none)"}
+
+
 def seconds(ms: float) -> str:
     return f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
@@ -41,7 +54,7 @@ KNOWN = {"status", "total-time", "setup-time", "downtime", "expected-downtime", 
          "error-desc", "passes", "role", "worker", "transfer-time", "verify-time", "guest-state",
          "postcopy-requests", "postcopy-faults", "postcopy-blocktime", "postcopy-bytes", "preemptions",
          "restores", "requests-already-sent", "requests-dropped-in-flight", "postcopy-latency-dist",
-         "unreachable"}
+         "unreachable", "downtime-limit", "downtime-exceeded", "downtime-phases"}
 
 
 def _ms(us: float) -> str:
@@ -93,7 +106,13 @@ def render(out: Outcome) -> list[str]:
     lines.append(f"  {'states':<{w}} source       {ARROW.join(out.states('source')) or '-'}")
     lines.append(f"  {'':<{w}} destination  {ARROW.join(out.states('destination')) or '-'}")
     passes = s.get("passes") or []
-    dirty = ", ".join(str(p.get("dirty-pages")) for p in passes[:12]) + (", ..." if len(passes) > 12 else "")
+    live = [p for p in passes if not p.get("guest-paused")]
+    paused = [p for p in passes if p.get("guest-paused")]
+    dirty = ", ".join(str(p.get("dirty-pages")) for p in live[:12]) + (", ..." if len(live) > 12 else "")
+    if paused:
+        # The last sync, with the guest stopped: what the final phase had to send.
+        when = "at the switch to postcopy" if "postcopy-active" in out.states("source") else "once the guest paused"
+        dirty += f"; {paused[-1].get('dirty-pages')} {when}"
     npasses = ram.get("dirty-sync-count", len(passes))
     lines.append(f"  {'passes':<{w}} {npasses}  (pass 1 sends every page; each later pass re-sends the pages the "
                  "guest wrote meanwhile)")
@@ -110,11 +129,18 @@ def render(out: Outcome) -> list[str]:
         else:
             why = "for the last dirty pages, its device state and the destination's confirmation"
         lines.append(f"  {'downtime':<{w}} {seconds(s['downtime'])}  (the guest was paused this long {why}{lim})")
+        over = s.get("downtime-exceeded", 0)
+        if over:
+            phases = s.get("downtime-phases") or {}
+            where = ", ".join(f"{k} {v} ms" for k, v in phases.items())
+            lines.append(f"  {'':<{w}} [bold yellow]over the downtime-limit by {over} ms[/] (estimated "
+                         f"{s.get('expected-downtime', '?')} ms when the guest stopped"
+                         + (f"; spent in {where}" if where else "") + ")")
     tt = s.get("total-time") or 0
     transferred = ram.get("transferred", 0)
     if tt:
         lines.append(f"  {'throughput':<{w}} {transferred / (1 << 20) / (tt / 1000):.1f} MiB/s on average, "
-                     f"{ram.get('mbps', 0):.0f} Mbit/s in the last 100 ms window")
+                     f"{mbps_to_mib(ram.get('mbps', 0)):.1f} MiB/s in the last 100 ms window")
     total = ram.get("total", 0)
     lines.append(f"  {'sent':<{w}} {mib(transferred)} for a {format_size(total) if total else '?'} guest: "
                  f"{ram.get('normal', 0)} pages with data, {ram.get('duplicate', 0)} zero pages "
@@ -128,7 +154,8 @@ def render(out: Outcome) -> list[str]:
     for side, q in (("source", s), ("destination", d)):
         other = {k: v for k, v in q.items() if k not in KNOWN and not isinstance(v, (dict, list))}
         if other:
-            lines.append(f"  {'more':<{w}} {side:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(other.items())))
+            lines.append(f"  {'more':<{w}} {side:<12} "
+                         + ", ".join(f"{k} {UNITS.get(k, str)(v)}" for k, v in sorted(other.items())))
     lines.append(f"  {'workers':<{w}} source       {_worker_line('source', out)}")
     lines.append(f"  {'':<{w}} destination  {_worker_line('destination', out)}")
     if s.get("digests"):
