@@ -150,47 +150,11 @@ def _fmt_event(ev: dict, t0: float | None = None, side: str | None = None) -> st
     return f"  {when}  {side + '  ' if side else ''}{what}"
 
 
-class ProgressView:
-    """A rich progress bar fed by query-migrate results, and live event lines above it."""
+def ProgressView(console, enabled: bool):
+    """The live progress display (engine/control/progress.py), with this module's event lines."""
+    from .control.progress import ProgressView as View
 
-    def __init__(self, console, enabled: bool):
-        from rich.progress import BarColumn, Progress, TextColumn
-
-        self.console = console
-        self.enabled = enabled
-        self.t0: float | None = None
-        # Fits 80 columns: the bar is for a glance, the event lines above carry the detail.
-        self.progress = Progress(TextColumn("  {task.description:<18}"), BarColumn(bar_width=20),
-                                 TextColumn("{task.percentage:>3.0f}%  {task.fields[info]}"),
-                                 console=console, transient=True,
-                                 disable=not (enabled and console.is_terminal))
-        self.task = self.progress.add_task("starting", total=1, info="")
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def on_event(self, side: str, ev: dict) -> None:
-        from .control.protocol import event_time
-
-        if not self.enabled:
-            return
-        if self.t0 is None:
-            self.t0 = event_time(ev)
-        self.progress.console.print(_fmt_event(ev, self.t0, f"{side:<11}"), highlight=False)
-
-    def on_progress(self, sq: dict, dq: dict) -> None:
-        ram = sq.get("ram") or {}
-        total = ram.get("total") or 1
-        status = sq.get("status")
-        # Share of guest RAM not (or no longer) dirty; nothing is sent before active.
-        done = 0 if status in ("none", "setup") else max(0, total - ram.get("remaining", total))
-        info = f"{ram.get('transferred', 0) / (1 << 20):6.1f} MiB sent, {ram.get('mbps', 0):5.0f} Mbit/s"
-        desc = f"{status} pass {ram.get('dirty-sync-count', 0)}"
-        self.progress.update(self.task, total=total, completed=done, description=desc, info=info)
+    return View(console, enabled, fmt_event=_fmt_event)
 
 
 # --- commands ------------------------------------------------------------------
@@ -211,7 +175,7 @@ def cmd_worker(args) -> int:
         return _error(f"worker: {e}", EXIT_USAGE)
 
 
-async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view: ProgressView | None):
+async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view):
     from .control.client import ControlClient
     from .control.driver import run_migration
 
