@@ -30,6 +30,17 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # --- option groups -----------------------------------------------------------
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds greater than 0")
+    return v
+
+
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest", "shape of the guest's RAM (the same on both workers) and its workload")
     g.add_argument("--size", default="256M", help="guest RAM size, e.g. 32M, 1G (default 256M)")
@@ -113,7 +124,8 @@ def parse_caps_params(args) -> tuple[dict, dict]:
 def add_client_options(p: argparse.ArgumentParser, json_help: str = "machine-readable output") -> None:
     p.add_argument("--curve-dir", metavar="DIR", help="CURVE key directory (from `ferry keys`) for workers that "
                                                       "require authentication")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
+    p.add_argument("--timeout", type=positive_seconds, default=10.0,
+                   help="seconds to wait for each reply (default 10)")
     p.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -279,10 +291,25 @@ def _demo_intro(console, args, workers, caps, params) -> None:
     console.print()
 
 
+def _check_demo_hugepages(args) -> None:
+    """hugetlb: both workers run on this host, so twice the guest's huge pages must be free."""
+    if args.backing != "hugetlb":
+        return
+    from .ram import HugePagesUnavailable, hugepage_advice, hugepage_status, parse_size
+
+    page = parse_size(args.page_size)
+    need = 2 * (parse_size(args.size) // page)
+    free, _ = hugepage_status(page)
+    if free < need:
+        raise HugePagesUnavailable("the demo runs the source and the destination on this host, each with the "
+                                   "guest's RAM: " + hugepage_advice(page, need))
+
+
 def cmd_demo(args) -> int:
     from .control.client import ControlError
     from .control.spawn import WorkerStartError, spawn_worker
     from .params import ParameterError
+    from .ram import HugePagesUnavailable
 
     try:
         make_guest(args)  # validate before starting anything
@@ -298,11 +325,12 @@ def cmd_demo(args) -> int:
             check = MigrationConfig()
             check.set_capabilities(caps)
             check.set_parameters(params)
+        _check_demo_hugepages(args)
         if args.uri is not None and args.uri.startswith("file:") and caps.get("postcopy-ram"):
             raise ValueError(f"migration uri {args.uri!r}: the demo's postcopy needs a live destination; "
                              "add --precopy to save the guest to a file and load it from there")
         _check_uri(args.uri, caps)
-    except (ParameterError, ValueError) as e:
+    except (ParameterError, ValueError, HugePagesUnavailable) as e:
         return _error(str(e), EXIT_USAGE)
     tmp = tempfile.mkdtemp(prefix="ferry-demo-")
     if args.control == "ipc" and len(tmp) < 80:
@@ -598,8 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--uri", help="migration uri for the destination to listen on (overrides --stream)")
     d.add_argument("--control", choices=("ipc", "tcp"), default="ipc",
                    help="control plane transport: ipc sockets in a temp dir, or tcp on 127.0.0.1")
-    d.add_argument("--migration-timeout", type=float, default=120.0, help="give up after this many seconds")
-    d.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    d.add_argument("--migration-timeout", type=positive_seconds, default=120.0,
+                   help="give up after this many seconds (default 120)")
+    d.add_argument("--timeout", type=positive_seconds, default=10.0, help=argparse.SUPPRESS)
     d.add_argument("--precopy", action="store_true",
                    help="plain precopy; by default the demo switches to postcopy with preemption "
                         "(postcopy-ram, postcopy-preempt) after the first pass")
@@ -630,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "unix:PATH or file:PATH (default tcp:DEST-HOST:0)")
     add_migration_options(m)
     add_client_options(m)
-    m.add_argument("--migration-timeout", type=float, default=600.0,
+    m.add_argument("--migration-timeout", type=positive_seconds, default=600.0,
                    help="cancel the migration after this many seconds (default 600)")
     m.set_defaults(func=cmd_migrate)
 

@@ -316,12 +316,19 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
     from .ram import parse_size
     from .workload import WorkloadConfig
 
+    from channels import constants as C
     from channels.constants import HOST_PAGE_SIZES
 
     nbytes, page = parse_size(size), parse_size(page_size)
     if page not in HOST_PAGE_SIZES:
         raise ValueError(f"guest page size {page_size}: expected 4K, 2M or 1G")
-    if blocks < 1 or nbytes <= 0 or nbytes % (blocks * page):
+    if blocks < 1:
+        raise ValueError(f"guest blocks {blocks}: expected 1 or more RAM blocks")
+    if nbytes <= 0:
+        raise ValueError(f"guest size {size}: expected a positive size, e.g. 256M")
+    if backing == "hugetlb" and page == C.PAGE_SIZE_4K:
+        raise ValueError("hugetlb backing needs huge pages: give a page size of 2M or 1G (--page-size)")
+    if nbytes % (blocks * page):
         raise ValueError(f"guest size {size} does not split into {blocks} block(s) of whole {page_size} pages")
     wl = None
     if workload_threads:

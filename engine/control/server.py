@@ -48,6 +48,7 @@ class ControlServer:
         self.handler = handler
         self.control_requested = endpoints.check(control)
         self.events_requested = endpoints.check(events) if events else endpoints.default_events_endpoint(control)
+        self.events_implicit = not events
         self.keys = keys
         self.control = ""  # bound endpoints (real port when 0 was asked)
         self.events = ""
@@ -83,7 +84,14 @@ class ControlServer:
             self.control = self._bind(self.router, self.control_requested)
             self.xpub = self._socket(zmq.XPUB)
             self.xpub.sndhwm = EVENT_HWM
-            self.events = self._bind(self.xpub, self.events_requested)
+            try:
+                self.events = self._bind(self.xpub, self.events_requested)
+            except endpoints.EndpointError as e:
+                if self.events_implicit:
+                    raise endpoints.EndpointError(
+                        f"{e} (the event stream's endpoint, next to the control endpoint by default: give "
+                        "--events ENDPOINT to put it elsewhere)") from None
+                raise
         except BaseException:
             self._close_sockets(0)
             raise
