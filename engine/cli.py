@@ -25,6 +25,8 @@ import tempfile
 import textwrap
 import time
 
+from . import __version__
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
@@ -199,12 +201,19 @@ async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view)
                                    on_event=view.on_event if view else None)
 
 
+def _say(console, line: str = "") -> None:
+    """One line of human output, wrapped to the terminal (80 columns when not a terminal)."""
+    from .control.report import print_wrapped
+
+    print_wrapped(console, line)
+
+
 def _report(out, console) -> None:
     from .control.report import render
 
     console.print()
     for line in render(out):
-        console.print(line, highlight=False)
+        _say(console, line)
 
 
 def _check_uri(uri: str | None, caps: dict) -> None:
@@ -267,28 +276,30 @@ def _demo_intro(console, args, workers, caps, params) -> None:
     on = [n for n, (default, _, _) in CAPABILITIES.items() if caps.get(n, default)]
     dl = params.get("downtime-limit", PARAMETERS["downtime-limit"].default)
     bw = params.get("max-bandwidth", PARAMETERS["max-bandwidth"].default)
-    console.print("[bold]Ferry demo[/]: live migration of a running guest between two worker processes\n")
-    console.print(f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
+    _say(console, "[bold]Ferry demo[/]: live migration of a running guest between two worker processes")
+    _say(console)
+    _say(console, f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
                   f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {args.backing} memory, "
                   "filled with data "
                   f"({args.fill}); {wl}")
-    console.print(f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
+    _say(console, f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
                   "the migration stream")
-    console.print(f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
-    console.print(f"  settings            downtime-limit {dl} ms, max-bandwidth "
+    _say(console, f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
+    _say(console, f"  settings            downtime-limit {dl} ms, max-bandwidth "
                   f"{'unlimited' if not bw else f'{bw} B/s'}; capabilities on: {', '.join(on)}")
     extra = {k: v for k, v in params.items() if k not in ("downtime-limit", "max-bandwidth")}
     if extra:
-        console.print("                      " + ", ".join(f"{k} {v}" for k, v in extra.items()))
-    console.print("\n  How it works: the source sends all of RAM while the guest keeps writing (pass 1), then "
-                  "re-sends\n  the pages written meanwhile (passes 2, 3, ...) until the rest fits in the downtime "
-                  "limit; then it\n  pauses the guest, sends the rest and the guest's state, and completes only "
-                  "once the destination's\n  sha256 digests of every RAM block match its own.")
+        _say(console, "                      " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    _say(console)
+    _say(console, "  How it works: the source sends all of RAM while the guest keeps writing (pass 1), then "
+                  "re-sends the pages written meanwhile (passes 2, 3, ...) until the rest fits in the downtime "
+                  "limit; then it pauses the guest, sends the rest and the guest's state, and completes only "
+                  "once the destination's sha256 digests of every RAM block match its own.")
     if caps.get("postcopy-ram"):
-        console.print("  With postcopy-ram, the guest moves to the destination early (after postcopy-after-passes "
-                      "or on\n  migrate-start-postcopy) and the pages it touches before they arrive are requested "
+        _say(console, "  With postcopy-ram, the guest moves to the destination early (after postcopy-after-passes "
+                      "or on migrate-start-postcopy) and the pages it touches before they arrive are requested "
                       "on demand.")
-    console.print()
+    _say(console)
 
 
 def _check_demo_hugepages(args) -> None:
@@ -359,7 +370,8 @@ def cmd_demo(args) -> int:
             _print_json(out.to_dict())
         else:
             _report(out, console)
-            console.print("\n  Try: [bold]ferry demo --dirty-rate 128M --param downtime-limit=50[/] (more "
+            _say(console)
+            _say(console, "  Try: [bold]ferry demo --dirty-rate 128M --param downtime-limit=50[/] (more "
                           "passes), [bold]--page-size 2M[/], [bold]--size 1G[/], or [bold]--json[/]; "
                           "docs/user-guide.md explains every figure.")
         return EXIT_OK if ok else EXIT_FAILED
@@ -368,14 +380,20 @@ def cmd_demo(args) -> int:
     except ControlError as e:
         return _error(str(e), EXIT_FAILED)
     except KeyboardInterrupt:
+        print("\nferry demo: interrupted; workers stopped", file=sys.stderr)
         return 130
     finally:
         for w in workers:
             w.stop()
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Keep the directory only when asked, or when a worker had something to say.
+        logs = [w.log_path for w in workers if os.path.exists(w.log_path) and os.path.getsize(w.log_path) > 0]
+        if args.keep:
+            print(f"ferry demo: worker logs kept in {tmp}" + ("" if logs else " (empty: the workers said nothing)"),
+                  file=sys.stderr)
+        elif not ok and logs:
+            print(f"ferry demo: worker logs kept: {', '.join(logs)}", file=sys.stderr)
         else:
-            print(f"ferry demo: worker logs kept in {tmp}", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _client_run(args, coro_fn):
@@ -391,9 +409,9 @@ def _human_query(status: dict, mig: dict, console) -> None:
     from .control.report import mib
 
     w = status.get("worker") or {}
-    console.print(f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
+    _say(console, f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
                   f"({status['guest']['description']})")
-    console.print(f"  control {status.get('control')}  events {status.get('events')}"
+    _say(console, f"  control {status.get('control')}  events {status.get('events')}"
                   + ("  (CURVE)" if status.get("curve") else ""))
     from . import stats as S
 
@@ -409,10 +427,10 @@ def _human_query(status: dict, mig: dict, console) -> None:
     for k in ("total-time", "downtime"):
         if k in mig:
             line += f", {k} {mig[k]} ms"
-    console.print(line)
+    _say(console, line)
     if mig.get("error-desc"):
-        console.print(f"  [red]error[/]: {mig['error-desc']}")
-    console.print(f"  cpu {w.get('cpu-user', 0) + w.get('cpu-system', 0):.2f} s, rss {mib(w.get('rss', 0))}, "
+        _say(console, f"  [red]error[/]: {mig['error-desc']}")
+    _say(console, f"  cpu {w.get('cpu-user', 0) + w.get('cpu-system', 0):.2f} s, rss {mib(w.get('rss', 0))}, "
                   f"{w.get('threads')} threads")
 
 
@@ -451,6 +469,8 @@ def cmd_events(args) -> int:
             if args.until_final and ev.get("event") == "MIGRATION" and \
                     (ev.get("data") or {}).get("status") in S.FINAL_STATES:
                 break
+            if ev.get("event") == "SHUTDOWN":
+                break  # the worker is gone: nothing more will come
         return n
     try:
         _client_run(args, tail)
@@ -614,6 +634,7 @@ def cmd_reference(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferry", description="Ferry: live migration of guest memory between "
                                 "processes, on QEMU's wire format. Start with `ferry demo`.")
+    p.add_argument("--version", action="version", version=f"ferry {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="migrate a running guest between two local workers, verify it, report",
@@ -671,7 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("events", help="print a worker's events as they come")
     e.add_argument("endpoint", metavar="ENDPOINT")
     e.add_argument("--count", type=int, help="stop after this many events")
-    e.add_argument("--until-final", action="store_true", help="stop at completed, failed or cancelled")
+    e.add_argument("--until-final", action="store_true", help="stop at completed, failed or cancelled "
+                                                                "(it always stops when the worker shuts down)")
     add_client_options(e, "one JSON object per event")
     e.set_defaults(func=cmd_events)
 

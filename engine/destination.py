@@ -417,7 +417,8 @@ class MigrationDestination:
         self.received.snapshot_fingerprints()
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
         self.listening = True
-        self._listen_bytes = self._channel.transferred
+        # Bytes up to the end of the package that held LISTEN, not what was read ahead of it.
+        self._listen_bytes = self._channel.transferred - self._channel.reader.available()
         self.faults.enabled = True
         self._set_state(S.POSTCOPY_ACTIVE)
 

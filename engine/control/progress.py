@@ -11,6 +11,9 @@ with rich, with the workers' events printed above.
 """
 from __future__ import annotations
 
+import heapq
+import time
+
 from .. import stats as S
 
 PAGE = 4096  # query-migrate's page-size: dirty-pages-rate counts target pages
@@ -73,15 +76,24 @@ def progress_lines(f: dict) -> tuple[str, str, str]:
 
 
 class ProgressView:
-    """Progress lines (rich Live) fed by query-migrate results, and event lines above them."""
+    """Progress lines (rich Live) fed by query-migrate results, and event lines above them.
+
+    Events of the two workers come on two streams: each is held ``HOLD``
+    seconds and printed in timestamp order, so the lines read in time order
+    and relative times never go negative.
+    """
 
     BAR = 20
+    HOLD = 0.3  # s an event waits for earlier ones from the other worker
 
     def __init__(self, console, enabled: bool, fmt_event=None):
         self.console = console
         self.enabled = enabled
         self.t0: float | None = None
         self._fmt_event = fmt_event
+        self._pending: list = []  # (time, seq, side, event)
+        self._seq = 0
+        self._newest = 0.0
         self._live = None
         if enabled and console.is_terminal:
             from rich.live import Live
@@ -94,6 +106,7 @@ class ProgressView:
         return self
 
     def __exit__(self, *exc):
+        self.flush()
         if self._live is not None:
             self._live.__exit__(*exc)
 
@@ -102,9 +115,19 @@ class ProgressView:
 
         if not self.enabled:
             return
-        if self.t0 is None:
-            self.t0 = event_time(ev)
-        self.console.print(self._fmt_event(ev, self.t0, f"{side:<11}"), highlight=False)
+        t = event_time(ev)
+        self._seq += 1
+        heapq.heappush(self._pending, (t, self._seq, side, ev))
+        self._newest = max(self._newest, t)
+        self.flush(self._newest - self.HOLD)
+
+    def flush(self, before: float | None = None) -> None:
+        """Print held events older than ``before`` (all when None), oldest first."""
+        while self._pending and (before is None or self._pending[0][0] <= before):
+            t, _, side, ev = heapq.heappop(self._pending)
+            if self.t0 is None:
+                self.t0 = t
+            self.console.print(self._fmt_event(ev, self.t0, f"{side:<11}"), highlight=False)
 
     def renderable(self, sq: dict):
         from rich.console import Group
@@ -120,5 +143,6 @@ class ProgressView:
         return Group(row, Text(f"  {detail}"))
 
     def on_progress(self, sq: dict, dq: dict) -> None:
+        self.flush(time.time() - self.HOLD)
         if self._live is not None:
             self._live.update(self.renderable(sq))

@@ -167,3 +167,27 @@ def render(out: Outcome) -> list[str]:
             if q.get("error-desc"):
                 lines.append(f"  [red]{side} error[/]: {q['error-desc']}")
     return lines
+
+
+_HANG = __import__("re").compile(r"^( *)(\S[^ ]*(?: [^ ]+)*?  +)?")
+
+
+def print_wrapped(console, line: str) -> None:
+    """Print a report line (rich markup) wrapped to the console's width, continuation lines
+    indented under the value: ``  label      value ...`` continues below ``value``.
+    """
+    from rich.text import Text
+
+    text = Text.from_markup(line)
+    plain = text.plain
+    m = _HANG.match(plain)
+    indent = len(m.group(0)) if m and m.group(2) and len(m.group(0)) <= 30 else len(m.group(1)) + 2 if m else 2
+    width = max(40, console.width)
+    if len(plain) <= width or indent >= width - 20:
+        console.print(text, soft_wrap=True)
+        return
+    head, body = text.divide([indent])
+    lines = body.wrap(console, width - indent)
+    for i, part in enumerate(lines):
+        part.rstrip()
+        console.print(Text.assemble(head if i == 0 else " " * indent, part), soft_wrap=True)
