@@ -184,7 +184,7 @@ def cmd_worker(args) -> int:
     try:
         guest = make_guest(args)
         return run_worker(args.role, args.control, guest, events=args.events, curve_dir=args.curve_dir,
-                          ready_json=args.json, exit_with_parent=args.exit_with_parent)
+                          ready_json=args.json, exit_with_parent=args.exit_with_parent, qmp=args.qmp)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
         return _error(f"worker: {e}", EXIT_USAGE)
 
@@ -666,6 +666,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--events", metavar="ENDPOINT", help="event stream endpoint (default: control port + 1, "
                                                        "or PATH.events)")
     w.add_argument("--curve-dir", metavar="DIR", help="require CURVE authentication with the keys from `ferry keys`")
+    w.add_argument("--qmp", action="append", default=[], metavar="ADDRESS",
+                   help="also serve QMP (the QEMU Machine Protocol, for qmp-shell and QEMU's qemu.qmp library) on "
+                        "unix:PATH or tcp:HOST:PORT on loopback (repeatable)")
     w.add_argument("--json", action="store_true", help="print the ready line as JSON")
     w.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     add_guest_options(w)

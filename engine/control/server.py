@@ -62,6 +62,7 @@ class ControlServer:
         self._tasks: list[asyncio.Task] = []
         self._ipc_files: list[str] = []
         self.requests_served = 0
+        self.listeners: list = []  # callables given every published event dict (in the loop's thread)
 
     # --- life cycle ---
     async def start(self) -> None:
@@ -226,6 +227,9 @@ class ControlServer:
                 return
             topic, ev = item
             await self.xpub.send_multipart([topic, P.pack(ev)])
+            if not topic.startswith(b"\x00"):
+                for listener in self.listeners:
+                    listener(ev)  # e.g. the QMP listener's clients, in the same order
 
     async def _subscriptions(self) -> None:
         # PUB/SUB joins are asynchronous: a client subscribes to everything and
