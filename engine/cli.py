@@ -106,8 +106,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cap", action="append", default=[], metavar="NAME[=on|off]",
                    help="set a capability on both workers, e.g. --cap return-path=off (repeatable)")
     g.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a parameter on the source, e.g. --param downtime-limit=100 or "
-                        "--param max-bandwidth=64M (repeatable)")
+                   help="set a parameter on both workers (each uses those that concern it), e.g. "
+                        "--param downtime-limit=100 or --param max-bandwidth=64M (repeatable)")
 
 
 def parse_caps_params(args) -> tuple[dict, dict]:
@@ -371,9 +371,9 @@ def cmd_demo(args) -> int:
         else:
             _report(out, console)
             _say(console)
-            _say(console, "  Try: [bold]ferry demo --dirty-rate 128M --param downtime-limit=50[/] (more "
-                          "passes), [bold]--page-size 2M[/], [bold]--size 1G[/], or [bold]--json[/]; "
-                          "docs/user-guide.md explains every figure.")
+            _say(console, "  Try: [bold]ferry demo --precopy[/] (plain precopy), [bold]--precopy --dirty-rate 128M "
+                          "--param downtime-limit=50[/] (more passes), [bold]--page-size 2M[/], [bold]--size 1G[/], "
+                          "or [bold]--json[/]; docs/user-guide.md explains every figure.")
         return EXIT_OK if ok else EXIT_FAILED
     except WorkerStartError as e:
         return _error(str(e), EXIT_FAILED)
@@ -512,12 +512,14 @@ def cmd_keys(args) -> int:
         _print_json(paths)
         return EXIT_OK
     d = args.dir
-    print(f"CURVE keys written to {d}:\n"
-          f"  server.key, server.key_secret   the workers' key pair (secret: worker hosts only)\n"
-          f"  client.key, client.key_secret   the controller's key pair (secret: controller hosts only)\n"
-          f"  authorized_clients/client.key   client keys the workers accept\n"
-          f"Workers:     ferry worker ... --control tcp://0.0.0.0:5555 --curve-dir {d}\n"
-          f"Controllers: ferry migrate ... --curve-dir {d}   (see docs/multi-host.md)")
+    console = _console()
+    for line in (f"CURVE keys written to {d} (secret keys readable by their owner only):",
+                 "  server.key, server.key_secret   the workers' key pair (secret: worker hosts only)",
+                 "  client.key, client.key_secret   the controller's key pair (secret: controller hosts only)",
+                 "  authorized_clients/client.key   client keys the workers accept",
+                 f"  workers:      ferry worker ... --control tcp://0.0.0.0:5555 --curve-dir {d}",
+                 f"  controllers:  ferry migrate ... --curve-dir {d}   (see docs/multi-host.md)"):
+        _say(console, line)
     return EXIT_OK
 
 

@@ -145,8 +145,9 @@ def render(out: Outcome) -> list[str]:
     lines.append(f"  {'sent':<{w}} {mib(transferred)} for a {format_size(total) if total else '?'} guest: "
                  f"{ram.get('normal', 0)} pages with data, {ram.get('duplicate', 0)} zero pages "
                  "(sent as 8-byte headers)")
-    for name, ch in sorted((s.get("channels") or {}).items()):
-        lines.append(f"  {'':<{w}} channel {name:<9} {mib(ch.get('bytes', 0))}, {ch.get('normal', 0)} pages, "
+    # PRECOPY first, then postcopy-1, postcopy-2, ...
+    for name, ch in sorted((s.get("channels") or {}).items(), key=lambda kv: (kv[0] != "precopy", kv[0])):
+        lines.append(f"  {'':<{w}} channel {name:<10} {mib(ch.get('bytes', 0))}, {ch.get('normal', 0)} pages, "
                      f"{ch.get('duplicate', 0)} zero")
     if "postcopy-active" in out.states("source"):
         lines += _postcopy_lines(s, d, w)
@@ -181,7 +182,7 @@ def print_wrapped(console, line: str) -> None:
     text = Text.from_markup(line)
     plain = text.plain
     m = _HANG.match(plain)
-    indent = len(m.group(0)) if m and m.group(2) and len(m.group(0)) <= 30 else len(m.group(1)) + 2 if m else 2
+    indent = len(m.group(0)) if m and m.group(2) and len(m.group(0)) <= 40 else len(m.group(1)) + 2 if m else 2
     width = max(40, console.width)
     if len(plain) <= width or indent >= width - 20:
         console.print(text, soft_wrap=True)
