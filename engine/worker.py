@@ -219,7 +219,8 @@ class Worker:
             if passes is not None:
                 out["passes"] = list(passes)
             if self.role == "source":
-                S.check_downtime(out, self.config.param("downtime-limit"), getattr(self.migration, "in_postcopy", False))
+                postcopy = getattr(self.migration, "in_postcopy", False)
+                S.check_downtime(out, self.config.param("downtime-limit"), postcopy)
         out["role"] = self.role
         out["worker"] = self.usage()
         return out

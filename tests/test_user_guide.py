@@ -4,10 +4,10 @@ The guide's runnable examples are ```console blocks: ``$ COMMAND`` lines (``\\``
 continues a line), each followed by the output it shows. They run in order,
 in one temporary directory, through a shell with ``ferry`` on PATH, on 80
 columns; a command ending in `` &`` runs in the background (workers) and its
-first output line is checked. Output shapes: numbers, ports and pids may
-and digests may differ, words may not (compared word by word, so wrapping may differ);
-``...`` as a word stands for any words, inside a word for any characters. The guide's fixed ports (5555, 6555, ...) become
-free ports here.
+first output lines are checked. Output shapes: numbers, ports, pids and
+digests may differ, words may not (compared word by word, so wrapping may
+differ); ``...`` as a word stands for any words, inside a word for any
+characters. The guide's fixed ports (5555, 6555, ...) become free ports here.
 
 Any other code block that starts a line with ``ferry `` fails the test: what
 the guide shows a user to type has to run here.
