@@ -406,7 +406,7 @@ def _client_run(args, coro_fn):
 
 
 def _human_query(status: dict, mig: dict, console) -> None:
-    from .control.report import mib
+    from .control.report import mbps_to_mib, mib
 
     w = status.get("worker") or {}
     _say(console, f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
@@ -423,7 +423,7 @@ def _human_query(status: dict, mig: dict, console) -> None:
         if mig.get("status") not in S.FINAL_STATES:
             line += f", {mib(ram.get('remaining', 0))} remaining"
         if status.get("role") == "source":
-            line += f", pass {ram.get('dirty-sync-count', 0)}, {ram.get('mbps', 0):.0f} Mbit/s"
+            line += f", pass {ram.get('dirty-sync-count', 0)}, {mbps_to_mib(ram.get('mbps', 0)):.1f} MiB/s"
     for k in ("total-time", "downtime"):
         if k in mig:
             line += f", {k} {mig[k]} ms"
