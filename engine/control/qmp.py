@@ -35,6 +35,7 @@ from . import protocol as P
 QMP_VERSION = {"qemu": {"major": 7, "minor": 2, "micro": 0}}  # the QEMU whose migration semantics Ferry follows
 MAX_MESSAGE_BYTES = P.MAX_REQUEST_BYTES  # a client whose message grows beyond this is disconnected
 NEGOTIATE = "qmp_capabilities"
+MAX_BACKLOG_BYTES = 16 << 20  # unsent replies and events a client may leave behind before it is dropped
 
 
 class QMPAddressError(endpoints.EndpointError):
@@ -187,6 +188,11 @@ class QMPSession:
         if self.closed:
             return
         try:
+            if self.writer.transport.get_write_buffer_size() > MAX_BACKLOG_BYTES:
+                # A client that stopped reading: drop it rather than buffer its events forever.
+                self.closed = True
+                self.writer.close()
+                return
             self.writer.write(json.dumps(msg, default=P._default).encode() + b"\r\n")
         except (ConnectionError, RuntimeError):
             self.closed = True
