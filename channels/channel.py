@@ -174,6 +174,15 @@ class PrecopyChannel(RamSendChannel):
             self.writer.put_bytes(codec.encode_vmdesc(vmdesc))
 
 
+def postcopy_channel_name(index: int) -> str:
+    """Name of POSTCOPY channel ``index`` (0-based) of any number: ``postcopy-1`` ... ``postcopy-N``.
+
+    One scheme whatever the channel count, so figures of runs with 1 and with
+    4 channels line up (query-migrate ``channels``, latencies by channel).
+    """
+    return f"postcopy-{index + 1}"
+
+
 class PostcopyChannel(RamSendChannel):
     """A POSTCOPY channel: requested host pages only, as bare PAGE/ZERO records.
 
@@ -184,7 +193,7 @@ class PostcopyChannel(RamSendChannel):
 
     kind = "postcopy"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy"):
+    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy-1"):
         super().__init__(writer, name)
         self.lock = threading.Lock()
 

@@ -22,12 +22,26 @@ import os
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
+
+from . import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_PAUSED = 0, 1, 2, 3, 4
 
 
 # --- option groups -----------------------------------------------------------
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number of seconds greater than 0")
+    return v
+
 
 def add_guest_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("guest", "shape of the guest's RAM (the same on both workers) and its workload")
@@ -98,8 +112,8 @@ def add_migration_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cap", action="append", default=[], metavar="NAME[=on|off]",
                    help="set a capability on both workers, e.g. --cap return-path=off (repeatable)")
     g.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="set a parameter on the source, e.g. --param downtime-limit=100 or "
-                        "--param max-bandwidth=64M (repeatable)")
+                   help="set a parameter on both workers (each uses those that concern it), e.g. "
+                        "--param downtime-limit=100 or --param max-bandwidth=64M (repeatable)")
 
 
 def parse_caps_params(args) -> tuple[dict, dict]:
@@ -118,7 +132,8 @@ def parse_caps_params(args) -> tuple[dict, dict]:
 def add_client_options(p: argparse.ArgumentParser, json_help: str = "machine-readable output") -> None:
     p.add_argument("--curve-dir", metavar="DIR", help="CURVE key directory (from `ferry keys`) for workers that "
                                                       "require authentication")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each reply (default 10)")
+    p.add_argument("--timeout", type=positive_seconds, default=10.0,
+                   help="seconds to wait for each reply (default 10)")
     p.add_argument("--json", action="store_true", help=json_help)
 
 
@@ -155,47 +170,11 @@ def _fmt_event(ev: dict, t0: float | None = None, side: str | None = None) -> st
     return f"  {when}  {side + '  ' if side else ''}{what}"
 
 
-class ProgressView:
-    """A rich progress bar fed by query-migrate results, and live event lines above it."""
+def ProgressView(console, enabled: bool):
+    """The live progress display (engine/control/progress.py), with this module's event lines."""
+    from .control.progress import ProgressView as View
 
-    def __init__(self, console, enabled: bool):
-        from rich.progress import BarColumn, Progress, TextColumn
-
-        self.console = console
-        self.enabled = enabled
-        self.t0: float | None = None
-        # Fits 80 columns: the bar is for a glance, the event lines above carry the detail.
-        self.progress = Progress(TextColumn("  {task.description:<18}"), BarColumn(bar_width=20),
-                                 TextColumn("{task.percentage:>3.0f}%  {task.fields[info]}"),
-                                 console=console, transient=True,
-                                 disable=not (enabled and console.is_terminal))
-        self.task = self.progress.add_task("starting", total=1, info="")
-
-    def __enter__(self):
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
-
-    def on_event(self, side: str, ev: dict) -> None:
-        from .control.protocol import event_time
-
-        if not self.enabled:
-            return
-        if self.t0 is None:
-            self.t0 = event_time(ev)
-        self.progress.console.print(_fmt_event(ev, self.t0, f"{side:<11}"), highlight=False)
-
-    def on_progress(self, sq: dict, dq: dict) -> None:
-        ram = sq.get("ram") or {}
-        total = ram.get("total") or 1
-        status = sq.get("status")
-        # Share of guest RAM not (or no longer) dirty; nothing is sent before active.
-        done = 0 if status in ("none", "setup") else max(0, total - ram.get("remaining", total))
-        info = f"{ram.get('transferred', 0) / (1 << 20):6.1f} MiB sent, {ram.get('mbps', 0):5.0f} Mbit/s"
-        desc = f"{status} pass {ram.get('dirty-sync-count', 0)}"
-        self.progress.update(self.task, total=total, completed=done, description=desc, info=info)
+    return View(console, enabled, fmt_event=_fmt_event)
 
 
 # --- commands ------------------------------------------------------------------
@@ -219,12 +198,13 @@ def cmd_worker(args) -> int:
                                   backing=args.backing, prealloc=args.mem_prealloc,
                                   machine_types=tuple(args.machine_type))
         return run_worker(args.role, args.control, guest, events=args.events, curve_dir=args.curve_dir,
-                          ready_json=args.json, exit_with_parent=args.exit_with_parent, layout=layout)
+                          ready_json=args.json, exit_with_parent=args.exit_with_parent, layout=layout,
+                          qmp=args.qmp)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
         return _error(f"worker: {e}", EXIT_USAGE)
 
 
-async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view: ProgressView | None):
+async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view):
     from .control.client import ControlClient
     from .control.driver import run_migration
 
@@ -238,20 +218,44 @@ async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view:
                                    resume=getattr(args, "resume", False))
 
 
+def _say(console, line: str = "") -> None:
+    """One line of human output, wrapped to the terminal (80 columns when not a terminal)."""
+    from .control.report import print_wrapped
+
+    print_wrapped(console, line)
+
+
 def _report(out, console) -> None:
     from .control.report import render
 
     console.print()
     for line in render(out):
-        console.print(line, highlight=False)
+        _say(console, line)
+
+
+def _check_uri(uri: str | None, caps: dict) -> None:
+    """A migration uri that parses, and fits the capabilities (ValueError says why not)."""
+    if uri is None:
+        return
+    from channels.transport import parse_uri
+
+    parse_uri(uri)
+    if uri.startswith("file:") and caps.get("postcopy-ram"):
+        raise ValueError(f"migration uri {uri!r}: postcopy-ram needs a live destination, and a file: "
+                         "stream is loaded only after it is written; migrate to file: with precopy")
 
 
 def cmd_migrate(args) -> int:
     from .control.client import ControlError
     from .params import ParameterError
 
+    from .control.endpoints import check
+
     try:
+        check(args.source)
+        check(args.destination)
         caps, params = parse_caps_params(args)
+        _check_uri(args.uri, caps)
     except (ParameterError, ValueError) as e:
         return _error(str(e), EXIT_USAGE)
     console = _console()
@@ -297,34 +301,51 @@ def _demo_intro(console, args, workers, caps, params) -> None:
     on = [n for n, (default, _, _) in CAPABILITIES.items() if caps.get(n, default)]
     dl = params.get("downtime-limit", PARAMETERS["downtime-limit"].default)
     bw = params.get("max-bandwidth", PARAMETERS["max-bandwidth"].default)
-    console.print("[bold]Ferry demo[/]: live migration of a running guest between two worker processes\n")
-    console.print(f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
+    _say(console, "[bold]Ferry demo[/]: live migration of a running guest between two worker processes")
+    _say(console)
+    _say(console, f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
                   f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {args.backing} memory, "
                   "filled with data "
                   f"({args.fill}); {wl}")
-    console.print(f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
+    _say(console, f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
                   "the migration stream")
-    console.print(f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
-    console.print(f"  settings            downtime-limit {dl} ms, max-bandwidth "
+    _say(console, f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
+    _say(console, f"  settings            downtime-limit {dl} ms, max-bandwidth "
                   f"{'unlimited' if not bw else f'{bw} B/s'}; capabilities on: {', '.join(on)}")
     extra = {k: v for k, v in params.items() if k not in ("downtime-limit", "max-bandwidth")}
     if extra:
-        console.print("                      " + ", ".join(f"{k} {v}" for k, v in extra.items()))
-    console.print("\n  How it works: the source sends all of RAM while the guest keeps writing (pass 1), then "
-                  "re-sends\n  the pages written meanwhile (passes 2, 3, ...) until the rest fits in the downtime "
-                  "limit; then it\n  pauses the guest, sends the rest and the guest's state, and completes only "
-                  "once the destination's\n  sha256 digests of every RAM block match its own.")
+        _say(console, "                      " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+    _say(console)
+    _say(console, "  How it works: the source sends all of RAM while the guest keeps writing (pass 1), then "
+                  "re-sends the pages written meanwhile (passes 2, 3, ...) until the rest fits in the downtime "
+                  "limit; then it pauses the guest, sends the rest and the guest's state, and completes only "
+                  "once the destination's sha256 digests of every RAM block match its own.")
     if caps.get("postcopy-ram"):
-        console.print("  With postcopy-ram, the guest moves to the destination early (after postcopy-after-passes "
-                      "or on\n  migrate-start-postcopy) and the pages it touches before they arrive are requested "
+        _say(console, "  With postcopy-ram, the guest moves to the destination early (after postcopy-after-passes "
+                      "or on migrate-start-postcopy) and the pages it touches before they arrive are requested "
                       "on demand.")
-    console.print()
+    _say(console)
+
+
+def _check_demo_hugepages(args) -> None:
+    """hugetlb: both workers run on this host, so twice the guest's huge pages must be free."""
+    if args.backing != "hugetlb":
+        return
+    from .ram import HugePagesUnavailable, hugepage_advice, hugepage_status, parse_size
+
+    page = parse_size(args.page_size)
+    need = 2 * (parse_size(args.size) // page)
+    free, _ = hugepage_status(page)
+    if free < need:
+        raise HugePagesUnavailable("the demo runs the source and the destination on this host, each with the "
+                                   "guest's RAM: " + hugepage_advice(page, need))
 
 
 def cmd_demo(args) -> int:
     from .control.client import ControlError
     from .control.spawn import WorkerStartError, spawn_worker
     from .params import ParameterError
+    from .ram import HugePagesUnavailable
 
     try:
         make_guest(args)  # validate before starting anything
@@ -340,7 +361,12 @@ def cmd_demo(args) -> int:
             check = MigrationConfig()
             check.set_capabilities(caps)
             check.set_parameters(params)
-    except (ParameterError, ValueError) as e:
+        _check_demo_hugepages(args)
+        if args.uri is not None and args.uri.startswith("file:") and caps.get("postcopy-ram"):
+            raise ValueError(f"migration uri {args.uri!r}: the demo's postcopy needs a live destination; "
+                             "add --precopy to save the guest to a file and load it from there")
+        _check_uri(args.uri, caps)
+    except (ParameterError, ValueError, HugePagesUnavailable) as e:
         return _error(str(e), EXIT_USAGE)
     if args.guest_process:
         return _demo_guest_process(args, caps, params)
@@ -371,23 +397,30 @@ def cmd_demo(args) -> int:
             _print_json(out.to_dict())
         else:
             _report(out, console)
-            console.print("\n  Try: [bold]ferry demo --dirty-rate 128M --param downtime-limit=50[/] (more "
-                          "passes), [bold]--page-size 2M[/], [bold]--size 1G[/], or [bold]--json[/]; "
-                          "docs/user-guide.md explains every figure.")
+            _say(console)
+            _say(console, "  Try: [bold]ferry demo --precopy[/] (plain precopy), [bold]--precopy --dirty-rate 128M "
+                          "--param downtime-limit=50[/] (more passes), [bold]--page-size 2M[/], [bold]--size 1G[/], "
+                          "or [bold]--json[/]; docs/user-guide.md explains every figure.")
         return EXIT_OK if ok else EXIT_FAILED
     except WorkerStartError as e:
         return _error(str(e), EXIT_FAILED)
     except ControlError as e:
         return _error(str(e), EXIT_FAILED)
     except KeyboardInterrupt:
+        print("\nferry demo: interrupted; workers stopped", file=sys.stderr)
         return 130
     finally:
         for w in workers:
             w.stop()
-        if ok and not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        # Keep the directory only when asked, or when a worker had something to say.
+        logs = [w.log_path for w in workers if os.path.exists(w.log_path) and os.path.getsize(w.log_path) > 0]
+        if args.keep:
+            print(f"ferry demo: worker logs kept in {tmp}" + ("" if logs else " (empty: the workers said nothing)"),
+                  file=sys.stderr)
+        elif not ok and logs:
+            print(f"ferry demo: worker logs kept: {', '.join(logs)}", file=sys.stderr)
         else:
-            print(f"ferry demo: worker logs kept in {tmp}", file=sys.stderr)
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _demo_guest_process(args, caps: dict, params: dict) -> int:
@@ -430,12 +463,12 @@ def _client_run(args, coro_fn):
 
 
 def _human_query(status: dict, mig: dict, console) -> None:
-    from .control.report import mib
+    from .control.report import mbps_to_mib, mib
 
     w = status.get("worker") or {}
-    console.print(f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
+    _say(console, f"[bold]{status.get('role')}[/] worker, pid {w.get('pid')}: guest {status.get('status')} "
                   f"({status['guest']['description']})")
-    console.print(f"  control {status.get('control')}  events {status.get('events')}"
+    _say(console, f"  control {status.get('control')}  events {status.get('events')}"
                   + ("  (CURVE)" if status.get("curve") else ""))
     from . import stats as S
 
@@ -447,14 +480,14 @@ def _human_query(status: dict, mig: dict, console) -> None:
         if mig.get("status") not in S.FINAL_STATES:
             line += f", {mib(ram.get('remaining', 0))} remaining"
         if status.get("role") == "source":
-            line += f", pass {ram.get('dirty-sync-count', 0)}, {ram.get('mbps', 0):.0f} Mbit/s"
+            line += f", pass {ram.get('dirty-sync-count', 0)}, {mbps_to_mib(ram.get('mbps', 0)):.1f} MiB/s"
     for k in ("total-time", "downtime"):
         if k in mig:
             line += f", {k} {mig[k]} ms"
-    console.print(line)
+    _say(console, line)
     if mig.get("error-desc"):
-        console.print(f"  [red]error[/]: {mig['error-desc']}")
-    console.print(f"  cpu {w.get('cpu-user', 0) + w.get('cpu-system', 0):.2f} s, rss {mib(w.get('rss', 0))}, "
+        _say(console, f"  [red]error[/]: {mig['error-desc']}")
+    _say(console, f"  cpu {w.get('cpu-user', 0) + w.get('cpu-system', 0):.2f} s, rss {mib(w.get('rss', 0))}, "
                   f"{w.get('threads')} threads")
 
 
@@ -493,6 +526,8 @@ def cmd_events(args) -> int:
             if args.until_final and ev.get("event") == "MIGRATION" and \
                     (ev.get("data") or {}).get("status") in S.FINAL_STATES:
                 break
+            if ev.get("event") == "SHUTDOWN":
+                break  # the worker is gone: nothing more will come
         return n
     try:
         _client_run(args, tail)
@@ -534,12 +569,14 @@ def cmd_keys(args) -> int:
         _print_json(paths)
         return EXIT_OK
     d = args.dir
-    print(f"CURVE keys written to {d}:\n"
-          f"  server.key, server.key_secret   the workers' key pair (secret: worker hosts only)\n"
-          f"  client.key, client.key_secret   the controller's key pair (secret: controller hosts only)\n"
-          f"  authorized_clients/client.key   client keys the workers accept\n"
-          f"Workers:     ferry worker ... --control tcp://0.0.0.0:5555 --curve-dir {d}\n"
-          f"Controllers: ferry migrate ... --curve-dir {d}   (see docs/multi-host.md)")
+    console = _console()
+    for line in (f"CURVE keys written to {d} (secret keys readable by their owner only):",
+                 "  server.key, server.key_secret   the workers' key pair (secret: worker hosts only)",
+                 "  client.key, client.key_secret   the controller's key pair (secret: controller hosts only)",
+                 "  authorized_clients/client.key   client keys the workers accept",
+                 f"  workers:      ferry worker ... --control tcp://0.0.0.0:5555 --curve-dir {d}",
+                 f"  controllers:  ferry migrate ... --curve-dir {d}   (see docs/multi-host.md)"):
+        _say(console, line)
     return EXIT_OK
 
 
@@ -578,11 +615,12 @@ def reference_markdown() -> str:
     out += ["", "| capability | default | implemented | description |", "|---|---|---|---|"]
     for n, (default, impl, doc) in CAPABILITIES.items():
         out.append(f"| `{n}` | {'on' if default else 'off'} | {'yes' if impl else 'no'} | {cell(doc)} |")
-    out += ["", "| parameter | default | range | unit | implemented | description |", "|---|---|---|---|---|---|"]
+    out += ["", "| parameter | default | range | unit | implemented | applies | live | description |",
+            "|---|---|---|---|---|---|---|---|"]
     for p in PARAMETERS.values():
         impl = "yes" if p.implemented else "no"
         out.append(f"| `{p.name}` | {_default_text(p)} | {_range_text(p)} | {p.unit} | {impl} "
-                   f"| {cell(p.doc)} |")
+                   f"| {cell(p.applies)} | {'yes' if p.live else 'no'} | {cell(p.doc)} |")
     return "\n".join(out) + "\n"
 
 
@@ -621,29 +659,32 @@ def cmd_reference(args) -> int:
             "capabilities": {n: {"default": d, "implemented": i, "doc": doc}
                              for n, (d, i, doc) in CAPABILITIES.items()},
             "parameters": {n: {"default": p.default, "min": p.lo, "max": p.hi, "unit": p.unit,
-                               "implemented": p.implemented, "doc": p.doc} for n, p in PARAMETERS.items()}})
+                               "implemented": p.implemented, "applies": p.applies, "live": p.live,
+                               "doc": p.doc} for n, p in PARAMETERS.items()}})
         return EXIT_OK
-    from rich.table import Table
+    # Name on its own line, details indented and wrapped below: readable at 80 columns.
+    width = max(60, min(shutil.get_terminal_size((80, 24)).columns, 100))
+    out: list[str] = []
 
-    console = _console()
-    t = Table(title="Capabilities (--cap NAME[=on|off])", title_justify="left")
-    for col in ("capability", "default", "implemented", "description"):
-        t.add_column(col)
+    def entry(name: str, facts: str, *paras: str) -> None:
+        out.append(f"  {name}")
+        for text in (facts, *paras):
+            if text:
+                out.extend(textwrap.wrap(text, width, initial_indent="      ", subsequent_indent="      "))
+
+    out.append("Capabilities (--cap NAME[=on|off])")
     for n, (d, i, doc) in CAPABILITIES.items():
-        t.add_row(n, "on" if d else "off", "yes" if i else "[dim]no[/]", doc)
-    console.print(t)
-    t = Table(title="Parameters (--param NAME=VALUE)", title_justify="left")
-    for col in ("parameter", "default", "range", "unit", "implemented", "description"):
-        t.add_column(col)
+        entry(n, f"default {'on' if d else 'off'}" + ("" if i else "; not implemented"), doc)
+    out += ["", "Parameters (--param NAME=VALUE; during a migration only the live ones)"]
     for p in PARAMETERS.values():
-        t.add_row(p.name, _default_text(p), _range_text(p), p.unit, "yes" if p.implemented else "[dim]no[/]", p.doc)
-    console.print(t)
-    t = Table(title="Control-plane verbs (ferry call ENDPOINT VERB [JSON])", title_justify="left")
-    for col in ("verb", "runs on", "description"):
-        t.add_column(col)
+        rng = _range_text(p)
+        facts = f"default {_default_text(p)}" + (f", {rng}" if rng else "") + (f" {p.unit}" if p.unit else "")
+        facts += ("; live" if p.live else "") + ("" if p.implemented else "; not implemented")
+        entry(p.name, facts, p.doc, f"applies: {p.applies}" if p.implemented else "")
+    out += ["", "Control-plane verbs (ferry call ENDPOINT VERB [JSON])"]
     for v in VERBS.values():
-        t.add_row(v.name, " or ".join(v.roles), v.doc)
-    console.print(t)
+        entry(v.name, f"runs on {' or '.join(v.roles)}", v.doc)
+    print("\n".join(out))
     return EXIT_OK
 
 
@@ -652,6 +693,7 @@ def cmd_reference(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ferry", description="Ferry: live migration of guest memory between "
                                 "processes, on QEMU's wire format. Start with `ferry demo`.")
+    p.add_argument("--version", action="version", version=f"ferry {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", help="migrate a running guest between two local workers, verify it, report",
@@ -664,8 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--uri", help="migration uri for the destination to listen on (overrides --stream)")
     d.add_argument("--control", choices=("ipc", "tcp"), default="ipc",
                    help="control plane transport: ipc sockets in a temp dir, or tcp on 127.0.0.1")
-    d.add_argument("--migration-timeout", type=float, default=120.0, help="give up after this many seconds")
-    d.add_argument("--timeout", type=float, default=10.0, help=argparse.SUPPRESS)
+    d.add_argument("--migration-timeout", type=positive_seconds, default=120.0,
+                   help="give up after this many seconds (default 120)")
+    d.add_argument("--timeout", type=positive_seconds, default=10.0, help=argparse.SUPPRESS)
     d.add_argument("--precopy", action="store_true",
                    help="plain precopy; by default the demo switches to postcopy with preemption "
                         "(postcopy-ram, postcopy-preempt) after the first pass")
@@ -686,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--events", metavar="ENDPOINT", help="event stream endpoint (default: control port + 1, "
                                                        "or PATH.events)")
     w.add_argument("--curve-dir", metavar="DIR", help="require CURVE authentication with the keys from `ferry keys`")
+    w.add_argument("--qmp", action="append", default=[], metavar="ADDRESS",
+                   help="also serve QMP (the QEMU Machine Protocol, for qmp-shell and QEMU's qemu.qmp library) on "
+                        "unix:PATH or tcp:HOST:PORT on loopback (repeatable)")
     w.add_argument("--json", action="store_true", help="print the ready line as JSON")
     w.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process goes away")
     add_guest_options(w)
@@ -711,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "unix:PATH or file:PATH (default tcp:DEST-HOST:0)")
     add_migration_options(m)
     add_client_options(m)
-    m.add_argument("--migration-timeout", type=float, default=600.0,
+    m.add_argument("--migration-timeout", type=positive_seconds, default=600.0,
                    help="after this many seconds apply --timeout-action (default 600)")
     m.add_argument("--timeout-action", choices=("cancel", "postcopy", "pause"), default="cancel",
                    help="on --migration-timeout: cancel (precopy only; a postcopy migration cannot be "
@@ -730,7 +776,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("events", help="print a worker's events as they come")
     e.add_argument("endpoint", metavar="ENDPOINT")
     e.add_argument("--count", type=int, help="stop after this many events")
-    e.add_argument("--until-final", action="store_true", help="stop at completed, failed or cancelled")
+    e.add_argument("--until-final", action="store_true", help="stop at completed, failed or cancelled "
+                                                                "(it always stops when the worker shuts down)")
     add_client_options(e, "one JSON object per event")
     e.set_defaults(func=cmd_events)
 
@@ -779,7 +826,14 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    return args.func(args)
+    from .control.auth import CurveKeyError
+    from .control.endpoints import EndpointError
+
+    try:
+        return args.func(args)
+    except (EndpointError, CurveKeyError) as e:
+        # Checked where the endpoint or key directory is first used: one line, no traceback.
+        return _error(str(e), EXIT_USAGE)
 
 
 if __name__ == "__main__":

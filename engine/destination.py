@@ -22,7 +22,7 @@ from typing import Callable
 from channels import codec
 from channels import constants as C
 from channels import devices as D
-from channels.channel import RamRecvChannel
+from channels.channel import RamRecvChannel, postcopy_channel_name
 from channels.codec import DeviceSpec, StreamDecoder
 from channels.errors import ChannelError, LayoutError, ProtocolError
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
@@ -238,7 +238,11 @@ class MigrationDestination:
         if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
             if self._channel is not None and self.listening:
-                st.extra["postcopy-bytes"] = self._closed_bytes + self._channel.transferred - self._listen_bytes
+                r.precopy_bytes = self._listen_bytes  # received before the switch
+                # After the switch: the PRECOPY channel's rest and every POSTCOPY channel (and
+                # those of the connections before a recovery).
+                st.extra["postcopy-bytes"] = (self._closed_bytes + self._channel.transferred - self._listen_bytes
+                                              + sum(c.transferred for c in self._pc_channels))
         if self.verdict is not None:
             st.extra["verdict"] = self.verdict
         if self.recoveries:
@@ -374,7 +378,8 @@ class MigrationDestination:
                     self._pause(self._guest_lost)
                 self._recover_cond.wait(0.5)
         transport = self._accept()
-        self._closed_bytes += (self._channel.transferred if self._channel else 0)
+        self._closed_bytes += ((self._channel.transferred if self._channel else 0)
+                               + sum(c.transferred for c in self._pc_channels))
         self._rp = QEMUFileWriter(transport, name="return-path")
         self._last_req_block = None
         self._recoverable.clear()
@@ -519,7 +524,7 @@ class MigrationDestination:
                     t.close()
                     return
                 self._wait_layout()  # a QEMU 7.2 source connects it before MEM_SIZE
-                name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
+                name = postcopy_channel_name(i)
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
                 reader = QEMUFileReader(t, bufsize=1 << 20, name=name)
                 reader.idle_timeout = None  # idle while the guest faults on nothing
@@ -818,7 +823,8 @@ class MigrationDestination:
         self.received.snapshot_fingerprints()
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
         self.listening = True
-        self._listen_bytes = self._channel.transferred
+        # Bytes up to the end of the package that held LISTEN, not what was read ahead of it.
+        self._listen_bytes = self._channel.transferred - self._channel.reader.available()
         self.faults.enabled = True
 
     def _run_guest(self) -> None:

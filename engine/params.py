@@ -45,71 +45,96 @@ class ParamSpec:
     doc: str
     kind: type = int
     choices: tuple = ()
+    applies: str = ""  # which side reads it, and when (QEMU's phases: active, postcopy-active, device)
+    live: bool = False  # a running migration takes up a change at once (migrate-set-parameters)
 
 
 PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
     ParamSpec("max-bandwidth", 0, 0, _MAX_U64, "bytes/second", True,
-              "rate limit of the precopy channel; 0 = unlimited (QEMU's default is 128 MiB/s)"),
+              "rate limit of the precopy channel; 0 = unlimited (QEMU's default is 128 MiB/s)",
+              applies="source, PRECOPY channel while precopy is active; not while the guest is paused "
+                      "(device phase, switch to postcopy), as in QEMU", live=True),
     ParamSpec("downtime-limit", 300, 0, 2_000_000, "milliseconds", True,
-              "largest pause of the guest allowed for the stop-and-copy phase"),
+              "largest pause of the guest allowed for the stop-and-copy phase",
+              applies="source, read at every precopy iteration to decide the stop", live=True),
     ParamSpec("max-postcopy-bandwidth", 0, 0, _MAX_U64, "bytes/second", True,
-              "rate limit of the precopy channel once in postcopy; 0 = unlimited"),
+              "rate limit of the precopy channel once in postcopy; 0 = unlimited",
+              applies="source, PRECOPY channel (background pages) from the switch to postcopy on", live=True),
     ParamSpec("postcopy-after-passes", 0, 0, 1000, "passes", True,
-              "Ferry: switch to postcopy by itself after this many precopy passes; 0 = never"),
+              "Ferry: switch to postcopy by itself after this many precopy passes; 0 = never",
+              applies="source, checked at every precopy iteration", live=True),
     ParamSpec("postcopy-after-percent", 0, 0, 100, "percent", True,
-              "Ferry: switch to postcopy by itself once this share of pages was sent; 0 = never"),
+              "Ferry: switch to postcopy by itself once this share of pages was sent; 0 = never",
+              applies="source, checked while precopy sends", live=True),
     ParamSpec("postcopy-channels", 1, 1, 16, "channels", True,
               "Ferry: number of POSTCOPY channels for requested pages (postcopy-preempt); "
-              "requests are spread over them"),
+              "requests are spread over them",
+              applies="both sides, at migrate / migrate-incoming (they must agree)"),
     ParamSpec("urgent-pages-from", "migration-thread", None, None, "", True,
               "Ferry: which thread sends requested pages: the migration thread (QEMU 7.2) or the "
               "return-path thread as soon as the request is read (QEMU 8.0+)", str,
-              ("migration-thread", "return-path")),
+              ("migration-thread", "return-path"),
+              applies="source, at migrate"),
     ParamSpec("preempt-break-huge", True, None, None, "", True,
-              "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool),
+              "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool,
+              applies="source, at migrate"),
     ParamSpec("preempt-hold-background", True, None, None, "", True,
               "Ferry: hold background pages until requested pages have left the POSTCOPY sockets "
-              "(SIOCOUTQ), so they get the whole link", bool),
+              "(SIOCOUTQ), so they get the whole link", bool,
+              applies="source, at the switch to postcopy"),
     ParamSpec("precopy-notsent-lowat", 128 << 10, 0, 1 << 30, "bytes", True,
               "Ferry: TCP_NOTSENT_LOWAT of the PRECOPY channel from the switch to postcopy on, with "
               "postcopy-preempt: unsent background bytes the kernel may hold ahead of nothing else; "
-              "0 = system default"),
+              "0 = system default",
+              applies="source, at the switch to postcopy"),
     ParamSpec("precopy-sndbuf", 0, 0, 1 << 30, "bytes", True,
-              "Ferry: SO_SNDBUF of the PRECOPY channel on the source; 0 = system (autotuned)"),
+              "Ferry: SO_SNDBUF of the PRECOPY channel on the source; 0 = system (autotuned)",
+              applies="source, when the PRECOPY channel connects"),
     ParamSpec("precopy-rcvbuf", 0, 0, 1 << 30, "bytes", True,
-              "Ferry: SO_RCVBUF of the PRECOPY channel on the destination; 0 = system (autotuned)"),
+              "Ferry: SO_RCVBUF of the PRECOPY channel on the destination; 0 = system (autotuned)",
+              applies="destination, when the PRECOPY channel is accepted"),
     ParamSpec("precopy-pacing-rate", 0, 0, (1 << 63) - 1, "bytes/second", True,
               "Ferry: kernel pacing (SO_MAX_PACING_RATE) of the PRECOPY channel from the switch to "
               "postcopy on, with postcopy-preempt, so background pages leave the bottleneck's queue empty "
-              "for requested pages; 0 = automatic (see preempt-pace-background)"),
+              "for requested pages; 0 = automatic (see preempt-pace-background)",
+              applies="source, at the switch to postcopy"),
     ParamSpec("preempt-pace-background", True, None, None, "", True,
               "Ferry: with postcopy-preempt and precopy-pacing-rate 0, pace the PRECOPY channel at 90% of "
-              "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool),
+              "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool,
+              applies="source, at the switch to postcopy"),
     ParamSpec("peer", "ferry", None, None, "", True,
               "Ferry: the other end: another Ferry worker, or a real QEMU (CONFIGURATION sent, no "
               "Ferry-only messages, completion on SHUT 0 and the return path closing); see engine/peer.py",
-              str, ("ferry", "qemu")),
+              str, ("ferry", "qemu"), applies="both sides, at migrate / migrate-incoming"),
     ParamSpec("preempt-dialect", "qemu-7.2", None, None, "", True,
               "Ferry: when a source opens its POSTCOPY channels: at setup, ended with EOS (QEMU 7.2), or "
-              "at the switch to postcopy, without EOS (QEMU 8.0 and later)", str, ("qemu-7.2", "qemu-8.0")),
+              "at the switch to postcopy, without EOS (QEMU 8.0 and later)", str, ("qemu-7.2", "qemu-8.0"),
+              applies="source, at setup and at the switch to postcopy"),
     ParamSpec("machine-type", "pc-i440fx-7.2", None, None, "", True,
               "Ferry: machine type named in the CONFIGURATION record sent to a QEMU peer when the guest "
-              "carries none of its own", str),
+              "carries none of its own", str, applies="source, at setup (peer qemu)"),
     ParamSpec("liveness-timeout", 30, 0, 86400, "seconds", True,
               "Ferry: a migration channel whose peer accepts or sends no byte for this long fails with "
               "PeerTimeout (socket send/recv timeouts; on TCP also keepalive and TCP_USER_TIMEOUT); "
-              "0 = off. See docs/reliability.md, Liveness", float),
-    ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry"),
-    ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels"),
-    ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache"),
-    ParamSpec("cpu-throttle-initial", 20, 1, 99, "percent", False, "auto-converge start"),
-    ParamSpec("cpu-throttle-increment", 10, 1, 99, "percent", False, "auto-converge step"),
+              "0 = off. See docs/reliability.md, Liveness", float,
+              applies="both sides, on every connection as it is made (also those of a recovery)"),
+    ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry",
+              applies="not implemented"),
+    ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels",
+              applies="not implemented"),
+    ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache",
+              applies="not implemented"),
+    ParamSpec("cpu-throttle-initial", 20, 1, 99, "percent", False, "auto-converge start",
+              applies="not implemented"),
+    ParamSpec("cpu-throttle-increment", 10, 1, 99, "percent", False, "auto-converge step",
+              applies="not implemented"),
 ]}
 
 
-# Parameters a running migration takes up at once, as in QEMU; the others are
-# read when the migration starts.
-LIVE_PARAMETERS = ("max-bandwidth", "downtime-limit", "max-postcopy-bandwidth")
+# Parameters a running migration takes up at once, as in QEMU (and Ferry's
+# switch triggers, read at every iteration); a worker refuses to change the
+# others during a migration.
+LIVE_PARAMETERS = tuple(n for n, p in PARAMETERS.items() if p.live)
 
 
 def validate_capability(name: str, value) -> bool:

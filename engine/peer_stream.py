@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from channels import codec
 from channels import constants as C
-from channels.channel import PostcopyChannel, PrecopyChannel
+from channels.channel import PostcopyChannel, PrecopyChannel, postcopy_channel_name
 from channels.devices import GuestDevices
 from channels.qemufile import QEMUFileWriter
 from channels.transport import connect
@@ -69,7 +69,7 @@ def open_postcopy_channels(uri, n: int, liveness: float | None = None) -> list[P
             except ConnectionError as e:
                 raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
                                       "with the same postcopy-channels enabled on the destination?)") from e
-            name = "postcopy" if n == 1 else f"postcopy{i + 1}"
+            name = postcopy_channel_name(i)
             chans.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
     except BaseException:
         for c in chans:

@@ -87,7 +87,8 @@ def hugepage_status(page_size: int) -> tuple[int, int]:
         return 0, 0
 
 
-def _hugepage_advice(page_size: int, need: int) -> str:
+def hugepage_advice(page_size: int, need: int) -> str:
+    """How many huge pages of ``page_size`` are needed and free, and how to reserve ``need`` of them."""
     free, total = hugepage_status(page_size)
     kb = page_size >> 10
     if page_size == C.PAGE_SIZE_2M:
@@ -153,7 +154,7 @@ class RAMBlock:
             need = self.length // self.page_size
             free, _ = hugepage_status(self.page_size)
             if free < need:
-                raise HugePagesUnavailable(f"RAM block {self.idstr!r}: " + _hugepage_advice(self.page_size, need))
+                raise HugePagesUnavailable(f"RAM block {self.idstr!r}: " + hugepage_advice(self.page_size, need))
             flags |= os.MFD_HUGETLB | ((self.page_size.bit_length() - 1) << _MFD_HUGE_SHIFT)
         try:
             self.fd = os.memfd_create(f"ferry:{self.idstr}", flags)
@@ -168,7 +169,7 @@ class RAMBlock:
                 self.fd = -1
             if self.backing == "hugetlb":
                 raise HugePagesUnavailable(f"RAM block {self.idstr!r}: {e.strerror}; "
-                                           + _hugepage_advice(self.page_size, self.length // self.page_size)) from e
+                                           + hugepage_advice(self.page_size, self.length // self.page_size)) from e
             raise
 
     @staticmethod

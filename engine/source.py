@@ -114,6 +114,7 @@ class MigrationSource:
         self._closed_zero = 0
         self.uri = None
         self.in_postcopy = False
+        self._downtime_unlimited = False  # guest paused: no rate limit (QEMU: RATE_LIMIT_DISABLED)
         self.admitted = False  # the destination holds all its memory (PONG PING_ADMITTED)
         self._rp_sends = False  # urgent-pages-from = return-path
         self._ram_section = 0
@@ -162,10 +163,12 @@ class MigrationSource:
         """migrate-set-parameters during the migration: apply the live ones now.
 
         downtime-limit is read at every iteration; the bandwidth limits go to
-        the PRECOPY channel's rate limiter.
+        the PRECOPY channel's rate limiter, which a sender asleep in it re-reads
+        at once. While the guest is paused (stop-and-copy, the switch to
+        postcopy) the channel is unlimited, as in QEMU, and stays so.
         """
         ch = self.channel
-        if ch is not None:
+        if ch is not None and not self._downtime_unlimited:
             name = "max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth"
             ch.writer.rate_limit = self.config.param(name)
 
@@ -233,6 +236,8 @@ class MigrationSource:
                                      "duplicate": ch.zero_pages} for ch in self.channels}
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
+            if st.downtime_end is not None and st.status == ST.POSTCOPY_ACTIVE:
+                st.extra["postcopy-bytes"] = self._postcopy_bytes()
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
         self._count_pages()
@@ -351,7 +356,7 @@ class MigrationSource:
                 self.ram.dirty_log[b.idstr].clear_all()
         st.ram.dirty_sync_count = 1
         self.passes.append({"pass": 1, "dirty-pages": self.ram.npages, "dirty-pages-rate": 0,
-                            "transferred": 0, "time": 0.0})
+                            "transferred": 0, "time": 0.0, "guest-paused": False})
         self.on_event("MIGRATION_PASS", {"pass": 1})
         ch.flush()
         st.setup_done = time.monotonic()
@@ -415,6 +420,8 @@ class MigrationSource:
                 st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
             if remaining <= threshold:
                 remaining = self._sync() * C.TARGET_PAGE_SIZE
+                if loop.bandwidth > 0:  # the estimate the stop decision uses
+                    st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
                 if remaining <= threshold and not self._should_switch():
                     return False
 
@@ -462,6 +469,7 @@ class MigrationSource:
         self.passes.append({"pass": r.dirty_sync_count, "dirty-pages": remaining,
                             "dirty-pages-rate": r.dirty_pages_rate,
                             "transferred": self.channel.transferred if self.channel else 0,
+                            "guest-paused": not guest_running,  # the last sync, once the guest stopped
                             "time": round(now - self.stats.start_time, 4)})
         self.on_event("MIGRATION_PASS", {"pass": r.dirty_sync_count})
         return remaining
@@ -481,7 +489,12 @@ class MigrationSource:
     def _stop_and_copy(self) -> None:
         st, ch = self.stats, self.channel
         use_rp = self.rp is not None
+        # The guest is paused: every byte now adds to the downtime.
+        self._downtime_unlimited = True
+        ch.writer.rate_limit = 0
+        t_paused = time.monotonic()
         self._sync(guest_running=False)
+        t_synced = time.monotonic()
         ch.section_part(self._ram_section, end=True)
         self.loop.send_for(None)
         ch.send_eos()
@@ -506,6 +519,11 @@ class MigrationSource:
             ch.send_eof(SW.vm_description(self.ram, state_size))
         ch.flush()
         st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        # Where the downtime goes (ms); "confirm" (the destination draining and
+        # loading what is still in flight) is added when it answers.
+        st.extra["downtime-phases"] = {"pause": st._ms(st.downtime_start, t_paused),
+                                       "sync": st._ms(t_paused, t_synced),
+                                       "send": st._ms(t_synced, time.monotonic())}
         st.remaining = 0
         self._check()
 
@@ -513,6 +531,9 @@ class MigrationSource:
     def _switch(self) -> None:
         """Discards, then the point of no return: postcopy-active, then the package."""
         st, ch = self.stats, self.channel
+        # Paused until RUN reaches the destination: no limit for the switch.
+        self._downtime_unlimited = True
+        ch.writer.rate_limit = 0
         self._sync(guest_running=False)
         SW.widen_to_host_pages(self.ram, self.bitmaps)
         SW.send_discards(ch, self.ram, self.bitmaps)
@@ -540,6 +561,7 @@ class MigrationSource:
         ch, cfg = self.channel, self.config
         self.loop.hold_background = self.sched.preempt and cfg.param("preempt-hold-background")
         ch.writer.rate_limit = cfg.param("max-postcopy-bandwidth")
+        self._downtime_unlimited = False
         if self.sched.preempt:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
@@ -581,8 +603,13 @@ class MigrationSource:
         ch.send_eof(None)  # no VM description in postcopy, as QEMU
         ch.flush()
         st.remaining = 0
-        st.extra["postcopy-bytes"] = (self._closed_bytes + ch.transferred - st.ram.precopy_bytes
-                                      - st.ram.downtime_bytes)
+        st.extra["postcopy-bytes"] = self._postcopy_bytes()
+
+    def _postcopy_bytes(self) -> int:
+        """Bytes sent after the switch to postcopy, on every channel (background and requested pages)."""
+        st = self.stats
+        return (self._closed_bytes + sum(c.transferred for c in self.channels) - st.ram.precopy_bytes
+                - st.ram.downtime_bytes)
 
     def _pacing_rate(self) -> int:
         """Pacing of background pages once in postcopy with preemption (0 = none).
@@ -669,6 +696,10 @@ class MigrationSource:
         self._confirmed_at = time.monotonic()
         if not self.in_postcopy:
             self.stats.downtime_end = self._confirmed_at  # the destination may run the guest now
+            phases = self.stats.extra.get("downtime-phases")
+            if phases is not None:
+                phases["confirm"] = max(0, self.stats._ms(self.stats.downtime_start, self._confirmed_at)
+                                        - sum(phases.values()))
         self._check()
         if self.peer.completion == COMPLETION_SHUT:
             # A QEMU destination sends SHUT(0) and closes the return path; no digests.

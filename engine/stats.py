@@ -58,11 +58,15 @@ class MigrationStats:
             d["setup-time"] = self._ms(self.start_time, self.setup_done)
         if self.downtime_start is not None:
             d["downtime"] = self._ms(self.downtime_start, self.downtime_end)
+            if self.expected_downtime_ms:
+                d["expected-downtime"] = self.expected_downtime_ms  # the estimate when the guest stopped
         elif self.status in (ACTIVE, SETUP):
             d["expected-downtime"] = self.expected_downtime_ms
+        # Before the guest stops, everything moved so far moved in precopy.
+        precopy_bytes = self.transferred if self.status in (SETUP, ACTIVE) else r.precopy_bytes
         d["ram"] = {
             "transferred": self.transferred,
-            "remaining": self.remaining,
+            "remaining": 0 if self.status == COMPLETED else self.remaining,
             "total": self.total,
             "duplicate": r.duplicate,
             "normal": r.normal,
@@ -71,7 +75,7 @@ class MigrationStats:
             "mbps": round(r.mbps, 3),
             "pages-per-second": round(r.pages_per_second, 1),
             "dirty-sync-count": r.dirty_sync_count,
-            "precopy-bytes": r.precopy_bytes,
+            "precopy-bytes": precopy_bytes,
             "downtime-bytes": r.downtime_bytes,
             "page-size": C.TARGET_PAGE_SIZE,
         }
@@ -83,3 +87,17 @@ class MigrationStats:
             d["error-desc"] = self.error
         d.update(self.extra)
         return d
+
+
+def check_downtime(q: dict, limit_ms: int, postcopy: bool) -> dict:
+    """Add ``downtime-limit`` and ``downtime-exceeded`` to a finished precopy's query-migrate ``q``.
+
+    downtime-limit bounds the stop-and-copy of precopy (QEMU's meaning); the
+    switch to postcopy is not governed by it, so a postcopy migration gets
+    neither field. ``downtime-exceeded`` is the downtime over the limit, in
+    milliseconds (0 when within it). Returns ``q``.
+    """
+    if "downtime" in q and not postcopy and q.get("status") == COMPLETED:
+        q["downtime-limit"] = limit_ms
+        q["downtime-exceeded"] = max(0, q["downtime"] - limit_ms)
+    return q

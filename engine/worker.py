@@ -343,6 +343,9 @@ class Worker:
             passes = getattr(self.migration, "passes", None)
             if passes is not None:
                 out["passes"] = list(passes)
+            if self._migration_role == "source":
+                postcopy = getattr(self.migration, "in_postcopy", False)
+                S.check_downtime(out, self.config.param("downtime-limit"), postcopy)
         out["role"] = self._migration_role if self.migration is not None else self.role  # in this migration
         out["worker"] = self.usage()
         return out
@@ -425,6 +428,7 @@ class Worker:
         return {"status": rs, "running": rs == "running", "role": self.role, **out_reason,
                 "migration": self.migration.status if self.migration is not None else S.NONE, "guest": self.guest_shape(),
                 "control": self.endpoints.get("control"), "events": self.endpoints.get("events"),
+                "qmp": self.endpoints.get("qmp", []),
                 "curve": self.curve, "worker": self.usage()}
 
     def query_commands(self, args: dict) -> list:
@@ -466,12 +470,19 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
     from .ram import parse_size
     from .workload import WorkloadConfig
 
+    from channels import constants as C
     from channels.constants import HOST_PAGE_SIZES
 
     nbytes, page = parse_size(size), parse_size(page_size)
     if page not in HOST_PAGE_SIZES:
         raise ValueError(f"guest page size {page_size}: expected 4K, 2M or 1G")
-    if blocks < 1 or nbytes <= 0 or nbytes % (blocks * page):
+    if blocks < 1:
+        raise ValueError(f"guest blocks {blocks}: expected 1 or more RAM blocks")
+    if nbytes <= 0:
+        raise ValueError(f"guest size {size}: expected a positive size, e.g. 256M")
+    if backing == "hugetlb" and page == C.PAGE_SIZE_4K:
+        raise ValueError("hugetlb backing needs huge pages: give a page size of 2M or 1G (--page-size)")
+    if nbytes % (blocks * page):
         raise ValueError(f"guest size {size} does not split into {blocks} block(s) of whole {page_size} pages")
     wl = None
     if workload_threads:
@@ -485,11 +496,21 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
 
 
 async def _serve(worker: Worker, control: str, events: str | None, keys: ServerKeys | None,
-                 ready_json: bool, exit_with_parent: bool) -> int:
+                 ready_json: bool, exit_with_parent: bool, qmp_addresses: list[str] | None = None) -> int:
+    from . import __version__
+    from .control.qmp import QMPServer
+
     server = ControlServer(worker, control, events, keys)
     await server.start()
+    qmp = QMPServer(worker, qmp_addresses or [], package=f"ferry {__version__}")
+    try:
+        await qmp.start()
+    except BaseException:
+        await server.close()
+        raise
+    server.listeners.append(qmp.event)
     worker.emit = server.emit
-    worker.endpoints = {"control": server.control, "events": server.events}
+    worker.endpoints = {"control": server.control, "events": server.events, "qmp": qmp.addresses}
     worker.curve = keys is not None
     reason = {"why": "host-qmp-quit"}
 
@@ -508,13 +529,14 @@ async def _serve(worker: Worker, control: str, events: str | None, keys: ServerK
     if exit_with_parent:
         watchdog = asyncio.ensure_future(_watch_parent(os.getppid(), server, reason))
     ready = {"ready": True, "role": worker.role, "pid": os.getpid(), "control": server.control,
-             "events": server.events, "curve": keys is not None,
+             "events": server.events, "qmp": qmp.addresses, "curve": keys is not None,
              "guest": worker.guest_shape()["description"]}
     if ready_json:
         print(json.dumps(ready), flush=True)
     else:
         print(f"ferry worker: {worker.role} ready (pid {ready['pid']}), guest {ready['guest']}\n"
               f"  control {server.control}\n  events  {server.events}"
+              + "".join(f"\n  qmp     {a}" for a in qmp.addresses)
               + ("\n  CURVE authentication on" if keys else ""), flush=True)
     try:
         await server.serve()
@@ -523,6 +545,7 @@ async def _serve(worker: Worker, control: str, events: str | None, keys: ServerK
             watchdog.cancel()
         await asyncio.to_thread(worker.shutdown, reason["why"])
         await server.close()
+        await qmp.close()
     return 0
 
 
@@ -539,8 +562,15 @@ async def _watch_parent(ppid: int, server: ControlServer, reason: dict) -> None:
 
 def run_worker(role: str, control: str, guest: GuestConfig, events: str | None = None,
                curve_dir: str | None = None, ready_json: bool = False, exit_with_parent: bool = False,
-               layout: LayoutLimits | None = None) -> int:
-    """The `ferry worker` process: build the guest, serve until quit or SIGTERM. Returns the exit code."""
+               layout: LayoutLimits | None = None, qmp: list[str] | None = None) -> int:
+    """The `ferry worker` process: build the guest, serve until quit or SIGTERM. Returns the exit code.
+
+    ``qmp``: QMP listener addresses (``unix:PATH``, ``tcp:HOST:PORT`` on loopback), see engine/control/qmp.py.
+    """
+    from .control.qmp import parse_qmp_address
+
+    for a in qmp or []:
+        parse_qmp_address(a)  # before the guest is built
     endpoints.check(control)
     if events:
         endpoints.check(events)
@@ -550,4 +580,4 @@ def run_worker(role: str, control: str, guest: GuestConfig, events: str | None =
         for ep in (control, events or endpoints.default_events_endpoint(control)):
             endpoints.refuse_without_curve(ep)
     worker = Worker(role, guest, layout)
-    return asyncio.run(_serve(worker, control, events, keys, ready_json, exit_with_parent))
+    return asyncio.run(_serve(worker, control, events, keys, ready_json, exit_with_parent, qmp))

@@ -185,7 +185,7 @@ def test_runs_csv_matches_the_records(report):
     for c in ("run", "combination", "repeat", "capabilities", "status", "error",
               "total-time-ms", "downtime-ms", "transferred-bytes", "passes", "mbps", "postcopy-requests",
               "latency-avg-us", "latency-p50-us", "latency-p99-us", "latency-max-us", "blocktime-ms",
-              "preemptions", "restores", "bytes-precopy", "bytes-postcopy"):
+              "preemptions", "restores", "bytes-precopy", "bytes-postcopy-1"):
         assert c in cols, c
     for row in rows:
         rec = records[row["run"]]
@@ -217,7 +217,7 @@ def test_runs_csv_matches_the_records(report):
             # Precopy never got to request a page: no figure, rather than a misleading 0.
             assert row["postcopy-requests"] == row["latency-p99-us"] == row["blocktime-ms"] == ""
         if "postcopy-preempt" in rec["settings"]["capabilities"]:
-            assert _num(row["bytes-postcopy"]) == src["channels"]["postcopy"]["bytes"]
+            assert _num(row["bytes-postcopy-1"]) == src["channels"]["postcopy-1"]["bytes"]
 
 
 def test_the_fixture_has_postcopy_requests(experiment):

@@ -37,9 +37,9 @@ def test_preempt_huge_pages_interrupted_and_restored():
     check(src, dst)
     assert src["preemptions"] >= 1
     assert src["restores"] == src["preemptions"]
-    assert dst["channels"]["postcopy"]["host-pages-placed"] >= 1
-    assert src["channels"]["postcopy"]["normal"] > 0
-    assert "postcopy" in dst["postcopy-latency-by-channel"]
+    assert dst["channels"]["postcopy-1"]["host-pages-placed"] >= 1
+    assert src["channels"]["postcopy-1"]["normal"] > 0
+    assert "postcopy-1" in dst["postcopy-latency-by-channel"]
 
 
 def test_preempt_break_huge_off_never_interrupts():
@@ -53,7 +53,7 @@ def test_three_postcopy_channels_share_the_requests(tmp_path):
     src, dst = run_local_migration(f"unix:{tmp_path}/m.sock", huge_guest(), caps=PREEMPT,
                                    params={**SLOW, "postcopy-channels": 3}, timeout=120)
     check(src, dst)
-    used = [c for c in ("postcopy1", "postcopy2", "postcopy3") if dst["channels"][c]["host-pages-placed"] > 0]
+    used = [c for c in ("postcopy-1", "postcopy-2", "postcopy-3") if dst["channels"][c]["host-pages-placed"] > 0]
     assert len(used) >= 2
 
 
@@ -65,7 +65,7 @@ def test_urgent_pages_from_return_path_thread(page_size):
                                    params={**SLOW, "urgent-pages-from": "return-path"}, timeout=120)
     check(src, dst)
     assert src["preemptions"] == 0  # the migration thread is never interrupted in this mode
-    assert src["channels"]["postcopy"]["normal"] + src["channels"]["postcopy"]["duplicate"] > 0
+    assert src["channels"]["postcopy-1"]["normal"] + src["channels"]["postcopy-1"]["duplicate"] > 0
 
 
 def test_connection_beyond_expected_channels_is_refused():
@@ -131,4 +131,4 @@ def test_preempt_enabled_but_completed_in_precopy():
                                    timeout=60)
     check(src, dst)
     assert src["status"] == "completed" and "postcopy-active" not in str(src.get("events", ""))
-    assert src["channels"]["postcopy"]["normal"] == 0
+    assert src["channels"]["postcopy-1"]["normal"] == 0

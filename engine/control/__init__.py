@@ -8,4 +8,7 @@
 - ``spawn``: start worker processes locally (demo, tests).
 - ``driver``: run one migration between two workers through their control planes.
 - ``report``: the human-readable migration report.
+- ``progress``: the live progress display (remaining, dirty rate, expected downtime, ETA).
+- ``qmp``: the optional QMP listener of a worker (QEMU Machine Protocol on a Unix socket or
+  loopback TCP), for qmp-shell and QEMU's ``qemu.qmp`` library.
 """

@@ -27,6 +27,7 @@ SERVER = "server"
 CLIENT = "client"
 AUTHORIZED = "authorized_clients"
 ZAP_DOMAIN = b"ferry"
+SECRET_MODE = 0o600  # secret key files: owner read/write only
 
 
 class CurveKeyError(ValueError):
@@ -46,8 +47,15 @@ def create_keys(directory: str | os.PathLike, force: bool = False) -> dict[str, 
     (d / AUTHORIZED).mkdir(exist_ok=True)
     out = {}
     for name in (SERVER, CLIENT):
-        pub, sec = zmq.auth.create_certificates(d, name)
-        os.chmod(sec, 0o600)  # secret keys: owner only
+        # Secret keys are created owner-only (no moment at the umask's mode);
+        # a file replaced with --force keeps no wider mode either.
+        old_umask = os.umask(0o077)
+        try:
+            pub, sec = zmq.auth.create_certificates(d, name)
+        finally:
+            os.umask(old_umask)
+        os.chmod(sec, SECRET_MODE)
+        os.chmod(pub, 0o644)  # public keys are meant to be copied
         out[f"{name}-public"], out[f"{name}-secret"] = pub, sec
     # The worker admits the client key it was created with; add more public
     # keys to this directory to admit other controllers.
@@ -57,10 +65,24 @@ def create_keys(directory: str | os.PathLike, force: bool = False) -> dict[str, 
     return out
 
 
+def check_secret_mode(path: str | os.PathLike) -> None:
+    """Refuse a secret key file that anyone but its owner may read or write (as ssh does).
+
+    Raises CurveKeyError naming the file, its mode and the fix (``chmod 600``).
+    """
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise CurveKeyError(f"CURVE secret key file {path} has mode {mode:04o}: it is readable or writable by "
+                            f"others, so the key may be known to them; run `chmod 600 {path}` (or create new "
+                            "keys with `ferry keys DIR --force`)")
+
+
 def _load(path: Path, need_secret: bool) -> tuple[bytes, bytes | None]:
     if not path.exists():
         raise CurveKeyError(f"CURVE key file {path} not found; create keys with `ferry keys DIR` and copy the "
                         "directory (see docs/multi-host.md)")
+    if need_secret:
+        check_secret_mode(path)
     try:
         pub, sec = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as e:

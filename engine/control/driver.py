@@ -52,14 +52,15 @@ class Outcome:
     params: dict = field(default_factory=dict)
     wall_time: float = 0.0
     timed_out: bool = False
+    unreachable: list = field(default_factory=list)  # endpoints that stopped answering during the migration
     timeout_action: str | None = None  # what was done when the timeout expired
     resumed: bool = False  # this run was a recovery of a paused migration
 
     @property
     def paused(self) -> bool:
-        """Both sides are postcopy-paused: the guest waits on the destination for a recovery."""
+        """The source is postcopy-paused, and so is the destination (or it stopped answering)."""
         return (self.source.get("status") == S.POSTCOPY_PAUSED
-                and self.destination.get("status") == S.POSTCOPY_PAUSED)
+                and (self.destination.get("status") == S.POSTCOPY_PAUSED or bool(self.destination.get("unreachable"))))
 
     @property
     def completed(self) -> bool:
@@ -86,7 +87,7 @@ class Outcome:
                   else "postcopy-paused" if self.paused else "failed")
         return {"result": result, "timeout-action": self.timeout_action, "resumed": self.resumed,
                 "verified": self.verified, "digests-match": self.digests_match, "uri": self.uri,
-                "timed-out": self.timed_out, "wall-time": round(self.wall_time, 3),
+                "timed-out": self.timed_out, "unreachable": self.unreachable, "wall-time": round(self.wall_time, 3),
                 "capabilities": self.caps, "parameters": self.params,
                 "states": {"source": self.states("source"), "destination": self.states("destination")},
                 "source": self.source, "destination": self.destination, "events": self.events,
@@ -183,24 +184,30 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
     tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
              asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
     try:
-        listening = (await dst.call("migrate-incoming", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
-        out.uri = dialable_uri(listening, dst.endpoint)
-        try:
-            await src.call("migrate", {"uri": out.uri})
-        except CommandFailed:
-            await dst.call("migrate-cancel")
-            raise
-        if on_started is not None:
-            on_started(out.uri)
-        sq, dq = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
+        if uri is not None and uri.startswith("file:"):
+            # A file is written first and loaded after: the destination can
+            # only open it once the source has completed writing it.
+            sq, dq = await _via_file(src, dst, uri, t0 + timeout, on_progress, on_started, out)
+        else:
+            listening = (await dst.call("migrate-incoming", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
+            out.uri = dialable_uri(listening, dst.endpoint)
+            try:
+                await src.call("migrate", {"uri": out.uri})
+            except CommandFailed:
+                await dst.call("migrate-cancel")
+                raise
+            if on_started is not None:
+                on_started(out.uri)
+            sq, dq = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
         # The last MIGRATION events may still be on their way.
         drain_until = loop.time() + EVENT_DRAIN
         while loop.time() < drain_until and not (_final_seen(out.events["source"])
                                                   and _final_seen(out.events["destination"])):
             await asyncio.sleep(0.02)
         out.source, out.destination = sq, dq
-        out.status_after = {"source": await src.call("query-status"),
-                            "destination": await dst.call("query-status")}
+        dead = set(out.unreachable)
+        out.status_after = {"source": await _quietly(src, "query-status", dead) or {},
+                            "destination": await _quietly(dst, "query-status", dead) or {}}
     finally:
         for t in tasks:
             t.cancel()
@@ -209,6 +216,31 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
         d_events.close()
     out.wall_time = loop.time() - t0
     return out
+
+
+async def _via_file(src: ControlClient, dst: ControlClient, uri: str, deadline: float,
+                    on_progress, on_started, out: Outcome) -> tuple[dict, dict]:
+    """Save to ``file:PATH`` on the source, then load it on the destination (as QEMU's file: migration)."""
+    loop = asyncio.get_running_loop()
+    out.uri = uri
+    await src.call("migrate", {"uri": uri})
+    if on_started is not None:
+        on_started(uri)
+    idle = {"status": S.NONE}
+    while True:
+        sq = await src.call("query-migrate")
+        if on_progress is not None:
+            on_progress(sq, idle)
+        if sq["status"] in S.FINAL_STATES:
+            break
+        if loop.time() > deadline:
+            out.timed_out = True
+            await src.call("migrate-cancel")
+        await asyncio.sleep(POLL)
+    if sq["status"] != S.COMPLETED:
+        return sq, await dst.call("query-migrate")
+    await dst.call("migrate-incoming", {"uri": uri})
+    return await _follow(src, dst, deadline, on_progress, out)
 
 
 async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action, t0) -> Outcome:
@@ -239,13 +271,12 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
     return out
 
 
-async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: str) -> str:
+async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: str, dead: set) -> str:
     """Apply the timeout action to the migration's state now; returns what was done."""
     st = sq["status"]
-    postcopy = st in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
-    if postcopy:
+    if st in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
         if action == "pause" and st != S.POSTCOPY_PAUSED:
-            await src.call("migrate-pause")
+            await _quietly(src, "migrate-pause", dead)
             return "paused"
         return "none: past the switch to postcopy a migration cannot be cancelled; followed to its end"
     if action == "postcopy":
@@ -254,23 +285,54 @@ async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: 
             return "switched to postcopy"
         except CommandFailed as e:
             return f"none: {e}"
-    await src.call("migrate-cancel")
-    await dst.call("migrate-cancel")
+    await _quietly(src, "migrate-cancel", dead)
+    await _quietly(dst, "migrate-cancel", dead)
     return "cancelled"
+
+
+def _unreachable(ep: str, last: dict | None) -> dict:
+    """A query-migrate stand-in for a worker that stopped answering (its last answer, failed)."""
+    q = dict(last or {})
+    q.update({"status": S.FAILED, "unreachable": True,
+              "error-desc": f"the worker at {ep} stopped answering the control plane (exited or hung)"})
+    return q
+
+
+async def _quietly(client: ControlClient, verb: str, dead: set) -> dict | None:
+    """``verb`` on a worker that may have gone away: None (and remembered) if it does not answer."""
+    if client.endpoint in dead:
+        return None
+    try:
+        return await client.call(verb)
+    except CommandFailed:
+        return None
+    except ControlError:
+        dead.add(client.endpoint)
+        return None
 
 
 async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
                   on_progress, out: Outcome, timeout_action: str = "cancel") -> tuple[dict, dict]:
     loop = asyncio.get_running_loop()
     src_final_at = None
+    dead: set = set()
+    last: dict = {}
     while True:
-        sq, dq = await asyncio.gather(src.call("query-migrate"), dst.call("query-migrate"))
+        # A worker that died takes its migration with it: what the other side
+        # saw (its error) is the cause worth showing, so keep following that one.
+        sq, dq = await asyncio.gather(_quietly(src, "query-migrate", dead), _quietly(dst, "query-migrate", dead))
+        if sq is None and dq is None:
+            raise ControlError(f"neither worker answers any more ({src.endpoint}, {dst.endpoint})")
+        sq = sq if sq is not None else _unreachable(src.endpoint, last.get("source"))
+        dq = dq if dq is not None else _unreachable(dst.endpoint, last.get("destination"))
+        last = {"source": sq, "destination": dq}
+        out.unreachable = sorted(dead)
         if on_progress is not None:
             on_progress(sq, dq)
         s_done, d_done = sq["status"] in S.FINAL_STATES, dq["status"] in S.FINAL_STATES
         if s_done and d_done:
             return sq, dq
-        if sq["status"] == S.POSTCOPY_PAUSED and dq["status"] == S.POSTCOPY_PAUSED:
+        if sq["status"] == S.POSTCOPY_PAUSED and (dq["status"] == S.POSTCOPY_PAUSED or dq.get("unreachable")):
             return sq, dq  # a recovery is the user's call (ferry migrate --resume)
         now = loop.time()
         if s_done and src_final_at is None:
@@ -278,10 +340,10 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
         if s_done and sq["status"] != S.COMPLETED and now - src_final_at > DEST_GRACE:
             # The source gave up before the destination heard from it (e.g. it
             # could not connect): stop the destination listening.
-            await dst.call("migrate-cancel")
+            await _quietly(dst, "migrate-cancel", dead)
         if now > deadline and not out.timed_out:
             out.timed_out = True
-            out.timeout_action = await _on_timeout(src, dst, sq, timeout_action)
+            out.timeout_action = await _on_timeout(src, dst, sq, timeout_action, dead)
             if out.timeout_action == "cancelled":
                 deadline = now + 10  # let both report their final state
         elif out.timed_out and now > deadline and out.timeout_action == "cancelled":

@@ -93,8 +93,9 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
          {"capabilities": Arg((list,), "array", check=_check_capability_list)}),
     Verb("migrate-set-parameters",
          "Set migration parameters given as arguments, e.g. {\"downtime-limit\": 100} "
-         "(validated against QEMU's ranges; during a migration only max-bandwidth, downtime-limit and "
-         "max-postcopy-bandwidth, which take effect at once).",
+         "(validated against QEMU's ranges; during a migration only the live ones: max-bandwidth, "
+         "downtime-limit, max-postcopy-bandwidth, postcopy-after-passes, postcopy-after-percent, which "
+         "take effect at once).",
          open_args=True),
     Verb("query-migrate-capabilities", "List every capability and its state.",
          returns="[{capability, state}]"),

@@ -16,6 +16,19 @@ def mib(n: float) -> str:
     return f"{n / (1 << 20):.1f} MiB"
 
 
+def mbps_to_mib(mbps: float) -> float:
+    """QEMU's ``mbps`` (megabits per second) in MiB/s, the unit of every rate Ferry prints."""
+    return mbps * 1e6 / 8 / (1 << 20)
+
+
+def rate(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / (1 << 20):.1f} MiB/s"
+
+
+# Figures in "more" lines that need their unit: key -> formatter.
+UNITS = {"precopy-pacing-rate": lambda v: rate(v) if v else "0 (none)"}
+
+
 def seconds(ms: float) -> str:
     return f"{ms / 1000:.2f} s" if ms >= 1000 else f"{ms:.0f} ms"
 
@@ -40,7 +53,8 @@ def _failure(side: str, q: dict) -> str:
 KNOWN = {"status", "total-time", "setup-time", "downtime", "expected-downtime", "ram", "channels", "digests",
          "error-desc", "passes", "role", "worker", "transfer-time", "verify-time", "guest-state",
          "postcopy-requests", "postcopy-faults", "postcopy-blocktime", "postcopy-bytes", "preemptions",
-         "restores", "requests-already-sent", "requests-dropped-in-flight", "postcopy-latency-dist"}
+         "restores", "requests-already-sent", "requests-dropped-in-flight", "postcopy-latency-dist",
+         "unreachable", "downtime-limit", "downtime-exceeded", "downtime-phases"}
 
 
 def _ms(us: float) -> str:
@@ -95,7 +109,13 @@ def render(out: Outcome) -> list[str]:
     lines.append(f"  {'states':<{w}} source       {ARROW.join(out.states('source')) or '-'}")
     lines.append(f"  {'':<{w}} destination  {ARROW.join(out.states('destination')) or '-'}")
     passes = s.get("passes") or []
-    dirty = ", ".join(str(p.get("dirty-pages")) for p in passes[:12]) + (", ..." if len(passes) > 12 else "")
+    live = [p for p in passes if not p.get("guest-paused")]
+    paused = [p for p in passes if p.get("guest-paused")]
+    dirty = ", ".join(str(p.get("dirty-pages")) for p in live[:12]) + (", ..." if len(live) > 12 else "")
+    if paused:
+        # The last sync, with the guest stopped: what the final phase had to send.
+        when = "at the switch to postcopy" if "postcopy-active" in out.states("source") else "once the guest paused"
+        dirty += f"; {paused[-1].get('dirty-pages')} {when}"
     npasses = ram.get("dirty-sync-count", len(passes))
     lines.append(f"  {'passes':<{w}} {npasses}  (pass 1 sends every page; each later pass re-sends the pages the "
                  "guest wrote meanwhile)")
@@ -112,17 +132,25 @@ def render(out: Outcome) -> list[str]:
         else:
             why = "for the last dirty pages, its device state and the destination's confirmation"
         lines.append(f"  {'downtime':<{w}} {seconds(s['downtime'])}  (the guest was paused this long {why}{lim})")
+        over = s.get("downtime-exceeded", 0)
+        if over:
+            phases = s.get("downtime-phases") or {}
+            where = ", ".join(f"{k} {v} ms" for k, v in phases.items())
+            lines.append(f"  {'':<{w}} [bold yellow]over the downtime-limit by {over} ms[/] (estimated "
+                         f"{s.get('expected-downtime', '?')} ms when the guest stopped"
+                         + (f"; spent in {where}" if where else "") + ")")
     tt = s.get("total-time") or 0
     transferred = ram.get("transferred", 0)
     if tt:
         lines.append(f"  {'throughput':<{w}} {transferred / (1 << 20) / (tt / 1000):.1f} MiB/s on average, "
-                     f"{ram.get('mbps', 0):.0f} Mbit/s in the last 100 ms window")
+                     f"{mbps_to_mib(ram.get('mbps', 0)):.1f} MiB/s in the last 100 ms window")
     total = ram.get("total", 0)
     lines.append(f"  {'sent':<{w}} {mib(transferred)} for a {format_size(total) if total else '?'} guest: "
                  f"{ram.get('normal', 0)} pages with data, {ram.get('duplicate', 0)} zero pages "
                  "(sent as 8-byte headers)")
-    for name, ch in sorted((s.get("channels") or {}).items()):
-        lines.append(f"  {'':<{w}} channel {name:<9} {mib(ch.get('bytes', 0))}, {ch.get('normal', 0)} pages, "
+    # PRECOPY first, then postcopy-1, postcopy-2, ...
+    for name, ch in sorted((s.get("channels") or {}).items(), key=lambda kv: (kv[0] != "precopy", kv[0])):
+        lines.append(f"  {'':<{w}} channel {name:<10} {mib(ch.get('bytes', 0))}, {ch.get('normal', 0)} pages, "
                      f"{ch.get('duplicate', 0)} zero")
     if "postcopy-active" in out.states("source"):
         lines += _postcopy_lines(s, d, w)
@@ -130,7 +158,8 @@ def render(out: Outcome) -> list[str]:
     for side, q in (("source", s), ("destination", d)):
         other = {k: v for k, v in q.items() if k not in KNOWN and not isinstance(v, (dict, list))}
         if other:
-            lines.append(f"  {'more':<{w}} {side:<12} " + ", ".join(f"{k} {v}" for k, v in sorted(other.items())))
+            lines.append(f"  {'more':<{w}} {side:<12} "
+                         + ", ".join(f"{k} {UNITS.get(k, str)(v)}" for k, v in sorted(other.items())))
     lines.append(f"  {'workers':<{w}} source       {_worker_line('source', out)}")
     lines.append(f"  {'':<{w}} destination  {_worker_line('destination', out)}")
     if s.get("digests"):
@@ -142,3 +171,27 @@ def render(out: Outcome) -> list[str]:
             if q.get("error-desc"):
                 lines.append(f"  [red]{side} error[/]: {q['error-desc']}")
     return lines
+
+
+_HANG = __import__("re").compile(r"^( *)(\S[^ ]*(?: [^ ]+)*?  +)?")
+
+
+def print_wrapped(console, line: str) -> None:
+    """Print a report line (rich markup) wrapped to the console's width, continuation lines
+    indented under the value: ``  label      value ...`` continues below ``value``.
+    """
+    from rich.text import Text
+
+    text = Text.from_markup(line)
+    plain = text.plain
+    m = _HANG.match(plain)
+    indent = len(m.group(0)) if m and m.group(2) and len(m.group(0)) <= 40 else len(m.group(1)) + 2 if m else 2
+    width = max(40, console.width)
+    if len(plain) <= width or indent >= width - 20:
+        console.print(text, soft_wrap=True)
+        return
+    head, body = text.divide([indent])
+    lines = body.wrap(console, width - indent)
+    for i, part in enumerate(lines):
+        part.rstrip()
+        console.print(Text.assemble(head if i == 0 else " " * indent, part), soft_wrap=True)

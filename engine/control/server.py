@@ -48,6 +48,7 @@ class ControlServer:
         self.handler = handler
         self.control_requested = endpoints.check(control)
         self.events_requested = endpoints.check(events) if events else endpoints.default_events_endpoint(control)
+        self.events_implicit = not events
         self.keys = keys
         self.control = ""  # bound endpoints (real port when 0 was asked)
         self.events = ""
@@ -61,6 +62,7 @@ class ControlServer:
         self._tasks: list[asyncio.Task] = []
         self._ipc_files: list[str] = []
         self.requests_served = 0
+        self.listeners: list = []  # callables given every published event dict (in the loop's thread)
 
     # --- life cycle ---
     async def start(self) -> None:
@@ -83,7 +85,14 @@ class ControlServer:
             self.control = self._bind(self.router, self.control_requested)
             self.xpub = self._socket(zmq.XPUB)
             self.xpub.sndhwm = EVENT_HWM
-            self.events = self._bind(self.xpub, self.events_requested)
+            try:
+                self.events = self._bind(self.xpub, self.events_requested)
+            except endpoints.EndpointError as e:
+                if self.events_implicit:
+                    raise endpoints.EndpointError(
+                        f"{e} (the event stream's endpoint, next to the control endpoint by default: give "
+                        "--events ENDPOINT to put it elsewhere)") from None
+                raise
         except BaseException:
             self._close_sockets(0)
             raise
@@ -218,6 +227,9 @@ class ControlServer:
                 return
             topic, ev = item
             await self.xpub.send_multipart([topic, P.pack(ev)])
+            if not topic.startswith(b"\x00"):
+                for listener in self.listeners:
+                    listener(ev)  # e.g. the QMP listener's clients, in the same order
 
     async def _subscriptions(self) -> None:
         # PUB/SUB joins are asynchronous: a client subscribes to everything and

@@ -143,6 +143,30 @@ def _raise_terminated(signum, frame):
     raise KeyboardInterrupt
 
 
+def hugepage_shortfall(link: str, settings: list[dict]) -> str | None:
+    """Why the hugetlb runs of a sweep cannot run on this host, or None.
+
+    On ``loopback`` and ``netns`` links both workers of a run share this host,
+    so a run needs twice its guest's huge pages free; runs go one at a time, so
+    the largest need of each huge page size counts. ``hosts`` links run the
+    workers elsewhere: nothing to check here.
+    """
+    if link == "hosts":
+        return None
+    from ..ram import hugepage_advice, hugepage_status
+
+    need: dict[int, int] = {}
+    for st in settings:
+        if st.get("backing") == "hugetlb":
+            page = st.get("page-size", 4096)
+            need[page] = max(need.get(page, 0), 2 * (st.get("guest-size", 256 << 20) // page))
+    for page, n in sorted(need.items()):
+        if hugepage_status(page)[0] < n:
+            return ("runs with backing 'hugetlb' need huge pages for both workers on this host: "
+                    + hugepage_advice(page, n))
+    return None
+
+
 def cmd_experiment_run(args) -> int:
     from rich.console import Console
 
@@ -162,6 +186,13 @@ def cmd_experiment_run(args) -> int:
         print(f"ferry: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     runs = plan(spec)
+    short = hugepage_shortfall(spec.link, [r.settings for r in runs])
+    if short and args.check:
+        print(f"ferry: error: {args.file}: {short}", file=sys.stderr)
+        return EXIT_USAGE
+    if short:
+        # A run records its failure; say now why the hugetlb ones will fail.
+        print(f"ferry: warning: {args.file}: {short}", file=sys.stderr)
     if args.check:
         if args.json:
             print(json.dumps({"experiment": spec.name, "spec": spec.to_dict(),

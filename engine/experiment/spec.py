@@ -23,12 +23,16 @@ from __future__ import annotations
 
 import itertools
 import re
-import tomllib
 from dataclasses import dataclass, field
 
 from ..params import CAPABILITIES, PARAMETERS, ParameterError, validate_parameter
 from ..ram import parse_size
 from ..workload import PATTERNS
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (a dependency there)
+    import tomli as tomllib
 
 LINKS = ("loopback", "netns", "hosts")
 
