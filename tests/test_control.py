@@ -7,7 +7,6 @@ Only ipc:// and 127.0.0.1 endpoints are used.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -403,11 +402,17 @@ async def test_second_worker_cannot_steal_a_live_ipc_endpoint(spawn):
         assert (await c.call("query-status"))["worker"]["pid"] == w.pid
 
 
-def test_ready_line_is_json(spawn):
+async def test_ready_line_names_live_endpoints(spawn):
+    """The ready line (JSON) names endpoints that work: the control endpoint answers as
+    this worker, and the events endpoint publishes this worker's events."""
     w = spawn("destination", ["--events", "tcp://127.0.0.1:0"])
     assert w.ready["role"] == "destination" and w.ready["pid"] == w.pid
-    assert w.ready["events"].startswith("tcp://127.0.0.1:")
-    json.dumps(w.ready)
+    assert w.ready["events"].startswith("tcp://127.0.0.1:") and not w.ready["events"].endswith(":0")
+    async with ControlClient(w.ready["control"]) as c:
+        st = await c.call("query-status")
+        assert st["worker"]["pid"] == w.pid and st["events"] == w.ready["events"]
+        assert (await c.call("query-migrate"))["status"] == "none"
+        await c.events(timeout=30)  # returns once a subscription to that endpoint is live
 
 
 @pytest.mark.skipif(not CAPABILITIES["postcopy-ram"][1], reason="postcopy-ram not implemented by the engine")

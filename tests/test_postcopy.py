@@ -238,12 +238,14 @@ def _raw_destination(events_until, reply):
                 if events_until(ev):
                     conn.sendall(reply)
                     break
-            conn.settimeout(20)
+            conn.settimeout(60)
             while conn.recv(1 << 16):  # drain until the source gives up on us
                 pass
             result["closed"] = True
+        except socket.timeout:
+            result["closed"] = False  # the source never closed the connection
         except OSError:
-            result["closed"] = True
+            result["closed"] = True  # reset by the source: closed too
         finally:
             conn.close()
             lst.close()
@@ -284,11 +286,12 @@ def test_return_path_garbage_fails_the_source_with_a_named_error(reply, words):
     assert s.wait(30) == "failed"
     for w in words:
         assert w in s.stats.error, s.stats.error
-    t.join(10)
+    t.join(90)
+    assert not t.is_alive() and result["closed"] is True  # the failed source closed its connection
 
 
 def test_request_outside_postcopy_is_rejected():
-    uri, t, _ = _raw_destination(lambda ev: isinstance(ev, codec.RamBlockList),
+    uri, t, result = _raw_destination(lambda ev: isinstance(ev, codec.RamBlockList),
                                  codec.encode_rp_req_pages(0, 2 << 20, "pc.ram"))
     ram = GuestRAM.create(16 << 20, 2 << 20)
     cfg = MigrationConfig()
@@ -297,7 +300,8 @@ def test_request_outside_postcopy_is_rejected():
     s.start(uri)
     assert s.wait(30) == "failed"
     assert "while not in postcopy" in s.stats.error
-    t.join(10)
+    t.join(90)
+    assert not t.is_alive() and result["closed"] is True
 
 
 def test_connection_lost_after_run_is_not_success_and_guest_stays_blocked():

@@ -132,6 +132,7 @@ def test_postcopy_preempt_migration_across_namespaces(bed, no_child_processes):
     assert src["status"] == "completed", src.get("error-desc")
     assert dst["status"] == "completed", dst.get("error-desc")
     assert src["digests"] == dst["digests"]
+    assert src["guest-unchanged"] is True  # no workload on the source: its RAM must be as it was
     assert "postcopy" in src["channels"]
     # The bytes went through the shaped veth, not loopback.
     sent = int(bed.qdisc_stats("a", "b").split("Sent ")[1].split()[0])
