@@ -339,3 +339,55 @@ def group_gone(pgid: int) -> bool:
     except ProcessLookupError:
         return True
     return False
+
+
+# ---------------------------------------------------------------------------
+# Synchronising on states, not on time
+# ---------------------------------------------------------------------------
+
+# Syscalls a thread sleeps in when it waits for another Python thread or for time,
+# not for I/O: futex (the GIL, locks, Event.wait), nanosleep, clock_nanosleep.
+_NOT_IO_SYSCALLS = {"x86_64": {202, 35, 230}, "aarch64": {98, 101, 115}}
+
+
+def wait_until(pred, timeout: float = 60.0, what: str = "condition", interval: float = 0.005):
+    """Poll ``pred()`` until it is true; fail naming ``what`` after ``timeout`` seconds.
+
+    The timeout is a safety net against hangs, far above the expected wait, never the
+    thing under test.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def blocked_in_io(thread) -> bool:
+    """True when ``thread`` sleeps in the kernel in an I/O system call (recv, send, poll...).
+
+    Read from /proc/self/task/TID/{stat,syscall}: state S and a syscall that is not a
+    futex or a sleep (a thread waiting for the GIL or a lock sleeps in futex).
+    """
+    import platform
+
+    tid = thread.native_id
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            sc = f.read().split()
+    except OSError:
+        return False
+    if state != "S" or not sc or sc[0] == "running":
+        return False
+    return int(sc[0]) not in _NOT_IO_SYSCALLS.get(platform.machine(), set())
+
+
+def wait_blocked_in_io(thread, timeout: float = 60.0) -> None:
+    """Wait until ``thread`` is blocked in an I/O system call (twice in a row, to be sure)."""
+    wait_until(lambda: blocked_in_io(thread) and (time.sleep(0.01) or blocked_in_io(thread)),
+               timeout, f"thread {thread.name} to block in an I/O system call")
