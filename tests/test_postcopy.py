@@ -20,6 +20,8 @@ from engine.ram import GuestRAM
 from engine.source import MigrationSource, dirty_ranges
 from engine.workload import WorkloadConfig
 
+from .conftest import wait_until
+
 HUGE = 512
 
 
@@ -106,23 +108,25 @@ def test_fault_on_page_in_flight_sends_no_second_request():
         fh.ensure(blk, np.asarray(pages))
         done.append(pages)
 
-    threads = [threading.Thread(target=guest, args=([HUGE + i],)) for i in (1, 2, 3)]
+    threads = [threading.Thread(target=guest, args=([HUGE + i],), name=f"vcpu{i}") for i in (1, 2, 3)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 5
-    while len(sent) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.1)
+    # Each fault is counted under the lock before its thread waits: three = all waiting.
+    wait_until(lambda: fh.faults == 3, what="three guest threads to fault")
+    t_waiting = time.monotonic()
     assert sent == [("pc.ram", 2 << 20, 2 << 20)]  # one request for the host page
     assert not done  # all blocked
     asm = HostPageAssembler(ram, rec, "precopy")
+    t_place = time.monotonic()
     asm.add(run(ram, 0, range(HUGE, 2 * HUGE), page_data(HUGE, 8)))
     for t in threads:
-        t.join(5)
+        t.join(60)
     assert len(done) == 3
     m = fh.metrics()
     assert m["postcopy-requests"] == 1 and m["postcopy-latency"]["count"] == 1
-    assert m["postcopy-blocktime"] >= 100 * 3 * 0.5  # three threads blocked ~0.1 s at least
+    # Every thread was blocked at least from t_waiting until the page was placed.
+    assert sorted(m["postcopy-vcpu-blocktime"]) == ["vcpu1", "vcpu2", "vcpu3"]
+    assert m["postcopy-blocktime"] >= int(3 * (t_place - t_waiting) * 1000) - 1
 
 
 def test_dirty_ranges_and_discard_commands():
@@ -176,15 +180,21 @@ def test_postcopy_switch_by_passes_and_by_command(tmp_path):
     cfg.set_capabilities({"postcopy-ram": True})
     cfg.set_parameters({"max-bandwidth": 8 << 20})  # slow enough to switch mid-way
     d = MigrationDestination(d_ram, cfg)
-    s = MigrationSource(s_ram, None, cfg)
+    states = []
+    s = MigrationSource(s_ram, None, cfg, on_event=lambda name, data: states.append(data.get("status")))
     uri = d.listen("tcp:127.0.0.1:0")
     d.start()
     s.start(uri)
-    time.sleep(0.3)
+    # Mid-way: some pages are out (the first pass is far from done at 8 MiB/s).
+    wait_until(lambda: s.status == "active" and s.query()["ram"]["transferred"] > 1 << 20,
+               what="precopy to be under way")
     s.start_postcopy()
-    assert s.wait(60) == "completed", s.stats.error
-    assert d.wait(10) == "completed"
-    assert s.query()["digests"] == d.query()["digests"]
+    assert s.wait(120) == "completed", s.stats.error
+    assert d.wait(60) == "completed"
+    q = s.query()
+    assert q["digests"] == d.query()["digests"]
+    assert [x for x in states if x] == ["setup", "active", "postcopy-active", "completed"]
+    assert q["postcopy-bytes"] > 0
 
 
 def test_start_postcopy_without_capability_is_refused():
@@ -326,15 +336,13 @@ def test_connection_lost_after_run_is_not_success_and_guest_stays_blocked():
         out += codec.encode_page_header(p << 12, C.RAM_SAVE_FLAG_PAGE, "pc.ram" if p == 0 else None)
         out += bytes([1]) * 4096
     sock.sendall(out)
-    deadline = time.monotonic() + 10
-    while not d.received.bitmaps["pc.ram"].bits[2 * HUGE] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: d.received.bitmaps["pc.ram"].bits[2 * HUGE], what="the third host page placed")
     blk = d_ram.blocks[0]
     reached = []
     guest = threading.Thread(target=lambda: (d.faults.ensure(blk, np.array([3 * HUGE + 5])),
                                              reached.append(1)), daemon=True)
     guest.start()
-    time.sleep(0.3)
+    wait_until(lambda: d.faults.faults >= 1, what="the guest thread to fault on the missing page")
     sock.close()  # the source is gone
     assert d.wait(10) == "failed"
     assert d.stats.error
