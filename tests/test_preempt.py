@@ -13,6 +13,8 @@ from engine.ram import GuestRAM
 from engine.source import MigrationSource
 from engine.workload import WorkloadConfig
 
+from .conftest import wait_until
+
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 
 
@@ -76,9 +78,7 @@ def test_connection_beyond_expected_channels_is_refused():
     d.start()
     main = socket.create_connection((host, int(port)))
     chan = socket.create_connection((host, int(port)))
-    deadline = time.monotonic() + 5
-    while d.listener is not None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: d.listener is None, what="both expected connections accepted")
     assert d.listener is None  # all expected channels accepted: nothing listens any more
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection((host, int(port)), timeout=5)
