@@ -2,7 +2,6 @@
 N urgent channels, urgent pages sent from the return-path thread, and the bad input of
 channels (extra connections refused, preempt on one side only)."""
 import socket
-import time
 
 import pytest
 
