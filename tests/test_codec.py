@@ -721,6 +721,13 @@ def check_return_path_decoding(data: bytes, chunks=None) -> None:
 
 @FUZZ
 @given(st.binary(max_size=300))
+# Pinned: REQ_PAGES before any REQ_PAGES_ID; REQ_PAGES_ID whose name length overruns it;
+# FERRY_DIGESTS with a truncated entry; a header cut short; an unknown type 0.
+@example(bytes.fromhex("0004000c") + bytes(12))
+@example(bytes.fromhex("0003000e") + bytes(12) + b"\x05a")
+@example(bytes.fromhex("466400030102ab"))
+@example(bytes.fromhex("000100"))
+@example(bytes.fromhex("00000000"))
 def test_return_path_random_bytes(data):
     check_return_path_decoding(data)
 
