@@ -439,3 +439,26 @@ async def test_start_postcopy_through_the_control_plane(spawn):
         assert (await d.call("query-status"))["status"] == "running"  # the guest runs on the destination now
     assert states(ev)[-2:] == ["postcopy-active", "completed"]
     assert sq["status"] == dq["status"] == "completed" and sq["digests"] == dq["digests"]
+
+
+async def test_cancel_refused_in_postcopy_and_postcopy_bandwidth_set_live(spawn):
+    """The user guide: migrate-cancel is refused in postcopy; max-postcopy-bandwidth changes
+    on a running migration. Held at 1 MiB/s, postcopy waits for the test to act."""
+    src, dst = spawn("source"), spawn("destination", ["--workload-threads", "1"])
+    caps = {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        await s.call("migrate-set-capabilities", caps)
+        await d.call("migrate-set-capabilities", caps)
+        await s.call("migrate-set-parameters", {**SLOW, "max-postcopy-bandwidth": 1 << 20})
+        inc = await d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await s.call("migrate", {"uri": inc["uri"]})
+        await wait_status(s, "active")
+        await s.call("migrate-start-postcopy")
+        await wait_status(s, "postcopy-active")
+        with pytest.raises(CommandFailed, match="refused in postcopy"):
+            await s.call("migrate-cancel")
+        assert (await s.call("query-migrate"))["status"] == "postcopy-active"
+        await s.call("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+        assert (await s.call("query-migrate-parameters"))["max-postcopy-bandwidth"] == 0
+        sq, dq = await wait_final(s), await wait_final(d)
+    assert sq["status"] == dq["status"] == "completed" and sq["digests"] == dq["digests"]
