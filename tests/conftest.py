@@ -84,8 +84,8 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # Hypothesis: "ci" explores more; tests that take max_examples from the profile
-# (settings without max_examples) scale with it. FUZZ_FACTOR: fuzzers run this
-# many times the profile's examples.
+# (settings without max_examples, or a multiple of settings.default.max_examples)
+# scale with it.
 settings.register_profile("dev", max_examples=100, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("ci", max_examples=400, deadline=None, print_blob=True,
