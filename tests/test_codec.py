@@ -11,10 +11,11 @@ streams must decode or raise ProtocolError, never anything else.
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from channels import codec
@@ -24,7 +25,8 @@ from channels.errors import ProtocolError
 
 from .conftest import PAGE, decode_chunked, decode_rp_chunked, device_full, page_bytes, ram_part, ram_prologue
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Examples come from the Hypothesis profile (tests/conftest.py: "dev", or "ci" when CI is set).
+SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DEVICES = [DeviceSpec("ferry-guest", 1), DeviceSpec("dev.b", 3)]
 
 # ---------------------------------------------------------------------------
@@ -46,17 +48,32 @@ def block_sets(draw):
     return blocks
 
 
+# Run lengths around the decoder's probing windows (BULK_PROBE records first, then 4x
+# larger windows up to BULK_MAX records a RamRun), as well as short ones.
+_P, _M = codec.BULK_PROBE, codec.BULK_MAX
+PAGE_RUN_COUNTS = st.integers(1, 6) | st.sampled_from([_P - 1, _P, _P + 1, 4 * _P, 4 * _P + 1, 16 * _P + 3])
+ZERO_RUN_COUNTS = PAGE_RUN_COUNTS | st.sampled_from([64 * _P + 1, _M, _M + 1, 2 * _M + 5])
+
+
 @st.composite
 def ram_runs(draw, blocks):
-    """[(block, first page, count, kind, bulk-encoded)] for one section."""
+    """[(block, first page, count, kind, bulk-encoded)] for one section.
+
+    kind: "page" (PAGE records of non-zero data), "page0" (PAGE records whose data is
+    all zero, as QEMU sends when it does not detect zero pages) or "zero" (ZERO records).
+    """
     runs = []
     for _ in range(draw(st.integers(0, 4))):
         b = draw(st.sampled_from(blocks))
         npages = b.length // PAGE
-        count = draw(st.integers(1, 6))
+        kind = draw(st.sampled_from(["page", "page0", "zero"]))
+        count = draw(ZERO_RUN_COUNTS if kind == "zero" else PAGE_RUN_COUNTS)
         first = draw(st.integers(0, npages - 1))
-        runs.append((b, first, count, draw(st.sampled_from(["page", "zero"])), draw(st.booleans())))
+        runs.append((b, first, count, kind, draw(st.booleans())))
     return runs
+
+
+ZERO_DATA = bytes(PAGE)
 
 
 class Channel:
@@ -76,7 +93,8 @@ class Channel:
             datas = []
             for p in idx:
                 self.seed += 1
-                datas.append(page_bytes(self.seed) if kind == "page" else None)
+                datas.append(page_bytes(self.seed) if kind == "page" else ZERO_DATA if kind == "page0" else None)
+            kind = "page" if kind == "page0" else kind
             flag = C.RAM_SAVE_FLAG_PAGE if kind == "page" else C.RAM_SAVE_FLAG_ZERO
             start = 0
             if self.last != b.idstr:
@@ -125,7 +143,14 @@ class Channel:
             else:
                 sizes.append(1)
             prev = None if named else kind
-        return sizes
+        # A bulk run stops at BULK_MAX records; the rest starts a new one.
+        split = []
+        for n in sizes:
+            while n > codec.BULK_MAX:
+                split.append(codec.BULK_MAX)
+                n -= codec.BULK_MAX
+            split.append(n)
+        return split
 
 
 @st.composite
@@ -200,6 +225,39 @@ def streams(draw):
     return blocks, bytes(out), ev, ch
 
 
+def pinned_stream(runs_by_section) -> tuple:
+    """A fixed (blocks, stream, expected events, channel model) like streams() draws, for @example.
+
+    ``runs_by_section``: per RAM section, runs as ram_runs() gives them, with block
+    indices instead of blocks: [(block index, first, count, kind, bulk)].
+    """
+    blocks = [BlockInfo(0, "pc.ram", 40 * PAGE, C.PAGE_SIZE_4K), BlockInfo(1, "big", C.PAGE_SIZE_2M, C.PAGE_SIZE_2M)]
+    ch = Channel()
+    out = bytearray(codec.encode_header() + ram_prologue(blocks, header=False))
+    ev = [("header", 3), ("start", C.QEMU_VM_SECTION_START, 0, "ram", 0, 4),
+          ("blocks", sum(b.length for b in blocks), [(b.idstr, b.length, None) for b in blocks]),
+          ("eos",), ("footer", 0)]
+    for i, runs in enumerate(runs_by_section):
+        end = i == len(runs_by_section) - 1
+        recs, exp = ch.encode_runs([(blocks[b], *rest) for b, *rest in runs])
+        out += ram_part(recs, end=end)
+        ev += [("part", C.QEMU_VM_SECTION_END if end else C.QEMU_VM_SECTION_PART, 0)] + exp + [("eos",), ("footer", 0)]
+    out += codec.encode_eof()
+    ev.append(("eof",))
+    return blocks, bytes(out), ev, ch
+
+
+# Regressions pinned as examples: runs that end exactly at, just past and far past the
+# probing windows and BULK_MAX; PAGE records of all-zero data beside ZERO records;
+# a block change right after a long run; CONTINUE carried across sections.
+PINNED = [
+    pinned_stream([[(1, 0, 1 + codec.BULK_PROBE, "page0", True), (1, 17, codec.BULK_MAX + 1, "zero", True)],
+                   [(1, 5, 4 * codec.BULK_PROBE + 1, "page", False), (0, 3, 2, "zero", True)]]),
+    pinned_stream([[(0, 39, 3, "page", True)], [(0, 0, codec.BULK_PROBE, "zero", True),
+                                                 (0, 0, codec.BULK_PROBE, "page0", True)]]),
+]
+
+
 def cut_sizes(draw, total: int, max_cuts: int = 40) -> list[int]:
     """Chunk sizes for random chunk boundaries over ``total`` bytes."""
     if total < 2:
@@ -228,6 +286,8 @@ def test_stream_round_trip_random_chunks(data):
 
 @SETTINGS
 @given(streams())
+@example(PINNED[0])
+@example(PINNED[1])
 def test_stream_all_buffered_uses_bulk_runs(s):
     """With the whole stream buffered, each group of CONTINUE records of one kind
     comes out as one RamRun (bulk path), a named record as a run of one."""
@@ -528,7 +588,8 @@ def test_validate_page_request(block, start, length, ok, msg):
 # Random and mutated input: ProtocolError or success, nothing else
 # ---------------------------------------------------------------------------
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=3 * settings.default.max_examples, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 FUZZ_BLOCKS = [BlockInfo(0, "pc.ram", 8 * PAGE, C.PAGE_SIZE_4K), BlockInfo(1, "b", 4 * PAGE, C.PAGE_SIZE_4K)]
 
 
@@ -630,19 +691,45 @@ def test_return_path_mutated(msgs, mutations, tail):
     for pos, val in mutations:
         if data:
             data[pos % len(data)] = val
+    check_return_path_decoding(bytes(data), [3, 100])
+
+
+def check_return_path_decoding(data: bytes, chunks=None) -> None:
+    """Decode ``data``; whatever the outcome, it must be consistent with the framing.
+
+    Accepted messages re-frame (be16 type, be16 length, payload) to exactly the bytes
+    consumed, have a known type and, for fixed-length types, QEMU's length; a refusal is
+    a ProtocolError naming the return path and an offset inside the data, at a message
+    boundary of what was accepted before it.
+    """
+    dec = ReturnPathDecoder()
     try:
-        decode_rp_chunked(ReturnPathDecoder(), bytes(data), [3, 100])
+        msgs, left = decode_rp_chunked(dec, data, chunks)
     except ProtocolError as e:
-        assert "return path" in str(e)
+        m = re.search(r"^return path: .* \(offset (\d+)\)$", str(e))
+        assert m, str(e)
+        assert int(m.group(1)) == dec.offset <= len(data)
+        return
+    consumed = len(data) - left
+    assert b"".join(codec.encode_rp(m.type, m.raw) for m in msgs) == data[:consumed]
+    assert left < 4 or 4 + int.from_bytes(data[consumed + 2:consumed + 4], "big") > left
+    for m in msgs:
+        assert m.type in C.MIG_RP_MSG_NAMES
+        want = C.MIG_RP_MSG_ARGS_LEN[m.type]
+        assert want < 0 or len(m.raw) == want, m
 
 
 @FUZZ
 @given(st.binary(max_size=300))
+# Pinned: REQ_PAGES before any REQ_PAGES_ID; REQ_PAGES_ID whose name length overruns it;
+# FERRY_DIGESTS with a truncated entry; a header cut short; an unknown type 0.
+@example(bytes.fromhex("0004000c") + bytes(12))
+@example(bytes.fromhex("0003000e") + bytes(12) + b"\x05a")
+@example(bytes.fromhex("466400030102ab"))
+@example(bytes.fromhex("000100"))
+@example(bytes.fromhex("00000000"))
 def test_return_path_random_bytes(data):
-    try:
-        decode_rp_chunked(ReturnPathDecoder(), data)
-    except ProtocolError:
-        pass
+    check_return_path_decoding(data)
 
 
 def test_deeply_nested_vmdesc_is_a_protocol_error():

@@ -7,7 +7,6 @@ Only ipc:// and 127.0.0.1 endpoints are used.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -28,7 +27,9 @@ from engine.params import CAPABILITIES
 from .conftest import group_gone
 
 GUEST = ["--size", "16M", "--dirty-rate", "8M"]
-SLOW = {"max-bandwidth": 6 << 20}  # ~2.5 s for a 16 MiB guest: time to act mid-migration
+# 1 MiB/s against a guest dirtying 8 MiB/s: precopy never converges, so the migration stays
+# active until the test acts on it (however slow a loaded machine makes the test).
+SLOW = {"max-bandwidth": 1 << 20}
 UNIMPLEMENTED_CAP = next((n for n, (_, impl, _) in CAPABILITIES.items() if not impl), None)
 
 
@@ -305,7 +306,7 @@ async def test_failed_connection_is_reported(spawn, tmp_path):
 async def test_controller_disappearing_does_not_stop_the_migration(spawn):
     src, dst = spawn("source"), spawn("destination")
     ctl = subprocess.Popen([sys.executable, "-m", "engine.cli", "migrate", "--source", src.control,
-                            "--destination", dst.control, "--param", "max-bandwidth=6M", "--json"],
+                            "--destination", dst.control, "--param", "max-bandwidth=1M", "--json"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
@@ -313,6 +314,8 @@ async def test_controller_disappearing_does_not_stop_the_migration(spawn):
             os.killpg(ctl.pid, signal.SIGKILL)
             ctl.wait(10)
             assert (await s.call("query-migrate"))["status"] == "active"
+            # 1 MiB/s never converges: lift the limit, and it completes without the controller.
+            await s.call("migrate-set-parameters", {"max-bandwidth": 0})
             sq, dq = await wait_final(s), await wait_final(d)
     finally:
         if ctl.poll() is None:
@@ -414,11 +417,17 @@ async def test_second_worker_cannot_steal_a_live_ipc_endpoint(spawn):
         assert (await c.call("query-status"))["worker"]["pid"] == w.pid
 
 
-def test_ready_line_is_json(spawn):
+async def test_ready_line_names_live_endpoints(spawn):
+    """The ready line (JSON) names endpoints that work: the control endpoint answers as
+    this worker, and the events endpoint publishes this worker's events."""
     w = spawn("destination", ["--events", "tcp://127.0.0.1:0"])
     assert w.ready["role"] == "destination" and w.ready["pid"] == w.pid
-    assert w.ready["events"].startswith("tcp://127.0.0.1:")
-    json.dumps(w.ready)
+    assert w.ready["events"].startswith("tcp://127.0.0.1:") and not w.ready["events"].endswith(":0")
+    async with ControlClient(w.ready["control"]) as c:
+        st = await c.call("query-status")
+        assert st["worker"]["pid"] == w.pid and st["events"] == w.ready["events"]
+        assert (await c.call("query-migrate"))["status"] == "none"
+        await c.events(timeout=30)  # returns once a subscription to that endpoint is live
 
 
 @pytest.mark.skipif(not CAPABILITIES["postcopy-ram"][1], reason="postcopy-ram not implemented by the engine")
@@ -440,4 +449,27 @@ async def test_start_postcopy_through_the_control_plane(spawn):
         sq, dq = await wait_final(s), await wait_final(d)
         assert (await d.call("query-status"))["status"] == "running"  # the guest runs on the destination now
     assert states(ev)[-2:] == ["postcopy-active", "completed"]
+    assert sq["status"] == dq["status"] == "completed" and sq["digests"] == dq["digests"]
+
+
+async def test_cancel_refused_in_postcopy_and_postcopy_bandwidth_set_live(spawn):
+    """The user guide: migrate-cancel is refused in postcopy; max-postcopy-bandwidth changes
+    on a running migration. Held at 1 MiB/s, postcopy waits for the test to act."""
+    src, dst = spawn("source"), spawn("destination", ["--workload-threads", "1"])
+    caps = {"capabilities": [{"capability": "postcopy-ram", "state": True}]}
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        await s.call("migrate-set-capabilities", caps)
+        await d.call("migrate-set-capabilities", caps)
+        await s.call("migrate-set-parameters", {**SLOW, "max-postcopy-bandwidth": 1 << 20})
+        inc = await d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
+        await s.call("migrate", {"uri": inc["uri"]})
+        await wait_status(s, "active")
+        await s.call("migrate-start-postcopy")
+        await wait_status(s, "postcopy-active")
+        with pytest.raises(CommandFailed, match="refused in postcopy"):
+            await s.call("migrate-cancel")
+        assert (await s.call("query-migrate"))["status"] == "postcopy-active"
+        await s.call("migrate-set-parameters", {"max-postcopy-bandwidth": 0})
+        assert (await s.call("query-migrate-parameters"))["max-postcopy-bandwidth"] == 0
+        sq, dq = await wait_final(s), await wait_final(d)
     assert sq["status"] == dq["status"] == "completed" and sq["digests"] == dq["digests"]

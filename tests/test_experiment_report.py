@@ -27,6 +27,8 @@ from engine.ram import GuestRAM
 from engine.source import MigrationSource
 from engine.workload import Workload, WorkloadConfig
 
+from .conftest import wait_until
+
 SWEEP = """\
 name = "report-fixture"
 repeat = 2
@@ -87,7 +89,8 @@ def record_run(name: str, run_id: str, combination: int, repeat: int, settings: 
     dst.start()
     swl = Workload(sram, _workload(settings, ""))
     swl.start()
-    time.sleep(0.25)  # a baseline of guest progress before the migration starts
+    # A baseline of guest progress (two samples) before the migration starts.
+    wait_until(lambda: len(swl.progress_t) >= 2, what="two progress samples of the source's guest")
     src = MigrationSource(sram, swl, cfg, on_event=on_event("source"))
     started = time.time()
     src.start(uri)
@@ -96,7 +99,8 @@ def record_run(name: str, run_id: str, combination: int, repeat: int, settings: 
     if not dst.running:
         # Precopy: the guest starts on the destination once everything arrived.
         dwl.start()
-    time.sleep(0.2)
+    n = len(dwl.progress_t)
+    wait_until(lambda: len(dwl.progress_t) >= n + 2, what="two progress samples on the destination")
     dwl.stop()
     sq, dq = src.query(), dst.query()
     samples = {"all": [round(float(v), 1) for v in dst.faults.latency.samples_us()]}

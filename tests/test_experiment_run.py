@@ -229,18 +229,57 @@ def test_loopback_sweep_then_resume(ferry, tmp_path):
     assert r.returncode == 2 and "different sweep" in r.stderr
 
 
+def test_report_on_real_run_output(ferry, tmp_path):
+    """`experiment report` reads what `experiment run` wrote (not a hand-made record): its
+    CSVs carry the records' own figures, its PNGs are drawn, its page links them all."""
+    import csv
+
+    f = write(tmp_path, "tiny.toml", POSTCOPY_SWEEP.format(
+        link="loopback", sweep='switchover = ["precopy", "postcopy-after-percent:5"]'))
+    r = ferry("experiment", "run", f, "--out", "out")
+    assert r.returncode == 0, r.stderr
+    recs = records(tmp_path / "out")
+    r = ferry("experiment", "report", "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = tmp_path / "out" / "report"
+    with open(rep / "runs.csv", newline="") as fh:
+        rows = {row["run"]: row for row in csv.DictReader(fh)}
+    assert sorted(rows) == sorted(recs) == ["c000-r0", "c001-r0"]
+    for rid, rec in recs.items():
+        row = rows[rid]
+        assert row["status"] == rec["status"] == "completed"
+        assert float(row["total-time-ms"]) == rec["source"]["total-time"]
+        assert float(row["transferred-bytes"]) == rec["source"]["ram"]["transferred"]
+        assert float(row["passes"]) == len(rec["passes"])
+    post = recs["c001-r0"]["destination"]
+    assert float(rows["c001-r0"]["postcopy-requests"]) == post["postcopy-requests"] > 0
+    # postcopy-ram on, but the switchover never came: none requested.
+    assert float(rows["c000-r0"]["postcopy-requests"]) == recs["c000-r0"]["destination"]["postcopy-requests"] == 0
+    with open(rep / "summary.csv", newline="") as fh:
+        summary = list(csv.DictReader(fh))
+    assert [(s["combination"], s["runs"], s["completed"]) for s in summary] == [("0", "1", "1"), ("1", "1", "1")]
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    assert "headline.png" in pngs and "latency_cdf.png" in pngs
+    md = (rep / "report.md").read_text()
+    assert md.startswith("# Experiment report: tiny")
+    for name in pngs:
+        assert (rep / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+        assert f"]({name})" in md, name
+
+
 def test_failed_run_is_recorded_and_the_sweep_goes_on(ferry, tmp_path):
-    # 16 MiB at 256 KiB/s would take a minute: the runner cancels it at the
-    # 2 s timeout, records the run as failed, and goes on with the next one.
+    # 16 MiB at 128 KiB/s would take two minutes: the runner cancels it at the
+    # 8 s timeout, records the run as failed, and goes on with the next one, which
+    # (unlimited) takes a fraction of a second: far inside the timeout even under load.
     f = write(tmp_path, "fail.toml", """
 name = "tiny"
 [fixed]
 guest-size = "16M"
-timeout = 2.0
+timeout = 8.0
 warmup = 0.0
 cooldown = 0.0
 [sweep]
-max-bandwidth = ["256K", 0]
+max-bandwidth = ["128K", 0]
 """)
     r = ferry("experiment", "run", f, "--out", "out")
     assert r.returncode == 1, r.stderr
@@ -426,8 +465,13 @@ def test_new_verbs_on_workers(tmp_path):
 
         async def ask():
             async with ControlClient(ws[0].control) as s, ControlClient(ws[1].control) as d:
-                await asyncio.sleep(0.35)  # a few 0.1 s progress samples
-                sp, dp = await s.call("query-guest-progress"), await d.call("query-guest-progress")
+                # Wait for a progress sample (taken every 0.1 s), however long that takes.
+                for _ in range(600):
+                    sp = await s.call("query-guest-progress")
+                    if sp["t"]:
+                        break
+                    await asyncio.sleep(0.1)
+                dp = await d.call("query-guest-progress")
                 lat = await d.call("query-postcopy-latency")
                 # A source has no incoming migration: no samples (either role may ask).
                 assert await s.call("query-postcopy-latency") == {"all": []}

@@ -120,7 +120,7 @@ def test_tbf_limits_the_rate(bed, no_child_processes):
     r = testbed.probe_link(bed.ns["a"], bed.ns["b"], bed.address("b"), pings=200, seconds=0.5)
     assert r["rtt-us"]["count"] == 200 and r["rtt-us"]["p50"] > 0
     # Shaped: never faster than the tbf rate (goodput is below it: headers count too).
-    assert 0.1e9 < r["rate-Bps"] * 8 < 1.05e9, r
+    assert 0 < r["rate-Bps"] * 8 < 1.05e9, r  # (how far below depends on the load: no lower bound)
 
 
 def test_postcopy_preempt_migration_across_namespaces(bed, no_child_processes):
@@ -132,6 +132,7 @@ def test_postcopy_preempt_migration_across_namespaces(bed, no_child_processes):
     assert src["status"] == "completed", src.get("error-desc")
     assert dst["status"] == "completed", dst.get("error-desc")
     assert src["digests"] == dst["digests"]
+    assert src["guest-unchanged"] is True  # no workload on the source: its RAM must be as it was
     assert "postcopy-1" in src["channels"]
     # The bytes went through the shaped veth, not loopback.
     sent = int(bed.qdisc_stats("a", "b").split("Sent ")[1].split()[0])
