@@ -157,10 +157,10 @@ class Worker:
                 if not wl.running and self.guest.autostart:
                     wl.restore(m.guest_state or {})
                     wl.start()
-                    self.emit("RESUME", {"reason": "migration completed (autostart)"})
+                    self.emit("RESUME", {"reason": "autostart"})
         else:
             self.role = "destination"
-            self.emit("STOP", {"reason": "migrated: the guest runs on the destination"})
+            self.emit("STOP", {"reason": "migrated"})
 
     def stop(self, args: dict) -> dict:
         """QMP stop: pause the guest where it runs (a no-op where it is stopped already)."""
