@@ -473,13 +473,14 @@ def _human_query(status: dict, mig: dict, console) -> None:
     from . import stats as S
 
     ram = mig.get("ram") or {}
+    role = mig.get("role", status.get("role"))  # in that migration (roles swap with the guest)
     line = f"  migration {mig.get('status')}"
     if ram:
-        moved = "received" if status.get("role") == "destination" else "sent"
+        moved = "received" if role == "destination" else "sent"
         line += f": {mib(ram.get('transferred', 0))} {moved} for {mib(ram.get('total', 0))} of RAM"
         if mig.get("status") not in S.FINAL_STATES:
             line += f", {mib(ram.get('remaining', 0))} remaining"
-        if status.get("role") == "source":
+        if role == "source":
             line += f", pass {ram.get('dirty-sync-count', 0)}, {mbps_to_mib(ram.get('mbps', 0)):.1f} MiB/s"
     for k in ("total-time", "downtime"):
         if k in mig:

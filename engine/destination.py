@@ -224,8 +224,7 @@ class MigrationDestination:
             # The verdict is Ferry's word after the stream, not migration data (the source
             # counts what it sent before it).
             st.transferred = (self._closed_bytes + self._channel.transferred
-                              + sum(c.transferred for c in self._pc_channels)
-                              - (C.FERRY_VERDICT_SIZE if self.verdict in ("completed", "failed") else 0))
+                              + sum(c.transferred for c in self._pc_channels) - self._verdict_bytes())
             st.channels = {"precopy": {"bytes": self._channel.transferred,
                                        "normal": r.normal, "duplicate": r.duplicate}}
             if self._assembler is not None:
@@ -242,12 +241,18 @@ class MigrationDestination:
                 # After the switch: the PRECOPY channel's rest and every POSTCOPY channel (and
                 # those of the connections before a recovery).
                 st.extra["postcopy-bytes"] = (self._closed_bytes + self._channel.transferred - self._listen_bytes
-                                              + sum(c.transferred for c in self._pc_channels))
+                                              + sum(c.transferred for c in self._pc_channels)
+                                              - self._verdict_bytes())
         if self.verdict is not None:
             st.extra["verdict"] = self.verdict
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
         return st.to_dict()
+
+    def _verdict_bytes(self) -> int:
+        """The verdict is Ferry's word after the stream, not migration data (the source counts
+        what it sent before it)."""
+        return C.FERRY_VERDICT_SIZE if self.verdict in ("completed", "failed") else 0
 
     def _state_changed(self, old: str, new: str, reason: str | None) -> None:
         self.stats.status = new
@@ -789,8 +794,14 @@ class MigrationDestination:
 
     def _packaged(self, blob: bytes) -> None:
         """PACKAGED: commands, then device sections (a QEMU source's kept verbatim), then PING, RUN."""
-        pkg = D.split_package(blob)
-        if pkg.device_bytes and D.first_section(pkg.device_bytes)[1] != GUEST_DEVICE:
+        try:
+            pkg = D.split_package(blob)
+            qemu_devices = (bool(pkg.device_bytes)
+                            and pkg.device_bytes[0] in (C.QEMU_VM_SECTION_START, C.QEMU_VM_SECTION_FULL)
+                            and D.first_section(pkg.device_bytes)[1] not in (GUEST_DEVICE, C.RAM_SECTION_IDSTR))
+        except ProtocolError:
+            qemu_devices = False  # not QEMU-shaped: the record-by-record path names what is wrong
+        if qemu_devices:
             for cmd, payload in pkg.head:
                 self._command(codec.Command(cmd, payload))
             self.devices.device_bytes = pkg.device_bytes

@@ -148,9 +148,16 @@ def _pages_after_switch(streams, infos) -> tuple[collections.Counter, int]:
         switched = i > 0  # POSTCOPY channels carry only requested pages, after the switch
         mv = memoryview(data)
         pos = 0
-        while pos < len(data):
-            ev, n = dec.next_event(mv[pos:])
-            assert ev is not codec.NEED_DATA, f"connection {i}: stream cut at byte {pos} of {len(data)}"
+        end = len(data)
+        if i == 0 and end >= C.FERRY_VERDICT_SIZE:
+            try:  # Ferry's verdict follows the end of the stream (docs/reliability.md)
+                codec.parse_ferry_verdict(bytes(mv[end - C.FERRY_VERDICT_SIZE:]))
+                end -= C.FERRY_VERDICT_SIZE
+            except Exception:
+                pass
+        while pos < end:
+            ev, n = dec.next_event(mv[pos:end])
+            assert ev is not codec.NEED_DATA, f"connection {i}: stream cut at byte {pos} of {end}"
             pos += n
             if isinstance(ev, codec.Command) and ev.cmd == C.MIG_CMD_PACKAGED:
                 switched = True
@@ -295,6 +302,14 @@ def test_postcopy_commands_out_of_place_get_named_errors(name):
     with socket.create_connection((host, int(port))) as sock:
         sock.settimeout(60)
         sock.sendall(_postcopy_prologue() + body)
+        if name == "RUN twice":
+            # The first RUN started the guest here: from then on a fault pauses (the guest
+            # waits for its pages), it never fails (docs/reliability.md).
+            assert d.sm.wait_for(("postcopy-paused", "failed"), 60) == "postcopy-paused"
+            for w in words:
+                assert w in d.stats.error, d.stats.error
+            d.quit()
+            return
         try:
             while chunk := sock.recv(4096):
                 reply += chunk
@@ -319,4 +334,8 @@ def test_the_same_postcopy_commands_in_order_are_accepted():
                                                                                b"{}") + RUN))
         wait_until(lambda: d.status == "postcopy-active" and d.running, what="the destination to run the guest")
         assert d.stats.error is None
-    assert d.wait(60) == "failed"  # the source vanished mid-postcopy: not a success
+    # The source vanished mid-postcopy: not a success, and not a failure either: the guest runs
+    # here and waits for a recovery (docs/reliability.md).
+    assert d.sm.wait_for(("postcopy-paused", "failed", "completed"), 60) == "postcopy-paused"
+    d.quit()
+    assert d.wait(60) == "postcopy-paused"

@@ -47,7 +47,7 @@ def test_guest_process_4k_postcopy_preempt():
     g = GuestProcessConfig(size=32 << 20)
     src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT, params=SLOW, timeout=180)
     check_migrated(src, dst, chk)
-    assert dst["channels"]["postcopy"]["pages-placed"] > 0
+    assert dst["channels"]["postcopy-1"]["pages-placed"] > 0
     assert dst["uffd-zeropages"] > 0  # the mixed fill has zero pages: ZEROPAGE on 4 KiB memory
 
 

@@ -22,11 +22,11 @@ def test_qemu80_dialect_requests_served_and_no_eos_awaited():
     assert src["status"] == "completed", src.get("error-desc")
     assert dst["status"] == "completed", dst.get("error-desc")
     assert src["digests"] == dst["digests"]
-    assert dst["channels"]["postcopy"]["host-pages-placed"] >= 1
+    assert dst["channels"]["postcopy-1"]["host-pages-placed"] >= 1
     # Pages only: no EOS record (8 bytes) after them on the POSTCOPY channel.
-    pc = src["channels"]["postcopy"]
+    pc = src["channels"]["postcopy-1"]
     assert pc["normal"] > 0
-    assert dst["channels"]["postcopy"]["bytes"] == pc["bytes"]
+    assert dst["channels"]["postcopy-1"]["bytes"] == pc["bytes"]
 
 
 def test_qemu80_dialect_without_switch_opens_no_channel():
@@ -35,4 +35,4 @@ def test_qemu80_dialect_without_switch_opens_no_channel():
                                    params={"preempt-dialect": "qemu-8.0"}, timeout=120)
     assert src["status"] == "completed", src.get("error-desc")
     assert dst["status"] == "completed", dst.get("error-desc")
-    assert "postcopy" not in src["channels"]
+    assert "postcopy-1" not in src["channels"]

@@ -113,7 +113,7 @@ def test_qemu_source_to_ferry_destination(vms, mode):
     else:
         assert len(d.devices.device_bytes) > 0 and d.devices.vmdesc_raw is None
     if mode == "postcopy-preempt":
-        assert dq["channels"]["postcopy"]["pages-placed"] >= 1  # the request came on the POSTCOPY channel
+        assert dq["channels"]["postcopy-1"]["pages-placed"] >= 1  # the request came on the POSTCOPY channel
     check_ram_equals_qemu(d.ram, src)
 
 
@@ -206,7 +206,7 @@ def test_ferry_source_to_qemu_destination(vms, saved_guest, mode):
     if caps:
         assert sq["postcopy-requests"] >= 1
         if mode == "postcopy-preempt":
-            assert sq["channels"]["postcopy"]["normal"] >= 1
+            assert sq["channels"]["postcopy-1"]["normal"] >= 1
     check_ram_equals_qemu(ram, b)
     assert b.cmd("query-status")["status"] in ("paused", "prelaunch", "postmigrate", "running")
 

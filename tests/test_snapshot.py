@@ -89,7 +89,7 @@ def test_saved_stream_loaded_into_qemu_postcopy_preempt(vms, tmp_path):
     t.join(120)
     assert result["status"] == "completed", result.get("error")
     assert result["file-kind"] == "stream" and result["postcopy-requests"] >= 1
-    assert result["query-migrate"]["channels"]["postcopy"]["normal"] >= 1
+    assert result["query-migrate"]["channels"]["postcopy-1"]["normal"] >= 1
     b.wait_migration()
     assert b.read_memory(LOAD_ADDR, LOAD_SIZE) == KNOWN
 
