@@ -8,17 +8,23 @@ commands); the POSTCOPY channel carries bare page records only.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 
 from . import codec
 from . import constants as C
-from .codec import NEED_DATA, StreamDecoder
+from .codec import NEED_DATA, PageChecks, StreamDecoder
 from .errors import ProtocolError
 from .iovec import IOVEC
+from .pagecheck import check_values
 from .qemufile import QEMUFileReader, QEMUFileWriter
 
 PAGE = C.TARGET_PAGE_SIZE
+# Target pages per FERRY_PAGE_CHECKS record on the send side, and per copy into
+# the staging buffer while the guest runs (2 MiB: one numpy pass of each kind
+# per chunk, and the copy is still in cache when the kernel reads it).
+CHECK_CHUNK = 512
 RAM_CHANNEL_PRECOPY = 0
 RAM_CHANNEL_POSTCOPY = 1
 
@@ -28,12 +34,23 @@ class RamSendChannel:
 
     kind = "ram"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = ""):
+    def __init__(self, writer: QEMUFileWriter, name: str = "", page_checks: bool = False,
+                 guest_running: Callable[[], bool] | None = None):
         self.writer = writer
         self.name = name or self.kind
         self.last_sent_block: str | None = None
         self.normal_pages = 0
         self.zero_pages = 0
+        # Capability page-checksums: a FERRY_PAGE_CHECKS record before the page
+        # records it covers (channels/pagecheck.py).
+        self.page_checks = page_checks
+        # True while the guest runs (and may write the pages being sent): with
+        # page_checks, pages are then copied into a staging buffer, and the
+        # check values and the bytes sent both come from that copy. With the
+        # guest stopped (stop-and-copy, postcopy) they come straight from guest
+        # RAM, by reference.
+        self.guest_running = guest_running or (lambda: False)
+        self._stage: np.ndarray | None = None
 
     @property
     def transferred(self) -> int:
@@ -50,8 +67,12 @@ class RamSendChannel:
         become ZERO records. With ``ordered`` false the range's data pages go
         first and its zero pages after them, as two runs the receiver decodes
         in bulk; keep the order where the receiver assembles host pages
-        (postcopy, huge pages). Returns (normal, zero) page counts.
+        (postcopy, huge pages). With ``page_checks`` every run of records is
+        preceded by its FERRY_PAGE_CHECKS record (see :meth:`_send_checked`).
+        Returns (normal, zero) page counts.
         """
+        if self.page_checks:
+            return self._send_checked(block, p0, p1, ordered)
         w = self.writer
         if p1 - p0 == 1:
             return self._send_one(block, p0)
@@ -107,6 +128,78 @@ class RamSendChannel:
         iov["len"][1::2] = PAGE
         self.writer.put_iovec(iov, k * codec.PAGE_RECORD, keep=(hdr, block))
 
+    def _send_checked(self, block, p0: int, p1: int, ordered: bool) -> tuple[int, int]:
+        """send_range with page-checksums: chunks of CHECK_CHUNK pages, one numpy pass of each kind per chunk.
+
+        Zero detection, check values and the bytes sent all come from one
+        view of the chunk: guest RAM when the guest is stopped, or a copy of it
+        (staging buffer) when ``guest_running()``, so the check values match the bytes
+        that leave even if the guest writes meanwhile (the page is then dirty
+        again and goes out once more).
+        """
+        normal = zero = 0
+        stage = self.guest_running()
+        for c0 in range(p0, p1, CHECK_CHUNK):
+            c1 = min(p1, c0 + CHECK_CHUNK)
+            k = c1 - c0
+            if stage:
+                if self._stage is None:
+                    self._stage = np.empty((CHECK_CHUNK, PAGE // 8), np.uint64)
+                words = self._stage[:k]
+                np.copyto(words, block.words[c0:c1])
+                base, keep = words.ctypes.data, self._stage
+            else:
+                words = block.words[c0:c1]
+                base, keep = block.address + c0 * PAGE, block
+            nonzero = words.any(axis=1)
+            checks = check_values(block.idstr, np.arange(c0, c1), words)
+            local = np.arange(k)
+            if ordered:
+                cuts = (np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1).tolist()
+                runs = [(bool(nonzero[a]), local[a:b]) for a, b in zip([0] + cuts, cuts + [k])]
+            else:
+                runs = [(True, local[nonzero]), (False, local[~nonzero])]
+            for data, li in runs:
+                if len(li):
+                    self._put_checked_run(block, c0, li, data, checks[li], words, base, keep)
+            nz = int(np.count_nonzero(nonzero))
+            normal += nz
+            zero += k - nz
+            if stage:
+                self.writer.flush()  # the staging buffer is reused by the next chunk
+        self.normal_pages += normal
+        self.zero_pages += zero
+        return normal, zero
+
+    def _put_checked_run(self, block, c0: int, li: np.ndarray, data: bool, checks: np.ndarray,
+                         words: np.ndarray, base: int, keep) -> None:
+        """FERRY_PAGE_CHECKS, then PAGE (``data``) or ZERO records for chunk-local pages ``li``."""
+        w = self.writer
+        w.put_bytes(codec.encode_page_checks(checks))
+        if self.last_sent_block != block.idstr:
+            # The first record on this channel for this block names it.
+            p = c0 + int(li[0])
+            if data:
+                w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, block.idstr))
+                w.put_bytes(words[int(li[0])].tobytes())
+            else:
+                w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, block.idstr))
+            self.last_sent_block = block.idstr
+            li = li[1:]
+            if len(li) == 0:
+                return
+        if not data:
+            w.put_bytes(codec.zero_run_records(c0 + li))
+            return
+        k = len(li)
+        hdr = codec.page_run_headers(c0 + li, C.RAM_SAVE_FLAG_PAGE)
+        iov = np.empty(2 * k, IOVEC)
+        iov["base"][0::2] = np.uint64(hdr.ctypes.data) + np.arange(k, dtype=np.uint64) * np.uint64(8)
+        iov["len"][0::2] = 8
+        iov["base"][1::2] = np.uint64(base) + li.astype(np.uint64) * np.uint64(PAGE)
+        iov["len"][1::2] = PAGE
+        w.put_iovec(iov, k * codec.PAGE_RECORD, keep=(hdr, keep))
+
     def send_eos(self) -> None:
         self.writer.put_bytes(codec.encode_eos())
 
@@ -125,8 +218,8 @@ class PrecopyChannel(RamSendChannel):
 
     kind = "precopy"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = "precopy"):
-        super().__init__(writer, name)
+    def __init__(self, writer: QEMUFileWriter, name: str = "precopy", **kw):
+        super().__init__(writer, name, **kw)
         self._next_section_id = 0
 
     def new_section_id(self) -> int:
@@ -176,8 +269,8 @@ class PostcopyChannel(RamSendChannel):
 
     kind = "postcopy"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy"):
-        super().__init__(writer, name)
+    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy", **kw):
+        super().__init__(writer, name, **kw)
         self.lock = threading.Lock()
 
 
@@ -208,6 +301,8 @@ class RamRecvChannel:
             ev, n = dec.next_event(reader.view())
             if ev is not NEED_DATA:
                 reader.consume(n)
+                if type(ev) is PageChecks:
+                    continue  # its values come out again on the RamRuns they cover
                 return ev
             if not reader.fill(n):
                 have = reader.available()

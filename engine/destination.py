@@ -22,7 +22,8 @@ from channels import codec
 from channels import constants as C
 from channels.channel import RamRecvChannel
 from channels.codec import DeviceSpec, StreamDecoder
-from channels.errors import ChannelError, ProtocolError
+from channels.errors import ChannelError, ProtocolError, UnverifiedStreamError
+from channels.pagecheck import verify_run
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
@@ -223,7 +224,7 @@ class MigrationDestination:
                 name = "postcopy" if self._pc_expected == 1 else f"postcopy{i + 1}"
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
                 ch = RamRecvChannel(QEMUFileReader(t, bufsize=1 << 20, name=name), dec, name)
-                asm = HostPageAssembler(self.ram, self.received, name)
+                asm = HostPageAssembler(self.ram, self.received, name, self.config.cap("page-checksums"))
                 th = threading.Thread(target=self._channel_loop, args=(ch, asm), name=f"load-{name}", daemon=True)
                 with self._pc_connected:
                     self._pc_channels.append(ch)
@@ -328,7 +329,12 @@ class MigrationDestination:
             self.guest_state = state
 
     def _place_precopy(self, run: codec.RamRun) -> None:
-        """Precopy: write a run of pages (newer versions overwrite) and mark them received."""
+        """Precopy: check a run of pages, write it (newer versions overwrite), mark it received.
+
+        Raises PageIntegrityError (or UnverifiedStreamError, with page-checksums
+        on and no check values) before anything is written.
+        """
+        verify_run(run, self._channel.name, self.config.cap("page-checksums"))
         blk = self.ram.blocks[run.block.index]
         where = page_selector(run.pages)
         blk.write_pages(where, run.data)
@@ -412,7 +418,7 @@ class MigrationDestination:
             raise ProtocolError("POSTCOPY_LISTEN: received twice")
         # What memory holds now is what precopy delivered (the guest has not run here).
         self.received.snapshot_fingerprints()
-        self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
+        self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self.config.cap("page-checksums"))
         self.listening = True
         self._listen_bytes = self._channel.transferred
         self.faults.enabled = True
@@ -423,6 +429,9 @@ class MigrationDestination:
             raise ProtocolError("POSTCOPY_RUN: before POSTCOPY_LISTEN")
         if self.running:
             raise ProtocolError("POSTCOPY_RUN: received twice")
+        if self.guest_state is None and self.config.cap("page-checksums"):
+            raise UnverifiedStreamError(f"POSTCOPY_RUN: the package carried no {GUEST_DEVICE!r} section; "
+                                        "the guest does not start without its state")
         self.running = True
         self.stats.extra["guest-state"] = self.guest_state or {}
         if self.workload is not None:
@@ -432,6 +441,15 @@ class MigrationDestination:
 
     def _finish(self) -> None:
         """All loaded: check completeness, confirm, send digests."""
+        if self.config.cap("page-checksums"):
+            # A Ferry stream always carries its guest section; without a return
+            # path (file:) its digests are the only check of the whole load.
+            if self.guest_state is None:
+                raise UnverifiedStreamError(f"stream ended without the {GUEST_DEVICE!r} section: the guest's "
+                                            "state and the source's digests are missing")
+            if self._rp is None and not self.guest_state.get("digests"):
+                raise UnverifiedStreamError(f"section {GUEST_DEVICE!r} carries no digests and the stream has no "
+                                            "return path: nothing would verify this load")
         missing = {n: bm.npages - bm.count() for n, bm in self.received.bitmaps.items()
                    if bm.count() < bm.npages}
         if missing:

@@ -25,6 +25,7 @@ import numpy as np
 from channels import constants as C
 from channels.codec import RamRun
 from channels.errors import ProtocolError
+from channels.pagecheck import verify_run
 
 from .bitmap import PageBitmap
 from .latency import LatencyRecorder
@@ -91,12 +92,18 @@ class ReceivedPages:
 
 
 class HostPageAssembler:
-    """One per channel: the temporary host page where a huge page is assembled."""
+    """One per channel: the temporary host page where a huge page is assembled.
 
-    def __init__(self, ram: GuestRAM, received: ReceivedPages, channel: str):
+    ``require_checks`` (capability page-checksums): a run without check
+    values is refused. Every run is checked against the values it carries
+    before any of it is copied or placed (channels/pagecheck.py).
+    """
+
+    def __init__(self, ram: GuestRAM, received: ReceivedPages, channel: str, require_checks: bool = False):
         self.ram = ram
         self.received = received
         self.channel = channel
+        self.require_checks = require_checks
         self.cur: tuple[int, int] | None = None  # (block index, first target page of host page)
         self.next_page = 0
         self._tmp: dict[int, np.ndarray] = {}  # host page size -> (tph, 4096) buffer
@@ -119,7 +126,11 @@ class HostPageAssembler:
         return t
 
     def add(self, run: RamRun) -> list[tuple[int, int]]:
-        """Take a run of records; returns the (block, host page) pairs completed."""
+        """Take a run of records; returns the (block, host page) pairs completed.
+
+        Raises PageIntegrityError / UnverifiedStreamError before placing anything of the run.
+        """
+        verify_run(run, self.channel, self.require_checks)
         blk = self.ram.blocks[run.block.index]
         tph = blk.tp_per_hp
         pages = run.pages

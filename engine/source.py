@@ -376,7 +376,11 @@ class MigrationSource:
                 transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
             use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
             writer = QEMUFileWriter(transport, rate_limit=cfg.param("max-bandwidth"), name="precopy")
-            ch = self.channel = PrecopyChannel(writer)
+            # page-checksums: the channels send check values before the pages they
+            # cover, from a staging copy while the guest runs (channels/channel.py).
+            checks = {"page_checks": cfg.cap("page-checksums"),
+                      "guest_running": (lambda: self.workload.running) if self.workload is not None else None}
+            ch = self.channel = PrecopyChannel(writer, **checks)
             self.channels = [ch]
             ch.send_header()
             if use_rp:
@@ -398,7 +402,7 @@ class MigrationSource:
                     raise ConnectionError(f"POSTCOPY channel {i + 1} of {nchannels}: {e} (is postcopy-preempt "
                                           "with the same postcopy-channels enabled on the destination?)") from e
                 name = "postcopy" if nchannels == 1 else f"postcopy{i + 1}"
-                self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
+                self.channels.append(PostcopyChannel(QEMUFileWriter(t, name=name), name, **checks))
             self._ram_section = ch.new_section_id()
             ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
             # First pass: every page. Writes before now are covered by it.
