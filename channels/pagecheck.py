@@ -34,8 +34,12 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
 def page_fingerprints(words: np.ndarray) -> np.ndarray:
-    """Fingerprints of (n, 512) uint64 page words -> (n,) uint64 (one numpy pass)."""
-    return words @ _FP_K
+    """Fingerprints of (n, 512) uint64 page words -> (n,) uint64 (one numpy pass).
+
+    einsum, not ``words @ K``: the same sums mod 2^64, about 1.7x faster on
+    contiguous pages (numpy's integer matmul has no BLAS behind it).
+    """
+    return np.einsum("ij,j->i", words, _FP_K)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -69,31 +73,52 @@ def check_values(idstr: str, pages: np.ndarray, words: np.ndarray | None) -> np.
     return v
 
 
-def run_words(data: np.ndarray) -> np.ndarray:
-    """(n, 512) uint64 view of (n, 4096) uint8 page data (a decoder's view into its buffer)."""
-    return data.view(np.uint64)
+class PageChecker:
+    """Checks the RamRuns of one channel before they are placed.
+
+    Page data in a reader's buffer sits at any byte alignment (records of 9
+    and 4104 bytes, block names), and fingerprints of unaligned words cost
+    about three times those of aligned ones. So the run's data is first
+    copied into an aligned buffer of this checker's, checked there, and the
+    run then points at that copy (``run.data``): what is placed is exactly
+    what was checked, and the copy into guest RAM reads aligned memory.
+    ``required`` (capability page-checksums): a run without check values is
+    refused. One per channel (one thread each); the copy is valid until the
+    next :meth:`check`.
+    """
+
+    def __init__(self, channel: str, required: bool = True):
+        self.channel = channel
+        self.required = required
+        self._buf = np.empty((0, WORDS), np.uint64)
+
+    def check(self, run) -> None:
+        """Raise PageIntegrityError (or UnverifiedStreamError) for ``run``; nothing of it may be placed then."""
+        expected = run.checks
+        if expected is None:
+            if self.required:
+                off = int(run.pages[0]) << C.TARGET_PAGE_BITS
+                raise UnverifiedStreamError(
+                    f"channel {self.channel}: page record at offset 0x{off:x} of block {run.block.idstr!r} is "
+                    "not covered by a FERRY_PAGE_CHECKS record, and page-checksums is on; page not placed "
+                    "(a QEMU source sends none: turn page-checksums off on this side)")
+            return
+        words = None
+        if run.data is not None:
+            n = len(run.pages)
+            if len(self._buf) < n:
+                self._buf = np.empty((max(n, 2 * len(self._buf)), WORDS), np.uint64)
+            words = self._buf[:n]
+            np.copyto(words.view(np.uint8), run.data)
+            run.data = words.view(np.uint8)
+        actual = check_values(run.block.idstr, run.pages, words)
+        bad = np.flatnonzero(actual != expected)
+        if len(bad):
+            i = int(bad[0])
+            raise PageIntegrityError(self.channel, run.block.idstr, int(run.pages[i]) << C.TARGET_PAGE_BITS,
+                                     int(expected[i]), int(actual[i]), len(bad))
 
 
 def verify_run(run, channel: str, required: bool = True) -> None:
-    """Check a decoded RamRun against the check values the stream carried, before placing it.
-
-    Raises :class:`PageIntegrityError` naming channel, block, offset, expected
-    and actual value of the first bad page; :class:`UnverifiedStreamError`
-    when ``required`` and the run came without check values.
-    """
-    expected = run.checks
-    if expected is None:
-        if required:
-            off = int(run.pages[0]) << C.TARGET_PAGE_BITS
-            raise UnverifiedStreamError(
-                f"channel {channel}: page record at offset 0x{off:x} of block {run.block.idstr!r} is not "
-                "covered by a FERRY_PAGE_CHECKS record, and page-checksums is on; page not placed "
-                "(a QEMU source sends none: turn page-checksums off on this side)")
-        return
-    words = None if run.data is None else run_words(run.data)
-    actual = check_values(run.block.idstr, run.pages, words)
-    bad = np.flatnonzero(actual != expected)
-    if len(bad):
-        i = int(bad[0])
-        raise PageIntegrityError(channel, run.block.idstr, int(run.pages[i]) << C.TARGET_PAGE_BITS,
-                                 int(expected[i]), int(actual[i]), len(bad))
+    """Check one run with a one-off :class:`PageChecker` (tests, tools)."""
+    PageChecker(channel, required).check(run)

@@ -23,7 +23,7 @@ from channels import constants as C
 from channels.channel import RamRecvChannel
 from channels.codec import DeviceSpec, StreamDecoder
 from channels.errors import ChannelError, ProtocolError, UnverifiedStreamError
-from channels.pagecheck import verify_run
+from channels.pagecheck import PageChecker
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
@@ -67,6 +67,7 @@ class MigrationDestination:
         self._cancel = False
         self._channel: RamRecvChannel | None = None
         self._assembler: HostPageAssembler | None = None
+        self._checker: PageChecker | None = None  # precopy placement on the main channel
         self._rp: QEMUFileWriter | None = None
         self._rp_lock = threading.Lock()
         self._last_req_block: str | None = None
@@ -334,7 +335,9 @@ class MigrationDestination:
         Raises PageIntegrityError (or UnverifiedStreamError, with page-checksums
         on and no check values) before anything is written.
         """
-        verify_run(run, self._channel.name, self.config.cap("page-checksums"))
+        if self._checker is None:
+            self._checker = PageChecker(self._channel.name, self.config.cap("page-checksums"))
+        self._checker.check(run)
         blk = self.ram.blocks[run.block.index]
         where = page_selector(run.pages)
         blk.write_pages(where, run.data)

@@ -25,7 +25,7 @@ import numpy as np
 from channels import constants as C
 from channels.codec import RamRun
 from channels.errors import ProtocolError
-from channels.pagecheck import verify_run
+from channels.pagecheck import PageChecker
 
 from .bitmap import PageBitmap
 from .latency import LatencyRecorder
@@ -103,7 +103,7 @@ class HostPageAssembler:
         self.ram = ram
         self.received = received
         self.channel = channel
-        self.require_checks = require_checks
+        self.checker = PageChecker(channel, require_checks)
         self.cur: tuple[int, int] | None = None  # (block index, first target page of host page)
         self.next_page = 0
         self._tmp: dict[int, np.ndarray] = {}  # host page size -> (tph, 4096) buffer
@@ -130,7 +130,7 @@ class HostPageAssembler:
 
         Raises PageIntegrityError / UnverifiedStreamError before placing anything of the run.
         """
-        verify_run(run, self.channel, self.require_checks)
+        self.checker.check(run)
         blk = self.ram.blocks[run.block.index]
         tph = blk.tp_per_hp
         pages = run.pages

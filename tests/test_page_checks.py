@@ -357,3 +357,25 @@ def _one_run_infos(data: bytes, infos):
             return runs
         if isinstance(ev, codec.RamRun):
             runs.append(ev)
+
+
+def test_fingerprints_are_the_documented_sum():
+    """einsum computes sum(word[i] * K[i]) mod 2^64, as the plain matrix product does."""
+    from channels.pagecheck import _FP_K, page_fingerprints
+
+    w = np.random.default_rng(5).integers(0, 2**64 - 1, (9, 512), dtype=np.uint64, endpoint=True)
+    assert (page_fingerprints(w) == w @ _FP_K).all()
+    assert (page_fingerprints(w[::2]) == w[::2] @ _FP_K).all()
+
+
+def test_checker_places_what_it_checked():
+    """After a check the run points at the checker's aligned copy of exactly the bytes that arrived."""
+    from channels.pagecheck import PageChecker
+
+    data, _ = _encode([(BLOCKS[0], [(p, 1 + p % 3) for p in range(6)])])
+    runs = _one_run(data)
+    checker = PageChecker("precopy")
+    for r in runs:
+        before = r.data.copy()
+        checker.check(r)
+        assert (r.data == before).all() and r.data.ctypes.data % 8 == 0
