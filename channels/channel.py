@@ -17,7 +17,7 @@ from . import constants as C
 from .codec import NEED_DATA, PageChecks, StreamDecoder
 from .errors import ProtocolError
 from .iovec import IOVEC
-from .pagecheck import check_values
+from .pagecheck import check_values, page_check
 from .qemufile import QEMUFileReader, QEMUFileWriter
 
 PAGE = C.TARGET_PAGE_SIZE
@@ -25,6 +25,13 @@ PAGE = C.TARGET_PAGE_SIZE
 # the staging buffer while the guest runs (2 MiB: one numpy pass of each kind
 # per chunk, and the copy is still in cache when the kernel reads it).
 CHECK_CHUNK = 512
+# Ranges up to this many target pages take a page-by-page path: fragmented
+# dirty sets make many tiny ranges, where numpy's per-call cost would dominate.
+SMALL_RANGE = 4
+# The staging buffer is used as a ring of this many target pages (8 MiB): pages
+# queued by reference stay untouched until the writer flushes, which it is
+# made to do only when the ring wraps (not after every, often tiny, range).
+STAGE_PAGES = 2048
 RAM_CHANNEL_PRECOPY = 0
 RAM_CHANNEL_POSTCOPY = 1
 
@@ -51,6 +58,7 @@ class RamSendChannel:
         # RAM, by reference.
         self.guest_running = guest_running or (lambda: False)
         self._stage: np.ndarray | None = None
+        self._stage_at = 0  # next free page of the staging ring
 
     @property
     def transferred(self) -> int:
@@ -137,15 +145,21 @@ class RamSendChannel:
         that leave even if the guest writes meanwhile (the page is then dirty
         again and goes out once more).
         """
-        normal = zero = 0
         stage = self.guest_running()
+        if p1 - p0 <= SMALL_RANGE:
+            return self._send_checked_small(block, p0, p1, stage)
+        normal = zero = 0
         for c0 in range(p0, p1, CHECK_CHUNK):
             c1 = min(p1, c0 + CHECK_CHUNK)
             k = c1 - c0
             if stage:
                 if self._stage is None:
-                    self._stage = np.empty((CHECK_CHUNK, PAGE // 8), np.uint64)
-                words = self._stage[:k]
+                    self._stage = np.empty((STAGE_PAGES, PAGE // 8), np.uint64)
+                if self._stage_at + k > STAGE_PAGES:
+                    self.writer.flush()  # nothing queued points into the ring any more
+                    self._stage_at = 0
+                words = self._stage[self._stage_at:self._stage_at + k]
+                self._stage_at += k
                 np.copyto(words, block.words[c0:c1])
                 base, keep = words.ctypes.data, self._stage
             else:
@@ -165,10 +179,48 @@ class RamSendChannel:
             nz = int(np.count_nonzero(nonzero))
             normal += nz
             zero += k - nz
-            if stage:
-                self.writer.flush()  # the staging buffer is reused by the next chunk
+        if self.writer.pending() >= self.writer.auto_flush:
+            self.writer.flush()
         self.normal_pages += normal
         self.zero_pages += zero
+        return normal, zero
+
+    def _send_checked_small(self, block, p0: int, p1: int, stage: bool) -> tuple[int, int]:
+        """A few pages, in order, under one FERRY_PAGE_CHECKS record.
+
+        Page bytes are copied into the writer's buffer here rather than queued
+        by reference: for a few pages, 4 KiB copies cost less than an iovec
+        entry each. Staged, the values are computed from a private copy taken
+        first, since the guest may write the page meanwhile.
+        """
+        w = self.writer
+        recs = []
+        checks = []
+        for p in range(p0, p1):
+            if stage:
+                buf = block.pages[p].tobytes()  # the guest may write meanwhile: send this copy
+                words = np.frombuffer(buf, np.uint64)
+            else:
+                words, buf = block.words[p], block.view[p * PAGE:(p + 1) * PAGE]
+            data = bool(words.any())
+            checks.append(page_check(block.idstr, p, words))
+            recs.append((p, data, buf))
+        w.put_bytes(codec.encode_page_checks(checks))
+        normal = 0
+        for p, data, buf in recs:
+            name = None if self.last_sent_block == block.idstr else block.idstr
+            self.last_sent_block = block.idstr
+            if data:
+                w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, name))
+                w.put_bytes(buf)
+                normal += 1
+            else:
+                w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, name))
+        zero = (p1 - p0) - normal
+        self.normal_pages += normal
+        self.zero_pages += zero
+        if w.pending() >= w.auto_flush:
+            w.flush()  # copied bytes count towards the writer's flush size too
         return normal, zero
 
     def _put_checked_run(self, block, c0: int, li: np.ndarray, data: bool, checks: np.ndarray,

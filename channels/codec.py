@@ -163,12 +163,14 @@ CHECKS_HEADER = 8 + 4  # be64 flag, be32 count
 def encode_page_checks(values: np.ndarray) -> bytes:
     """A FERRY_PAGE_CHECKS record: be64 0x400, be32 count, count be64 check values.
 
-    ``values``: (n,) uint64, 1 <= n <= FERRY_PAGE_CHECKS_MAX, one per target
+    ``values``: (n,) uint64 (or a list of ints), 1 <= n <= FERRY_PAGE_CHECKS_MAX, one per target
     page record that follows on the same channel (channels/pagecheck.py).
     """
     n = len(values)
     if not 1 <= n <= C.FERRY_PAGE_CHECKS_MAX:
         raise ValueError(f"FERRY_PAGE_CHECKS: {n} values, expected 1 to {C.FERRY_PAGE_CHECKS_MAX}")
+    if isinstance(values, list):  # a few values of single pages: cheaper than a numpy round trip
+        return struct.pack(f">QI{n}Q", _CHECKS, n, *values)
     return _be64.pack(_CHECKS) + _be32.pack(n) + np.asarray(values, dtype=">u8").tobytes()
 
 

@@ -61,6 +61,22 @@ def place_values(idstr: str, pages: np.ndarray) -> np.ndarray:
     return z
 
 
+_MASK = (1 << 64) - 1
+
+
+def place_value(idstr: str, page: int) -> int:
+    """:func:`place_values` of one page, in Python integers (for single pages: no numpy call)."""
+    z = ((page + 1) * 0x9E3779B97F4A7C15 + block_key(idstr)) & _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def page_check(idstr: str, page: int, words: np.ndarray) -> int:
+    """Check value of one target page (``words``: its 512 uint64; all zero for a zero page)."""
+    return int(np.dot(words, _FP_K)) ^ place_value(idstr, page)
+
+
 def check_values(idstr: str, pages: np.ndarray, words: np.ndarray | None) -> np.ndarray:
     """Check values of target ``pages`` of block ``idstr``.
 
