@@ -121,3 +121,15 @@ def test_bench_json():
         assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
     (ratio,) = d["page-checksums-ratio"]
     assert ratio["median"] == round(d["cases"][0]["mibps"] / d["cases"][1]["mibps"], 3)
+
+
+def test_bench_pagecheck_json():
+    r = _tool("bench_pagecheck.py", "--size", "32M", "--repeat", "1", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(d["source"]) == {f"{shape}: {case}" for shape in ("whole", "fragmented")
+                                for case in ("off", "on, guest stopped", "on, guest running (staged)")}
+    assert set(d["destination"]) == {"whole: off", "whole: on"}
+    assert all(v >= 0 for side in ("source", "destination") for v in d[side].values())
+    assert set(d["ratios"]) == {"source whole, stopped", "source whole, running", "source fragmented, running",
+                                "destination whole"}
