@@ -3,7 +3,9 @@
 *Placement*: target pages of a host page are collected in a per-channel
 temporary host page and the complete host page is placed into guest RAM at
 once, then marked received (a run that already holds a whole host page is
-placed straight from the stream buffer). Target pages of a host page must
+placed straight from the stream buffer, or from the channel's PageChecker copy
+with page-checksums). Every run is checked against its page check values
+before any of it is copied or placed. Target pages of a host page must
 arrive in order, and no page of another host page may arrive on that channel
 before the current one is complete.
 
