@@ -23,7 +23,7 @@ from channels import constants as C
 from channels.channel import CHECK_CHUNK, RamSendChannel
 from channels.codec import BlockInfo, StreamDecoder
 from channels.errors import PageIntegrityError, ProtocolError, UnverifiedStreamError
-from channels.pagecheck import check_values, place_values, verify_run
+from channels.pagecheck import PageChecker, check_values, place_values, verify_run
 from channels.qemufile import QEMUFileWriter
 from channels.transport import SocketTransport
 from engine.ram import GuestRAM
@@ -176,7 +176,7 @@ def test_truncated_check_record_needs_data():
 
 # --- the checker -------------------------------------------------------------------
 
-def _one_run(data: bytes, checks=True):
+def _one_run(data: bytes):
     dec = StreamDecoder(BLOCKS, mode="pages", channel_name="precopy")
     pos, runs = 0, []
     while True:
@@ -370,8 +370,6 @@ def test_fingerprints_are_the_documented_sum():
 
 def test_checker_places_what_it_checked():
     """After a check the run points at the checker's aligned copy of exactly the bytes that arrived."""
-    from channels.pagecheck import PageChecker
-
     data, _ = _encode([(BLOCKS[0], [(p, 1 + p % 3) for p in range(6)])])
     runs = _one_run(data)
     checker = PageChecker("precopy")
@@ -416,7 +414,7 @@ def test_staging_ring_wraps_only_after_a_flush():
 def _decode_and_check(data: bytes) -> bool:
     """True if the pages-mode stream decodes to its end with every run checked; ProtocolError propagates."""
     dec = StreamDecoder(BLOCKS, mode="pages", channel_name="postcopy")
-    checker = __import__("channels.pagecheck", fromlist=["PageChecker"]).PageChecker("postcopy", required=True)
+    checker = PageChecker("postcopy", required=True)
     pos = 0
     mv = memoryview(data)
     while True:
