@@ -415,3 +415,41 @@ def test_file_stream_without_its_guest_section_or_digests_does_not_load(tmp_path
         assert "carries no digests and the stream has no return path" in q["error-desc"]
     finally:
         ram.close()
+
+
+def test_check_values_present_are_checked_even_when_not_required(tmp_path):
+    """A destination with page-checksums off (QEMU's streams accepted) still checks the values a stream carries."""
+    path, data, ram = _saved_stream(tmp_path)
+    try:
+        bad = bytearray(data)
+        at = bad.find(ram.blocks[0].pages[9].tobytes())
+        assert at > 0
+        bad[at + 7] ^= 0x40
+        path.write_bytes(bytes(bad))
+        q = _load(path, page_checksums=False)
+        assert q["status"] == "failed"
+        assert "page integrity: channel precopy, block 'pc.ram', offset 0x9000" in q["error-desc"]
+    finally:
+        ram.close()
+
+
+def test_without_page_checksums_the_stream_is_qemus(tmp_path):
+    """page-checksums off on the source: not one FERRY_PAGE_CHECKS record, every flag within QEMU's range."""
+    from engine.params import MigrationConfig
+    from engine.ram import GuestRAM
+    from engine.source import MigrationSource
+
+    ram = GuestRAM.create(4 << 20, nblocks=1)
+    ram.fill("mixed")
+    try:
+        cfg = MigrationConfig()
+        cfg.set_capabilities({"page-checksums": False})
+        path = tmp_path / "qemu.mig"
+        s = MigrationSource(ram, None, cfg)
+        s.start(f"file:{path}")
+        assert s.wait(60) == "completed"
+        spans = _spans(path.read_bytes(), ram.infos())
+        assert not [ev for _, _, ev in spans if isinstance(ev, codec.PageChecks)]
+        assert sum(1 for _, _, ev in spans if ev is None) > 0  # page runs were there
+    finally:
+        ram.close()
