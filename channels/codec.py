@@ -10,6 +10,10 @@ I/O, so it can be driven from a socket, a file or a test with random chunks.
 Runs of page records in the same block come out as one :class:`RamRun` whose
 page data is a numpy view into the caller's buffer: no per-page objects.
 
+Ferry's FERRY_PAGE_CHECKS records (capability page-checksums) come out as
+:class:`PageChecks` events, and their values again on the RamRuns they cover
+(``RamRun.checks``); a run never extends past the values that cover it.
+
 Every violation raises :class:`~channels.errors.ProtocolError` naming the
 field and the value.
 """
