@@ -130,6 +130,7 @@ def test_bench_pagecheck_json():
     assert set(d["source"]) == {f"{shape}: {case}" for shape in ("whole", "fragmented")
                                 for case in ("off", "on, guest stopped", "on, guest running (staged)")}
     assert set(d["destination"]) == {"whole: off", "whole: on"}
-    assert all(v >= 0 for side in ("source", "destination") for v in d[side].values())
-    assert set(d["ratios"]) == {"source whole, stopped", "source whole, running", "source fragmented, running",
-                                "destination whole"}
+    assert all(v >= 0 for side in ("source", "source user", "destination") for v in d[side].values())
+    assert set(d["source user"]) == set(d["source"])
+    assert set(d["ratios"]) == {"source (user) whole, stopped", "source (user) whole, running",
+                                "source (user) fragmented, running", "destination whole"}

@@ -39,13 +39,13 @@ from engine.ram import GuestRAM, page_selector, parse_size
 GIB = 1 << 30
 
 
-def _thread_cpu() -> float:
+def _thread_cpu(user_only: bool = False) -> float:
     r = resource.getrusage(resource.RUSAGE_THREAD)
-    return r.ru_utime + r.ru_stime
+    return r.ru_utime if user_only else r.ru_utime + r.ru_stime
 
 
 def send(ram: GuestRAM, checks: bool, staged: bool, ranges, keep: bool = False):
-    """CPU s of the sending thread for ``ranges``; with ``keep`` also the bytes sent."""
+    """(CPU s, user CPU s) of the sending thread for ``ranges``; with ``keep`` also the bytes sent."""
     a, b = socket.socketpair()
     out = bytearray() if keep else None
 
@@ -60,12 +60,12 @@ def send(ram: GuestRAM, checks: bool, staged: bool, ranges, keep: bool = False):
     ch = RamSendChannel(QEMUFileWriter(SocketTransport(a)), "precopy", page_checks=checks,
                         guest_running=lambda: staged)
     blk = ram.blocks[0]
-    c0 = _thread_cpu()
+    c0, u0 = _thread_cpu(), _thread_cpu(True)
     for p0, p1 in ranges:
         ch.send_range(blk, p0, p1, ordered=False)
     ch.send_eos()
     ch.flush()
-    cpu = _thread_cpu() - c0
+    cpu = (_thread_cpu() - c0, _thread_cpu(True) - u0)
     a.shutdown(socket.SHUT_WR)
     t.join()
     a.close()
@@ -110,29 +110,33 @@ def main(argv=None) -> int:
     frag = [(int(s), int(s) + 1 + int(s) % 3) for s in starts]
     frag_bytes = sum(b - a for a, b in frag) * 4096
     per_gib = lambda s, nbytes: round(s * GIB / nbytes * 1000, 1)  # noqa: E731 - ms of CPU per GiB sent
-    res = {"size": size, "fill": args.fill, "load": os.getloadavg()[0], "source": {}, "destination": {}}
+    res = {"size": size, "fill": args.fill, "load": os.getloadavg()[0], "source": {}, "source user": {},
+           "destination": {}}
     cases = [("off", False, False), ("on, guest stopped", True, False), ("on, guest running (staged)", True, True)]
     for shape, ranges, nbytes in (("whole", whole, size), ("fragmented", frag, frag_bytes)):
         for name, checks, staged in cases:
-            best = min(send(src, checks, staged, ranges)[0] for _ in range(args.repeat))
-            res["source"][f"{shape}: {name}"] = per_gib(best, nbytes)
+            runs = [send(src, checks, staged, ranges)[0] for _ in range(args.repeat)]
+            res["source"][f"{shape}: {name}"] = per_gib(min(r[0] for r in runs), nbytes)
+            res["source user"][f"{shape}: {name}"] = per_gib(min(r[1] for r in runs), nbytes)
     for name, checks in (("off", False), ("on", True)):
         _, stream = send(src, checks, False, whole, keep=True)
         best = min(receive(stream, dst, checks) for _ in range(args.repeat))
         res["destination"][f"whole: {name}"] = per_gib(best, size)
     print(f"page-checksums CPU cost, {time.strftime('%Y-%m-%d %H:%M')}, guest {args.size} fill={args.fill}, "
           f"best of {args.repeat}, load average {res['load']:.1f} on {os.cpu_count()} CPUs")
-    for side in ("source", "destination"):
-        what = "the sending thread, with the kernel's copy" if side == "source" else "decode, check, place"
+    for side in ("source", "source user", "destination"):
+        what = {"source": "the sending thread, with the kernel's copy (varies with the receiver)",
+                "source user": "the sending thread in user mode: Ferry's own work",
+                "destination": "decode, check, place"}[side]
         print(f"  {side} (ms of CPU per GiB of pages: {what})")
         for k, v in res[side].items():
             print(f"    {k:<40} {v:8.1f}")
-    s, d = res["source"], res["destination"]
+    s, d = res["source user"], res["destination"]
     ratio = lambda on, off: round(on / off, 2) if off > 0 else None  # noqa: E731 - too small to time
     res["ratios"] = {
-        "source whole, stopped": ratio(s["whole: on, guest stopped"], s["whole: off"]),
-        "source whole, running": ratio(s["whole: on, guest running (staged)"], s["whole: off"]),
-        "source fragmented, running": ratio(s["fragmented: on, guest running (staged)"], s["fragmented: off"]),
+        "source (user) whole, stopped": ratio(s["whole: on, guest stopped"], s["whole: off"]),
+        "source (user) whole, running": ratio(s["whole: on, guest running (staged)"], s["whole: off"]),
+        "source (user) fragmented, running": ratio(s["fragmented: on, guest running (staged)"], s["fragmented: off"]),
         "destination whole": ratio(d["whole: on"], d["whole: off"]),
     }
     print("  CPU on/off: " + ", ".join(f"{k} {v}" for k, v in res["ratios"].items()))
