@@ -448,3 +448,31 @@ def test_any_single_byte_flip_is_refused(groups, data):
     except ProtocolError:
         return
     assert not accepted, f"byte {pos} ^ 0x{mask:02x} accepted"
+
+
+def test_non_zero_page_with_fingerprint_zero_is_sent_as_data():
+    """Zero detection uses the fingerprints first: a non-zero page whose fingerprint is 0 still goes as PAGE."""
+    from channels.pagecheck import _FP_K, page_fingerprints
+
+    ram = GuestRAM.create(64 * PAGE, nblocks=1)
+    ram.fill("pattern")
+    blk = ram.blocks[0]
+    try:
+        blk.words[10] = 0
+        blk.words[10, 0] = _FP_K[1]
+        blk.words[10, 1] = np.uint64((1 << 64) - int(_FP_K[0]))  # w0*K0 + w1*K1 = 0 mod 2^64
+        blk.words[11] = 0  # a real zero page next to it
+        assert page_fingerprints(blk.words[10:12]).tolist() == [0, 0] and blk.words[10].any()
+        w = _Wire(page_checks=True)
+        w.ch.send_range(blk, 0, 64, ordered=False)
+        runs = _one_run_infos(w.finish(), [blk.info])
+        got = {}
+        for r in runs:
+            verify_run(r, "precopy")
+            for i, p in enumerate(r.pages.tolist()):
+                got[p] = None if r.data is None else r.data[i].copy()
+        assert got[10] is not None and (got[10] == blk.pages[10]).all()
+        assert got[11] is None
+        assert w.ch.zero_pages == 1 and w.ch.normal_pages == 63
+    finally:
+        ram.close()
