@@ -88,11 +88,14 @@ class _Relay:
                 dst.sendall(chunk)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
+            # The far side is gone. Swallow what this side still sends instead of
+            # resetting it, so the other direction (the destination's SHUT 1)
+            # still gets through, as it would on a direct connection.
+            try:
+                while src.recv(1 << 16):
                     pass
+            except OSError:
+                pass
 
     def _pump_flipping(self, src, dst, mode: str) -> None:
         """Decode and forward until one payload byte is flipped; the caller copies the rest."""
