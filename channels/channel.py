@@ -8,17 +8,30 @@ commands); the POSTCOPY channel carries bare page records only.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import numpy as np
 
 from . import codec
 from . import constants as C
-from .codec import NEED_DATA, StreamDecoder
+from .codec import NEED_DATA, PageChecks, StreamDecoder
 from .errors import ProtocolError
 from .iovec import IOVEC
+from .pagecheck import page_check, page_fingerprints, place_values
 from .qemufile import QEMUFileReader, QEMUFileWriter
 
 PAGE = C.TARGET_PAGE_SIZE
+# Target pages per FERRY_PAGE_CHECKS record on the send side, and per copy into
+# the staging buffer while the guest runs (2 MiB: one numpy pass of each kind
+# per chunk, and the copy is still in cache when the kernel reads it).
+CHECK_CHUNK = 512
+# Ranges up to this many target pages take a page-by-page path: fragmented
+# dirty sets make many tiny ranges, where numpy's per-call cost would dominate.
+SMALL_RANGE = 4
+# The staging buffer is used as a ring of this many target pages (8 MiB): pages
+# queued by reference stay untouched until the writer flushes, which it is
+# made to do only when the ring wraps (not after every, often tiny, range).
+STAGE_PAGES = 2048
 RAM_CHANNEL_PRECOPY = 0
 RAM_CHANNEL_POSTCOPY = 1
 
@@ -28,12 +41,24 @@ class RamSendChannel:
 
     kind = "ram"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = ""):
+    def __init__(self, writer: QEMUFileWriter, name: str = "", page_checks: bool = False,
+                 guest_running: Callable[[], bool] | None = None):
         self.writer = writer
         self.name = name or self.kind
         self.last_sent_block: str | None = None
         self.normal_pages = 0
         self.zero_pages = 0
+        # Capability page-checksums: a FERRY_PAGE_CHECKS record before the page
+        # records it covers (channels/pagecheck.py).
+        self.page_checks = page_checks
+        # True while the guest runs (and may write the pages being sent): with
+        # page_checks, pages are then copied into a staging buffer, and the
+        # check values and the bytes sent both come from that copy. With the
+        # guest stopped (stop-and-copy, postcopy) they come straight from guest
+        # RAM, by reference.
+        self.guest_running = guest_running or (lambda: False)
+        self._stage: np.ndarray | None = None
+        self._stage_at = 0  # next free page of the staging ring
 
     @property
     def transferred(self) -> int:
@@ -50,8 +75,12 @@ class RamSendChannel:
         become ZERO records. With ``ordered`` false the range's data pages go
         first and its zero pages after them, as two runs the receiver decodes
         in bulk; keep the order where the receiver assembles host pages
-        (postcopy, huge pages). Returns (normal, zero) page counts.
+        (postcopy, huge pages). With ``page_checks`` every run of records is
+        preceded by its FERRY_PAGE_CHECKS record (see :meth:`_send_checked`).
+        Returns (normal, zero) page counts.
         """
+        if self.page_checks:
+            return self._send_checked(block, p0, p1, ordered)
         w = self.writer
         if p1 - p0 == 1:
             return self._send_one(block, p0)
@@ -107,6 +136,131 @@ class RamSendChannel:
         iov["len"][1::2] = PAGE
         self.writer.put_iovec(iov, k * codec.PAGE_RECORD, keep=(hdr, block))
 
+    def _send_checked(self, block, p0: int, p1: int, ordered: bool) -> tuple[int, int]:
+        """send_range with page-checksums: chunks of CHECK_CHUNK pages, one numpy pass of each kind per chunk.
+
+        Zero detection, check values and the bytes sent all come from one
+        view of the chunk: guest RAM when the guest is stopped, or a copy of it
+        (staging buffer) when ``guest_running()``, so the check values match the bytes
+        that leave even if the guest writes meanwhile (the page is then dirty
+        again and goes out once more).
+        """
+        stage = self.guest_running()
+        if p1 - p0 <= SMALL_RANGE:
+            return self._send_checked_small(block, p0, p1, stage)
+        normal = zero = 0
+        for c0 in range(p0, p1, CHECK_CHUNK):
+            c1 = min(p1, c0 + CHECK_CHUNK)
+            k = c1 - c0
+            if stage:
+                if self._stage is None:
+                    self._stage = np.empty((STAGE_PAGES, PAGE // 8), np.uint64)
+                if self._stage_at + k > STAGE_PAGES:
+                    self.writer.flush()  # nothing queued points into the ring any more
+                    self._stage_at = 0
+                words = self._stage[self._stage_at:self._stage_at + k]
+                self._stage_at += k
+                np.copyto(words, block.words[c0:c1])
+                base, keep = words.ctypes.data, self._stage
+            else:
+                words = block.words[c0:c1]
+                base, keep = block.address + c0 * PAGE, block
+            # Zero detection from the fingerprints: a page whose fingerprint is
+            # not 0 is not a zero page, so only pages with fingerprint 0 (zero
+            # pages, or very rarely others) are scanned: one pass less.
+            fps = page_fingerprints(words)
+            nonzero = fps != 0
+            maybe_zero = np.flatnonzero(~nonzero)
+            if len(maybe_zero) * 4 > k:
+                nonzero = words.any(axis=1)
+            elif len(maybe_zero):
+                nonzero[maybe_zero] = words[maybe_zero].any(axis=1)
+            checks = fps ^ place_values(block.idstr, np.arange(c0, c1))
+            local = np.arange(k)
+            if ordered:
+                cuts = (np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1).tolist()
+                runs = [(bool(nonzero[a]), local[a:b]) for a, b in zip([0] + cuts, cuts + [k])]
+            else:
+                runs = [(True, local[nonzero]), (False, local[~nonzero])]
+            for data, li in runs:
+                if len(li):
+                    self._put_checked_run(block, c0, li, data, checks[li], words, base, keep)
+            nz = int(np.count_nonzero(nonzero))
+            normal += nz
+            zero += k - nz
+        if self.writer.pending() >= self.writer.auto_flush:
+            self.writer.flush()
+        self.normal_pages += normal
+        self.zero_pages += zero
+        return normal, zero
+
+    def _send_checked_small(self, block, p0: int, p1: int, stage: bool) -> tuple[int, int]:
+        """A few pages, in order, under one FERRY_PAGE_CHECKS record.
+
+        Page bytes are copied into the writer's buffer here rather than queued
+        by reference: for a few pages, 4 KiB copies cost less than an iovec
+        entry each. Staged, the values are computed from a private copy taken
+        first, since the guest may write the page meanwhile.
+        """
+        w = self.writer
+        recs = []
+        checks = []
+        for p in range(p0, p1):
+            if stage:
+                buf = block.pages[p].tobytes()  # the guest may write meanwhile: send this copy
+                words = np.frombuffer(buf, np.uint64)
+            else:
+                words, buf = block.words[p], block.view[p * PAGE:(p + 1) * PAGE]
+            data = bool(words.any())
+            checks.append(page_check(block.idstr, p, words))
+            recs.append((p, data, buf))
+        w.put_bytes(codec.encode_page_checks(checks))
+        normal = 0
+        for p, data, buf in recs:
+            name = None if self.last_sent_block == block.idstr else block.idstr
+            self.last_sent_block = block.idstr
+            if data:
+                w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, name))
+                w.put_bytes(buf)
+                normal += 1
+            else:
+                w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, name))
+        zero = (p1 - p0) - normal
+        self.normal_pages += normal
+        self.zero_pages += zero
+        if w.pending() >= w.auto_flush:
+            w.flush()  # copied bytes count towards the writer's flush size too
+        return normal, zero
+
+    def _put_checked_run(self, block, c0: int, li: np.ndarray, data: bool, checks: np.ndarray,
+                         words: np.ndarray, base: int, keep) -> None:
+        """FERRY_PAGE_CHECKS, then PAGE (``data``) or ZERO records for chunk-local pages ``li``."""
+        w = self.writer
+        w.put_bytes(codec.encode_page_checks(checks))
+        if self.last_sent_block != block.idstr:
+            # The first record on this channel for this block names it.
+            p = c0 + int(li[0])
+            if data:
+                w.put_bytes(codec.encode_page_header(p << C.TARGET_PAGE_BITS, C.RAM_SAVE_FLAG_PAGE, block.idstr))
+                w.put_bytes(words[int(li[0])].tobytes())
+            else:
+                w.put_bytes(codec.encode_zero_page(p << C.TARGET_PAGE_BITS, block.idstr))
+            self.last_sent_block = block.idstr
+            li = li[1:]
+            if len(li) == 0:
+                return
+        if not data:
+            w.put_bytes(codec.zero_run_records(c0 + li))
+            return
+        k = len(li)
+        hdr = codec.page_run_headers(c0 + li, C.RAM_SAVE_FLAG_PAGE)
+        iov = np.empty(2 * k, IOVEC)
+        iov["base"][0::2] = np.uint64(hdr.ctypes.data) + np.arange(k, dtype=np.uint64) * np.uint64(8)
+        iov["len"][0::2] = 8
+        iov["base"][1::2] = np.uint64(base) + li.astype(np.uint64) * np.uint64(PAGE)
+        iov["len"][1::2] = PAGE
+        w.put_iovec(iov, k * codec.PAGE_RECORD, keep=(hdr, keep))
+
     def send_eos(self) -> None:
         self.writer.put_bytes(codec.encode_eos())
 
@@ -125,8 +279,8 @@ class PrecopyChannel(RamSendChannel):
 
     kind = "precopy"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = "precopy"):
-        super().__init__(writer, name)
+    def __init__(self, writer: QEMUFileWriter, name: str = "precopy", **kw):
+        super().__init__(writer, name, **kw)
         # From 1: a QEMU destination's handlers not yet started answer to id 0.
         self._next_section_id = 1
         self._reserved: set[int] = set()
@@ -193,8 +347,8 @@ class PostcopyChannel(RamSendChannel):
 
     kind = "postcopy"
 
-    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy-1"):
-        super().__init__(writer, name)
+    def __init__(self, writer: QEMUFileWriter, name: str = "postcopy-1", **kw):
+        super().__init__(writer, name, **kw)
         self.lock = threading.Lock()
 
 
@@ -225,6 +379,8 @@ class RamRecvChannel:
             ev, n = dec.next_event(reader.view())
             if ev is not NEED_DATA:
                 reader.consume(n)
+                if type(ev) is PageChecks:
+                    continue  # its values come out again on the RamRuns they cover
                 return ev
             if not reader.fill(n):
                 have = reader.available()

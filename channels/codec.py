@@ -10,6 +10,10 @@ I/O, so it can be driven from a socket, a file or a test with random chunks.
 Runs of page records in the same block come out as one :class:`RamRun` whose
 page data is a numpy view into the caller's buffer: no per-page objects.
 
+Ferry's FERRY_PAGE_CHECKS records (capability page-checksums) come out as
+:class:`PageChecks` events, and their values again on the RamRuns they cover
+(``RamRun.checks``); a run never extends past the values that cover it.
+
 Every violation raises :class:`~channels.errors.ProtocolError` naming the
 field and the value.
 """
@@ -155,6 +159,24 @@ def zero_run_records(page_indices: np.ndarray) -> bytes:
     rec = np.zeros(len(page_indices), dtype=ZERO_RUN_DTYPE)
     rec["hdr"] = (page_indices.astype(np.uint64) << np.uint64(C.TARGET_PAGE_BITS)) | np.uint64(_ZERO_CONT)
     return rec.tobytes()
+
+
+_CHECKS = C.RAM_SAVE_FLAG_FERRY_PAGE_CHECKS
+CHECKS_HEADER = 8 + 4  # be64 flag, be32 count
+
+
+def encode_page_checks(values: np.ndarray) -> bytes:
+    """A FERRY_PAGE_CHECKS record: be64 0x400, be32 count, count be64 check values.
+
+    ``values``: (n,) uint64 (or a list of ints), 1 <= n <= FERRY_PAGE_CHECKS_MAX, one per target
+    page record that follows on the same channel (channels/pagecheck.py).
+    """
+    n = len(values)
+    if not 1 <= n <= C.FERRY_PAGE_CHECKS_MAX:
+        raise ValueError(f"FERRY_PAGE_CHECKS: {n} values, expected 1 to {C.FERRY_PAGE_CHECKS_MAX}")
+    if isinstance(values, list):  # a few values of single pages: cheaper than a numpy round trip
+        return struct.pack(f">QI{n}Q", _CHECKS, n, *values)
+    return _be64.pack(_CHECKS) + _be32.pack(n) + np.asarray(values, dtype=">u8").tobytes()
 
 
 def encode_command(cmd: int, payload: bytes = b"") -> bytes:
@@ -324,15 +346,19 @@ class RamRun:
 
     ``pages`` are target-page indices within the block; ``data`` is an
     (n, 4096) uint8 view into the decoder's input buffer for PAGE runs (valid
-    until the caller's buffer changes), None for ZERO runs.
+    until the caller's buffer changes), None for ZERO runs; ``checks`` the
+    check values that cover them (see channels/pagecheck.py), or None.
     """
 
-    __slots__ = ("block", "pages", "data", "channel")
+    __slots__ = ("block", "pages", "data", "channel", "checks")
 
-    def __init__(self, block: BlockInfo, pages: np.ndarray, data):
+    def __init__(self, block: BlockInfo, pages: np.ndarray, data, checks: np.ndarray | None = None):
         self.block = block
         self.pages = pages
         self.data = data
+        # (n,) uint64 check values the stream carried for these pages
+        # (FERRY_PAGE_CHECKS), None when it carried none.
+        self.checks = checks
 
     @property
     def zero(self) -> bool:
@@ -349,6 +375,16 @@ class RamRun:
 @dataclass
 class RamEOS:
     pass
+
+
+@dataclass
+class PageChecks:
+    """A FERRY_PAGE_CHECKS record: check values for the next ``count`` page records.
+
+    The decoder hands them out again on the RamRuns they cover (``RamRun.checks``).
+    """
+
+    count: int
 
 
 @dataclass
@@ -437,6 +473,9 @@ class StreamDecoder:
         self.offset = 0  # bytes consumed so far, for error messages
         self.opaque_devices = opaque_devices
         self.tail = bytearray()  # the device tail so far (opaque_devices)
+        # Check values of FERRY_PAGE_CHECKS not yet handed out with page records.
+        self._checks: np.ndarray | None = None
+        self._checks_at = 0
 
     def _err(self, msg: str) -> ProtocolError:
         return ProtocolError(f"{msg} (channel {self.channel_name}, stream offset {self.offset})")
@@ -772,12 +811,17 @@ class StreamDecoder:
         if flags == _ZERO_CONT and self.last_block is not None and len(buf) >= 2 * ZERO_RECORD:
             return self._bulk(buf, ZERO_RUN_DTYPE, _ZERO_CONT)
         offset = v & ~C.RAM_SAVE_FLAG_MASK
+        if flags & _CHECKS:
+            return self._page_checks(buf, v)
         if flags & _UNSUPPORTED_RAM_FLAGS:
             raise self._err(f"RAM record: unsupported flags {_flag_names(flags & _UNSUPPORTED_RAM_FLAGS)} in 0x{v:016x}")
         if flags & ~_KNOWN_RAM_FLAGS:
             raise self._err(f"RAM record: unknown flag bits 0x{flags & ~_KNOWN_RAM_FLAGS:x} in 0x{v:016x}")
         kind = flags & ~C.RAM_SAVE_FLAG_CONTINUE
         if kind == C.RAM_SAVE_FLAG_EOS:
+            if self._checks is not None:
+                raise self._err(f"RAM EOS: FERRY_PAGE_CHECKS covers {len(self._checks) - self._checks_at} more "
+                                "page records than followed it")
             if self.mode == "pages":
                 self.state = _S_DONE
             else:
@@ -796,11 +840,46 @@ class StreamDecoder:
                 return NEED_DATA, pos + 1
             if buf[pos] != 0:
                 raise self._err(f"RAM record ZERO at offset 0x{offset:x}: fill byte 0x{buf[pos]:02x}, expected 0")
-            return RamRun(blk, idx, None), pos + 1
+            return RamRun(blk, idx, None, self._take_checks(1)), pos + 1
         if len(buf) < pos + PAGE:
             return NEED_DATA, pos + PAGE
         data = np.frombuffer(buf, dtype=np.uint8, count=PAGE, offset=pos).reshape(1, PAGE)
-        return RamRun(blk, idx, data), pos + PAGE
+        return RamRun(blk, idx, data, self._take_checks(1)), pos + PAGE
+
+    def _page_checks(self, buf, v: int):
+        """FERRY_PAGE_CHECKS: be64 0x400, be32 count, count be64 values (Ferry's own record)."""
+        if v != _CHECKS:
+            raise self._err(f"RAM record: FERRY_PAGE_CHECKS with other flags or offset bits in 0x{v:016x}")
+        if self._checks is not None:
+            raise self._err(f"FERRY_PAGE_CHECKS: the previous one still covers "
+                            f"{len(self._checks) - self._checks_at} page records")
+        if len(buf) < CHECKS_HEADER:
+            return NEED_DATA, CHECKS_HEADER
+        n = _be32.unpack_from(buf, 8)[0]
+        if not 1 <= n <= C.FERRY_PAGE_CHECKS_MAX:
+            raise self._err(f"FERRY_PAGE_CHECKS: count {n}, expected 1 to {C.FERRY_PAGE_CHECKS_MAX}")
+        end = CHECKS_HEADER + 8 * n
+        if len(buf) < end:
+            return NEED_DATA, end
+        # A copy: the values outlive the caller's buffer until their pages arrive.
+        self._checks = np.frombuffer(buf, dtype=">u8", count=n, offset=CHECKS_HEADER).astype(np.uint64)
+        self._checks_at = 0
+        return PageChecks(n), end
+
+    def _take_checks(self, n: int) -> np.ndarray | None:
+        """The check values of the next n page records (None when the stream carried none)."""
+        c = self._checks
+        if c is None:
+            return None
+        at = self._checks_at
+        self._checks_at = at + n
+        if self._checks_at >= len(c):
+            self._checks = None
+        return c[at:at + n]
+
+    def checks_pending(self) -> int:
+        """Page records still covered by the last FERRY_PAGE_CHECKS record."""
+        return 0 if self._checks is None else len(self._checks) - self._checks_at
 
     def _bulk(self, buf, dtype, want_flags: int):
         """Decode a run of uniform CONTINUE records with a few numpy passes.
@@ -822,6 +901,10 @@ class StreamDecoder:
             if n >= avail or n >= BULK_MAX:
                 break
             n = min(avail, n * 4, BULK_MAX)
+        if self._checks is not None and n > self.checks_pending():
+            # A run ends where the check values that cover it end.
+            n = self.checks_pending()
+            recs, hdr = recs[:n], hdr[:n]
         pages = (hdr >> np.uint64(C.TARGET_PAGE_BITS)).astype(np.int64)
         blk = self.last_block
         limit = blk.length >> C.TARGET_PAGE_BITS
@@ -835,8 +918,8 @@ class StreamDecoder:
             if len(nz):
                 off = int(pages[nz[0]]) << C.TARGET_PAGE_BITS
                 raise self._err(f"RAM record ZERO at offset 0x{off:x}: fill byte 0x{int(fills[nz[0]]):02x}, expected 0")
-            return RamRun(blk, pages, None), n * dtype.itemsize
-        return RamRun(blk, pages, recs["data"]), n * dtype.itemsize
+            return RamRun(blk, pages, None, self._take_checks(n)), n * dtype.itemsize
+        return RamRun(blk, pages, recs["data"], self._take_checks(n)), n * dtype.itemsize
 
 
 # ---------------------------------------------------------------------------

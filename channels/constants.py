@@ -49,6 +49,15 @@ RAM_SAVE_FLAG_XBZRLE = 0x40
 RAM_SAVE_FLAG_HOOK = 0x80
 RAM_SAVE_FLAG_COMPRESS_PAGE = 0x100
 RAM_SAVE_FLAG_MULTIFD_FLUSH = 0x200
+# Ferry's own RAM record, outside QEMU's range: QEMU keeps its flags at 0x200
+# and below so that they fit under any target page of 1 KiB or more
+# (migration/ram.c: "We can't use any flag that is bigger than 0x200"); with
+# Ferry's 4 KiB target page, 0x400 is still a flag bit. Capability
+# page-checksums: be64 0x400, be32 count, then count be64 check values, one per
+# target page record that follows on that channel (docs/protocol.md). A QEMU
+# destination refuses it (unknown flag): turn page-checksums off for QEMU.
+RAM_SAVE_FLAG_FERRY_PAGE_CHECKS = 0x400
+FERRY_PAGE_CHECKS_MAX = 4096  # most check values in one record (16 MiB of pages)
 # The flags occupy the bits below the target page size; the rest is the offset.
 RAM_SAVE_FLAG_MASK = 0xFFF
 
@@ -62,6 +71,7 @@ RAM_FLAG_NAMES = {
     RAM_SAVE_FLAG_HOOK: "HOOK",
     RAM_SAVE_FLAG_COMPRESS_PAGE: "COMPRESS_PAGE",
     RAM_SAVE_FLAG_MULTIFD_FLUSH: "MULTIFD_FLUSH",
+    RAM_SAVE_FLAG_FERRY_PAGE_CHECKS: "FERRY_PAGE_CHECKS",
 }
 
 TARGET_PAGE_BITS = 12

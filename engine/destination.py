@@ -24,7 +24,8 @@ from channels import constants as C
 from channels import devices as D
 from channels.channel import RamRecvChannel, postcopy_channel_name
 from channels.codec import DeviceSpec, StreamDecoder
-from channels.errors import ChannelError, LayoutError, ProtocolError
+from channels.errors import ChannelError, LayoutError, ProtocolError, UnverifiedStreamError
+from channels.pagecheck import PageChecker
 from channels.qemufile import QEMUFileReader, QEMUFileWriter
 from channels.transport import Listener
 
@@ -97,9 +98,11 @@ class MigrationDestination:
         self._recover_cond = threading.Condition()
         self._recoverable = threading.Event()  # paused, and the old connection is closed
         self._guest_lost: BaseException | None = None
+        self._digests_sent = False
         self._channel: RamRecvChannel | None = None
         self._transport = None
         self._assembler: HostPageAssembler | None = None
+        self._checker: PageChecker | None = None  # precopy placement on the main channel
         self._rp: QEMUFileWriter | None = None
         self._rp_lock = threading.Lock()
         self._last_req_block: str | None = None
@@ -249,6 +252,12 @@ class MigrationDestination:
             st.extra["postcopy-recoveries"] = self.recoveries
         return st.to_dict()
 
+    def _require_checks(self) -> bool:
+        """Ferry's page check values are required (capability page-checksums) from a Ferry source; a
+        QEMU stream (parameter peer qemu, or one that carried CONFIGURATION) has none."""
+        ferry = peer_features(self.config.param("peer")).ferry_only_capabilities
+        return self.config.cap("page-checksums") and ferry and self.devices.configuration is None
+
     def _verdict_bytes(self) -> int:
         """The verdict is Ferry's word after the stream, not migration data (the source counts
         what it sent before it)."""
@@ -389,7 +398,7 @@ class MigrationDestination:
         self._last_req_block = None
         self._recoverable.clear()
         self._connected(transport, self._channel.decoder.resumed())
-        self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
+        self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self._require_checks())
         self.sm.fire(ST.RECOVER, expect=ST.POSTCOPY_PAUSED)
 
     def _resume(self) -> None:
@@ -483,7 +492,7 @@ class MigrationDestination:
         postcopy it is a fault like any other (paused).
         """
         st = self.stats
-        if self._rp is None or self.guest_state is None or "digests" in self.guest_state:
+        if not self._digests_sent:
             st.end_time = time.monotonic()
             self.sm.fire(ST.COMPLETE)  # no Ferry source to decide (file: stream, QEMU source)
             return
@@ -534,7 +543,7 @@ class MigrationDestination:
                 reader = QEMUFileReader(t, bufsize=1 << 20, name=name)
                 reader.idle_timeout = None  # idle while the guest faults on nothing
                 ch = RamRecvChannel(reader, dec, name)
-                asm = HostPageAssembler(self.ram, self.received, name)
+                asm = HostPageAssembler(self.ram, self.received, name, self._require_checks())
                 th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen), name=f"load-{name}",
                                       daemon=True)
                 with self._pc_connected:
@@ -699,7 +708,14 @@ class MigrationDestination:
             self.guest_state = state
 
     def _place_precopy(self, run: codec.RamRun) -> None:
-        """Precopy: write a run of pages (newer versions overwrite) and mark them received."""
+        """Precopy: check a run of pages, write it (newer versions overwrite), mark it received.
+
+        Raises PageIntegrityError (or UnverifiedStreamError, with page-checksums
+        on and no check values) before anything is written.
+        """
+        if self._checker is None:
+            self._checker = PageChecker(self._channel.name, self._require_checks())
+        self._checker.check(run)
         blk = self.ram.blocks[run.block.index]
         where = page_selector(run.pages)
         blk.write_pages(where, run.data)
@@ -832,7 +848,7 @@ class MigrationDestination:
             raise ProtocolError("POSTCOPY_LISTEN: received twice")
         # What memory holds now is what precopy delivered (the guest has not run here).
         self.received.snapshot_fingerprints()
-        self._assembler = HostPageAssembler(self.ram, self.received, "precopy")
+        self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self._require_checks())
         self.listening = True
         # Bytes up to the end of the package that held LISTEN, not what was read ahead of it.
         self._listen_bytes = self._channel.transferred - self._channel.reader.available()
@@ -843,6 +859,9 @@ class MigrationDestination:
             raise ProtocolError("POSTCOPY_RUN: before POSTCOPY_LISTEN")
         if self.running:
             raise ProtocolError("POSTCOPY_RUN: received twice")
+        if self.guest_state is None and not self.devices.device_bytes and self._require_checks():
+            raise UnverifiedStreamError(f"POSTCOPY_RUN: the package carried no {GUEST_DEVICE!r} section; "
+                                        "the guest does not start without its state")
         # The guest runs here from now on: every later fault pauses, none fails.
         self.sm.fire(ST.SWITCHOVER, expect=ST.ACTIVE)
         self.running = True
@@ -856,6 +875,16 @@ class MigrationDestination:
         """All loaded: check completeness, confirm, send digests."""
         if self.ram is None:
             raise ProtocolError("stream ended before MEM_SIZE announced any RAM block")
+        if self._require_checks():
+            # A Ferry stream carries its guest's state (its own section, or a QEMU guest's
+            # device sections); without a return path (file:) the guest section's digests
+            # are the only check of the whole load.
+            if self.guest_state is None and (self._rp is None or not self.devices.device_bytes):
+                raise UnverifiedStreamError(f"stream ended without the {GUEST_DEVICE!r} section: the guest's "
+                                            "state and the source's digests are missing")
+            if self._rp is None and not self.guest_state.get("digests"):
+                raise UnverifiedStreamError(f"section {GUEST_DEVICE!r} carries no digests and the stream has no "
+                                            "return path: nothing would verify this load")
         missing = {n: bm.npages - bm.count() for n, bm in self.received.bitmaps.items()
                    if bm.count() < bm.npages}
         if missing:
@@ -877,6 +906,7 @@ class MigrationDestination:
         self.stats.digests = {n: d.hex() for n, d in digests.items()}
         if self._rp is not None:
             self._rp_send(codec.encode_rp_digests(digests))
+            self._digests_sent = True  # a Ferry source compares them and sends its verdict
         expected = (self.guest_state or {}).get("digests")
         if expected is not None:
             bad = [n for n, d in self.stats.digests.items() if expected.get(n) != d]

@@ -23,6 +23,10 @@ CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
                                       "interrupts a huge page being sent on the PRECOPY channel"),
     "postcopy-blocktime": (False, True, "report time guest threads spend blocked on faults "
                                         "(Ferry measures it always)"),
+    "page-checksums": (True, True, "Ferry: a check value per target page, covering its bytes, block and "
+                                   "offset, goes before the page; the destination checks it before it places "
+                                   "the page and refuses pages (and a stream) without one. Off on both sides "
+                                   "for a QEMU peer"),
     "xbzrle": (False, False, "delta-compress repeated pages"),
     "auto-converge": (False, False, "throttle the guest until precopy converges"),
     "multifd": (False, False, "several parallel precopy channels"),

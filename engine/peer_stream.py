@@ -56,10 +56,11 @@ def carried_precopy_end(devices: GuestDevices) -> bytes:
     return out
 
 
-def open_postcopy_channels(uri, n: int, liveness: float | None = None) -> list[PostcopyChannel]:
+def open_postcopy_channels(uri, n: int, liveness: float | None = None, **channel_kw) -> list[PostcopyChannel]:
     """Connect ``n`` POSTCOPY channels: further connections to the migration address, in order.
 
-    ``liveness``: the liveness timeout (s) of each connection (channels/transport.py).
+    ``liveness``: the liveness timeout (s) of each connection (channels/transport.py);
+    ``channel_kw``: passed to each PostcopyChannel (page check values).
     """
     chans = []
     try:
@@ -70,7 +71,7 @@ def open_postcopy_channels(uri, n: int, liveness: float | None = None) -> list[P
                 raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
                                       "with the same postcopy-channels enabled on the destination?)") from e
             name = postcopy_channel_name(i)
-            chans.append(PostcopyChannel(QEMUFileWriter(t, name=name), name))
+            chans.append(PostcopyChannel(QEMUFileWriter(t, name=name), name, **channel_kw))
     except BaseException:
         for c in chans:
             c.writer.transport.close()

@@ -3,7 +3,9 @@
 *Placement*: target pages of a host page are collected in a per-channel
 temporary host page and the complete host page is placed into guest RAM at
 once, then marked received (a run that already holds a whole host page is
-placed straight from the stream buffer). Target pages of a host page must
+placed straight from the stream buffer, or from the channel's PageChecker copy
+with page-checksums). Every run is checked against its page check values
+before any of it is copied or placed. Target pages of a host page must
 arrive in order, and no page of another host page may arrive on that channel
 before the current one is complete.
 
@@ -34,6 +36,7 @@ import numpy as np
 from channels import constants as C
 from channels.codec import RamRun
 from channels.errors import ProtocolError
+from channels.pagecheck import PageChecker
 
 from .bitmap import PageBitmap
 from .latency import LatencyRecorder
@@ -130,12 +133,18 @@ class ReceivedPages:
 
 
 class HostPageAssembler:
-    """One per channel: the temporary host page where a huge page is assembled."""
+    """One per channel: the temporary host page where a huge page is assembled.
 
-    def __init__(self, ram: GuestRAM, received: ReceivedPages, channel: str):
+    ``require_checks`` (capability page-checksums): a run without check
+    values is refused. Every run is checked against the values it carries
+    before any of it is copied or placed (channels/pagecheck.py).
+    """
+
+    def __init__(self, ram: GuestRAM, received: ReceivedPages, channel: str, require_checks: bool = False):
         self.ram = ram
         self.received = received
         self.channel = channel
+        self.checker = PageChecker(channel, require_checks)
         self.cur: tuple[int, int] | None = None  # (block index, first target page of host page)
         self.next_page = 0
         self._tmp: dict[int, np.ndarray] = {}  # host page size -> (tph, 4096) buffer
@@ -158,7 +167,11 @@ class HostPageAssembler:
         return t
 
     def add(self, run: RamRun) -> list[tuple[int, int]]:
-        """Take a run of records; returns the (block, host page) pairs completed."""
+        """Take a run of records; returns the (block, host page) pairs completed.
+
+        Raises PageIntegrityError / UnverifiedStreamError before placing anything of the run.
+        """
+        self.checker.check(run)
         blk = self.ram.blocks[run.block.index]
         tph = blk.tp_per_hp
         pages = run.pages

@@ -16,6 +16,7 @@ import numpy as np
 
 from channels import constants as C
 from channels.codec import BlockInfo
+from channels.pagecheck import page_fingerprints
 
 from .bitmap import PageBitmap
 
@@ -24,16 +25,10 @@ _MFD_HUGE_SHIFT = 26  # MFD_HUGE_SHIFT in linux/memfd.h
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
 
 
-# Odd multipliers, one per 64-bit word of a target page: a page fingerprint is
-# sum(word[i] * K[i]) mod 2^64, so any change of one word, or words swapped,
-# changes it. numpy computes it at ~17 GB/s (a matrix-vector product), cheap
-# enough to record for every page the destination places.
-_FP_K = (np.arange(C.TARGET_PAGE_SIZE // 8, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
-
-
-def page_fingerprints(words: np.ndarray) -> np.ndarray:
-    """Fingerprints of (n, 512) uint64 page words -> (n,) uint64."""
-    return words @ _FP_K
+# Page fingerprints (sum of each 64-bit word times an odd multiplier, mod
+# 2^64) live in channels/pagecheck.py, where the page check values built on
+# them are too; numpy computes them at about 10 GB/s, cheap enough to record
+# for every page the destination places.
 
 
 def fingerprint_digest(fps: np.ndarray) -> bytes:

@@ -42,7 +42,7 @@ from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
 from .params import MigrationConfig
-from .peer import COMPLETION_SHUT, peer_features
+from .peer import COMPLETION_SHUT, effective_capability, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
                           open_postcopy_channels, ram_section_id)
 from .ram import GuestRAM
@@ -365,7 +365,7 @@ class MigrationSource:
     def _main_channel(self, transport) -> PrecopyChannel:
         rate = self.config.param("max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth")
         writer = QEMUFileWriter(transport, rate_limit=rate, name="precopy")
-        ch = PrecopyChannel(writer)
+        ch = PrecopyChannel(writer, **self._channel_checks())
         if self.channel is not None:
             # Section ids go on across a recovery.
             ch._next_section_id, ch._reserved = self.channel._next_section_id, self.channel._reserved
@@ -380,7 +380,15 @@ class MigrationSource:
         QEMU 7.2 opens them at setup, QEMU 8.0+ at the switch; the destination
         tells them apart by order.
         """
-        self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"))
+        self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"),
+                                                **self._channel_checks())
+
+    def _channel_checks(self) -> dict:
+        """page-checksums (Ferry peers only): channels send check values before the pages
+        they cover, from a staging copy while the guest runs (channels/channel.py)."""
+        on = effective_capability(self.peer, "page-checksums", self.config.cap("page-checksums"))
+        running = (lambda: self.workload.running) if self.workload is not None else None
+        return {"page_checks": on, "guest_running": running}
 
     # --- peer and dialect (engine/peer.py) ---
     @property

@@ -120,6 +120,8 @@ def normalize(ev) -> list[tuple]:
         return [("blocks", ev.total, [tuple(b) for b in ev.blocks])]
     if isinstance(ev, codec.RamEOS):
         return [("eos",)]
+    if isinstance(ev, codec.PageChecks):
+        return [("checks", ev.count)]
     if isinstance(ev, codec.SectionPart):
         return [("part", ev.section_type, ev.section_id)]
     if isinstance(ev, codec.SectionFooter):

@@ -23,6 +23,7 @@ from channels.errors import ProtocolError
 from channels.qemufile import QEMUFileReader
 from channels.transport import SocketTransport
 from engine.destination import MigrationDestination
+from engine.params import MigrationConfig
 from engine.ram import GuestRAM, RAMBlock
 from engine.source import MigrationSource
 
@@ -155,9 +156,12 @@ def _with_return_path(data: bytes) -> bytes:
     return data
 
 
-def _feed_destination(uri: str, data: bytes):
+def _feed_destination(uri: str, data: bytes, page_checksums: bool = False):
+    """A destination fed ``data`` over a real socket; hand-made streams are QEMU's (no page checks)."""
     ram = GuestRAM.create(NPAGES * PAGE)
-    d = MigrationDestination(ram)
+    cfg = MigrationConfig()
+    cfg.set_capabilities({"page-checksums": page_checksums})
+    d = MigrationDestination(ram, cfg)
     try:
         real = d.listen(uri)
         d.start()
@@ -220,6 +224,18 @@ def test_destination_accepts_a_good_hand_made_stream(tmp_path):
             + codec.encode_eof())
     d, _ = _feed_destination(f"unix:{tmp_path}/in.sock", data)
     assert d.status == "completed", d.query().get("error-desc")
+
+
+def test_destination_with_page_checksums_refuses_a_stream_without_checks(tmp_path):
+    """The same good stream, to a destination that requires page check values (the default)."""
+    recs = codec.encode_zero_page(0, "pc.ram") + codec.zero_run_records(np.arange(1, NPAGES))
+    data = (PRO + ram_part(recs, end=True) + device_full(1, "ferry-guest", 1, b"{}")
+            + codec.encode_eof())
+    d, reply = _feed_destination(f"unix:{tmp_path}/in.sock", data, page_checksums=True)
+    q = d.query()
+    assert q["status"] == "failed"
+    _check_message(q["error-desc"], ["page record at offset 0x0 of block 'pc.ram' is not covered by a "
+                                     "FERRY_PAGE_CHECKS record"])
 
 
 # ---------------------------------------------------------------------------

@@ -17,12 +17,19 @@ from channels import codec
 from channels import constants as C
 from channels.codec import DeviceSpec, StreamDecoder
 from engine.destination import MigrationDestination
+from engine.params import MigrationConfig
 from engine.ram import GuestRAM
 from engine.source import GUEST_DEVICE, GUEST_DEVICE_VERSION, MigrationSource
 from engine.workload import Workload, WorkloadConfig
 
 
-def save(path, size=16 << 20, page_size=4096, nblocks=2, fill="mixed", workload=False):
+def _config(page_checksums: bool) -> MigrationConfig:
+    cfg = MigrationConfig()
+    cfg.set_capabilities({"page-checksums": page_checksums})
+    return cfg
+
+
+def save(path, size=16 << 20, page_size=4096, nblocks=2, fill="mixed", workload=False, page_checksums=True):
     """Migrate a fresh guest to file:path; returns (source query, source RAM digests after, ram)."""
     ram = GuestRAM.create(size, page_size, nblocks=nblocks)
     ram.fill(fill)
@@ -30,15 +37,15 @@ def save(path, size=16 << 20, page_size=4096, nblocks=2, fill="mixed", workload=
     if workload:
         wl = Workload(ram, WorkloadConfig(dirty_rate=16 << 20))
         wl.start()
-    s = MigrationSource(ram, wl)
+    s = MigrationSource(ram, wl, _config(page_checksums))
     s.start(f"file:{path}")
     assert s.wait(60) == "completed", s.query().get("error-desc")
     return s.query(), ram
 
 
-def load(path, size=16 << 20, page_size=4096, nblocks=2):
+def load(path, size=16 << 20, page_size=4096, nblocks=2, page_checksums=True):
     ram = GuestRAM.create(size, page_size, nblocks=nblocks)
-    d = MigrationDestination(ram)
+    d = MigrationDestination(ram, _config(page_checksums))
     assert d.listen(f"file:{path}") == f"file:{path}"
     d.start()
     d.wait(60)
@@ -102,20 +109,27 @@ def test_file_round_trip(tmp_path, page_size, workload):
         src.close()
 
 
-def test_corrupted_file_fails_the_load(tmp_path):
+@pytest.mark.parametrize("page_checksums,error", [
+    (True, "page integrity: channel precopy, block 'pc.ram', offset 0x5000"),
+    (False, "digest mismatch after load: blocks ['pc.ram']"),
+])
+def test_corrupted_file_fails_the_load(tmp_path, page_checksums, error):
+    """With page-checksums the damaged page is refused before it is placed; without, the digests catch it."""
     path = tmp_path / "guest.mig"
-    _, src = save(path, size=4 << 20, nblocks=1, fill="pattern")
+    _, src = save(path, size=4 << 20, nblocks=1, fill="pattern", page_checksums=page_checksums)
     try:
         data = bytearray(path.read_bytes())
         at = data.find(src.blocks[0].pages[5].tobytes())
         assert at > 0
         data[at + 100] ^= 0x01  # one bit of page 5's data
         path.write_bytes(bytes(data))
-        d, dst = load(path, size=4 << 20, nblocks=1)
+        d, dst = load(path, size=4 << 20, nblocks=1, page_checksums=page_checksums)
         try:
             q = d.query()
             assert q["status"] == "failed"
-            assert "digest mismatch after load: blocks ['pc.ram']" in q["error-desc"]
+            assert error in q["error-desc"]
+            if page_checksums:
+                assert not dst.blocks[0].pages[5].any()  # never placed
         finally:
             dst.close()
     finally:

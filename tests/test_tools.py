@@ -112,9 +112,25 @@ def test_bench_json():
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"date", "cpus", "size", "repeat", "prealloc", "cases", "all-pass"} <= d.keys()
-    assert d["size"] == 64 << 20 and len(d["cases"]) == 1
-    c = d["cases"][0]
-    assert {"transport", "page-size", "workload", "mibps", "ceiling-mibps", "ratio", "target", "pass",
-            "downtime-ms", "passes", "transferred", "runs"} <= c.keys()
-    assert (c["transport"], c["page-size"], c["workload"]) == ("unix", 2 << 20, False)
-    assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
+    assert d["size"] == 64 << 20 and len(d["cases"]) == 2  # page-checksums on, then off
+    for c, checks in zip(d["cases"], (True, False)):
+        assert {"transport", "page-size", "workload", "page-checksums", "mibps", "ceiling-mibps", "ratio",
+                "target", "pass", "downtime-ms", "passes", "transferred", "runs"} <= c.keys()
+        assert (c["transport"], c["page-size"], c["workload"], c["page-checksums"]) == ("unix", 2 << 20, False,
+                                                                                       checks)
+        assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
+    (ratio,) = d["page-checksums-ratio"]
+    assert ratio["median"] == round(d["cases"][0]["mibps"] / d["cases"][1]["mibps"], 3)
+
+
+def test_bench_pagecheck_json():
+    r = _tool("bench_pagecheck.py", "--size", "32M", "--repeat", "1", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(d["source"]) == {f"{shape}: {case}" for shape in ("whole", "fragmented")
+                                for case in ("off", "on, guest stopped", "on, guest running (staged)")}
+    assert set(d["destination"]) == {"whole: off", "whole: on"}
+    assert all(v >= 0 for side in ("source", "source user", "destination") for v in d[side].values())
+    assert set(d["source user"]) == set(d["source"])
+    assert set(d["ratios"]) == {"source (user) whole, stopped", "source (user) whole, running",
+                                "source (user) fragmented, running", "destination whole"}

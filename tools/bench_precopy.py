@@ -17,8 +17,14 @@ the migration's start to the destination's confirmation of the load (the end
 of the downtime). The digest check that follows (verify-time) is excluded;
 the ceiling is timed the same way (first send to the receiver's ack).
 
+Each case runs with the capability page-checksums on (Ferry's default: a
+check value per page, computed on the source from a staging copy while the
+guest runs, checked on the destination before placing) and off, one after the
+other, and the table ends with the throughput ratio on/off per case.
+
     python tools/bench_precopy.py                  # 1 GiB, all cases
     python tools/bench_precopy.py --quick --json   # 256 MiB, JSON last line
+    python tools/bench_precopy.py --page-checksums on   # only with checks
 """
 from __future__ import annotations
 
@@ -167,8 +173,8 @@ def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0) -
 
 # --- one case -------------------------------------------------------------------
 
-def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str) -> dict:
-    """One migration plus its ceiling, repeated; returns all figures."""
+def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, checks: bool = True) -> dict:
+    """One migration plus its ceiling, repeated; returns all figures (``checks``: capability page-checksums)."""
     runs = []
     for _ in range(args.repeat):
         wait_idle(args.wait_idle)
@@ -178,6 +184,7 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str) 
         guest = GuestConfig(size=args.size, page_size=page_size, fill=args.fill, workload=wl,
                             dest_prealloc=args.prealloc)
         src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
+                                       caps={"page-checksums": checks},
                                        params={"downtime-limit": args.downtime_limit})
         if src.get("status") != "completed" or dst.get("status") != "completed":
             raise RuntimeError(f"migration {transport}/{format_size(page_size)}: source "
@@ -205,7 +212,7 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str) 
     target = TARGET_4K if page_size == 4096 else TARGET_HUGE
     ratio = mibps / ceiling
     return {
-        "transport": transport, "page-size": page_size, "workload": workload,
+        "transport": transport, "page-size": page_size, "workload": workload, "page-checksums": checks,
         "mibps": round(mibps, 1), "mibps-best": round(max(r["mibps"] for r in runs), 1),
         "ceiling-mibps": round(ceiling, 1), "ratio": round(ratio, 3), "target": target,
         "pass": ratio >= target,
@@ -225,18 +232,30 @@ def print_table(cases: list[dict], args) -> None:
           f"guest {format_size(args.size)} fill={args.fill}, "
           f"workload {args.pattern} {args.dirty_rate // MIB} MiB/s when dirtying, "
           f"median of {args.repeat}{', destination RAM preallocated' if args.prealloc else ''}")
-    head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'MiB/s':>7} {'best':>7} {'ceiling':>8} "
+    head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'checks':<6} {'MiB/s':>7} {'best':>7} {'ceiling':>8} "
             f"{'ratio':>6} {'target':>6} {'':4} {'downtime':>9} {'passes':>6} {'sent MiB':>8} {'other CPU':>9}")
     print(head)
     print("-" * len(head))
     for c in cases:
         page = "4K" if c["page-size"] == 4096 else format_size(c["page-size"]).replace(" MiB", "M").replace(" GiB", "G")
         print(f"{c['transport']:<9} {page:>4} {'dirtying' if c['workload'] else 'paused':<8} "
+              f"{'on' if c['page-checksums'] else 'off':<6} "
               f"{c['mibps']:>7.0f} {c['mibps-best']:>7.0f} {c['ceiling-mibps']:>8.0f} "
               f"{c['ratio'] * 100:>5.0f}% {c['target'] * 100:>5.0f}% {'PASS' if c['pass'] else 'MISS':4} "
               f"{c['downtime-ms']:>6} ms {c['passes']:>6} {c['transferred'] / MIB:>8.0f} {c['foreign-cpu-pct']:>8.0f}%")
     print("MiB/s = bytes sent / (start -> destination's confirmation); ceiling = same bytes through "
           "a bare socket between two processes; other CPU = most CPU used by processes not ours during a run.")
+    for on, off in checksum_pairs(cases):
+        page = format_size(on["page-size"])
+        print(f"page-checksums on/off, {on['transport']} {page} {'dirtying' if on['workload'] else 'paused'}: "
+              f"{on['mibps'] / off['mibps']:.2f} (median), {on['mibps-best'] / off['mibps-best']:.2f} (best)")
+
+
+def checksum_pairs(cases: list[dict]) -> list[tuple[dict, dict]]:
+    """(on, off) pairs of the same case measured with and without page-checksums."""
+    key = lambda c: (c["transport"], c["page-size"], c["workload"])  # noqa: E731
+    off = {key(c): c for c in cases if not c["page-checksums"]}
+    return [(c, off[key(c)]) for c in cases if c["page-checksums"] and key(c) in off]
 
 
 def parse_args(argv=None):
@@ -259,8 +278,15 @@ def parse_args(argv=None):
     p.add_argument("--timeout", type=float, default=300.0, help="s per migration")
     p.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                    help="before each run, wait up to S s for the machine to be idle (shared hosts)")
+    p.add_argument("--page-checksums", default="on,off", metavar="on,off",
+                   help="run each case with the capability page-checksums on and/or off (default both, "
+                        "one after the other)")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
     a = p.parse_args(argv)
+    a.page_checksums = [v.strip() for v in a.page_checksums.split(",") if v.strip()]
+    if not a.page_checksums or any(v not in ("on", "off") for v in a.page_checksums):
+        p.error(f"--page-checksums: {a.page_checksums}; expected on and/or off")
+    a.page_checksums = [v == "on" for v in a.page_checksums]
     a.size = parse_size(a.size or ("256M" if a.quick else "1G"))
     a.dirty_rate = parse_size(a.dirty_rate)
     a.transports = [t.strip() for t in a.transports.split(",") if t.strip()]
@@ -286,9 +312,10 @@ def main(argv=None) -> int:
         for transport in args.transports:
             for ps in args.page_sizes:
                 for wl in modes:
-                    print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'}",
-                          file=sys.stderr, flush=True)
-                    cases.append(run_case(transport, ps, wl, args, tmpdir))
+                    for checks in args.page_checksums:
+                        print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'} "
+                              f"page-checksums {'on' if checks else 'off'}", file=sys.stderr, flush=True)
+                        cases.append(run_case(transport, ps, wl, args, tmpdir, checks))
     except (RuntimeError, ValueError, OSError) as e:
         print(f"bench_precopy: {e}", file=sys.stderr)
         return 1
@@ -302,6 +329,10 @@ def main(argv=None) -> int:
             "repeat": args.repeat, "prealloc": args.prealloc,
             "workload": {"pattern": args.pattern, "dirty-rate": args.dirty_rate},
             "downtime-limit": args.downtime_limit, "cases": cases,
+            "page-checksums-ratio": [{"transport": on["transport"], "page-size": on["page-size"],
+                                      "workload": on["workload"], "median": round(on["mibps"] / off["mibps"], 3),
+                                      "best": round(on["mibps-best"] / off["mibps-best"], 3)}
+                                     for on, off in checksum_pairs(cases)],
             "all-pass": all(c["pass"] for c in cases),
         }))
     return 0
