@@ -348,6 +348,7 @@ class MigrationDestination:
             st.end_time = st.end_time or time.monotonic()
             self._close_connection()
             self._close_listener()
+            self._pc_error = None  # its traceback holds frames and buffers; the message is in stats
             self._done.set()
 
     def _connected(self, transport, decoder: StreamDecoder) -> None:
@@ -589,8 +590,11 @@ class MigrationDestination:
             if self._pc_error is None:
                 self._pc_error = e
             self._pc_connected.notify_all()
-        if self._channel is not None:
-            self._channel.shutdown()  # fail (or pause) the whole migration, with this error
+        # Before RUN the main channel goes on: the package with RUN may be on its way, and
+        # failing now would leave a source that sent it paused with no guest anywhere. The
+        # error surfaces at RUN (a pause) or at the end of precopy (a failure).
+        if self._channel is not None and self.running:
+            self._channel.shutdown()  # pause the whole migration, with this error
 
     def _all_placed(self) -> bool:
         """Every page is here and no channel is inside a host page."""
@@ -870,6 +874,8 @@ class MigrationDestination:
             self.workload.restore(self.guest_state or {})
             self.workload.access_hook = self.faults.ensure
             self.workload.start()
+        if self._pc_error is not None:
+            raise self._pc_error  # a POSTCOPY channel failed before RUN: pause now (docs/reliability.md)
 
     def _finish(self) -> None:
         """All loaded: check completeness, confirm, send digests."""

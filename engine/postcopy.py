@@ -24,11 +24,9 @@ its faults come in through :meth:`FaultHandler.kernel_fault` instead of
 """
 from __future__ import annotations
 
-import inspect
 import mmap
 import threading
 import time
-import weakref
 from typing import Callable
 
 import numpy as np
@@ -39,6 +37,7 @@ from channels.errors import ProtocolError
 from channels.pagecheck import PageChecker
 
 from .bitmap import PageBitmap
+from .callbacks import weak_callback  # noqa: F401 - re-exported
 from .latency import LatencyRecorder
 from .ram import GuestRAM, RAMBlock, page_fingerprints, page_selector
 
@@ -235,27 +234,6 @@ class HostPageAssembler:
             f"channel {self.channel}: target page at offset 0x{p << C.TARGET_PAGE_BITS:x} of block {blk.idstr!r} "
             f"arrived while host page at offset 0x{chp << C.TARGET_PAGE_BITS:x} of block {cur_blk.idstr!r} "
             f"is incomplete (next expected offset 0x{self.next_page << C.TARGET_PAGE_BITS:x})")
-
-
-def weak_callback(fn: Callable) -> Callable:
-    """``fn``, holding its object weakly when it is a bound method.
-
-    A handler that keeps its owner's bound method makes a reference cycle
-    (owner -> handler -> method -> owner) that only a full garbage collection
-    frees, with the owner's buffers: after many aborted migrations that was
-    tens of MiB of a worker's RSS. Once the owner is gone, calls do nothing.
-    """
-    if not inspect.ismethod(fn):
-        return fn
-    ref = weakref.WeakMethod(fn)
-
-    def call(*args):
-        m = ref()
-        if m is not None:
-            return m(*args)
-        return None
-
-    return call
 
 
 class FaultHandler:

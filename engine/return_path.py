@@ -19,6 +19,8 @@ from channels import constants as C
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileReader
 
+from .callbacks import weak_callback
+
 
 class SourceReturnPath:
     """Reads the return path of one main-channel connection.
@@ -34,9 +36,10 @@ class SourceReturnPath:
                  on_fault: Callable[[BaseException], None]):
         self.transport = transport
         self.block_infos = block_infos
-        self.on_request = on_request
+        # The owner's bound methods, held weakly: no source <-> return path cycle.
+        self.on_request = weak_callback(on_request)
         self.accepting_requests = accepting_requests
-        self.on_fault = on_fault
+        self.on_fault = weak_callback(on_fault)
         self.cond = threading.Condition()
         self.shut: int | None = None
         self.digests: dict | None = None

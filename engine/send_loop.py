@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Callable
 
+from .callbacks import weak_callback
 from .scheduler import PRECOPY, PageScheduler, SendOrder
 
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
@@ -35,7 +36,7 @@ class SendLoop:
         self.bitmaps = bitmaps
         self.sched = sched
         self.lock = lock
-        self.stopping = stopping
+        self.stopping = weak_callback(stopping)  # the owner's bound method: no cycle
         self.channels: list = []
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread

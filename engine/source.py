@@ -41,6 +41,7 @@ from . import states as ST
 from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
+from .callbacks import weak_callback
 from .params import MigrationConfig
 from .peer import COMPLETION_SHUT, effective_capability, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
@@ -310,6 +311,11 @@ class MigrationSource:
             self._postcopy_lost(e)
         finally:
             self._close_connection()
+            # Stored exceptions hold their tracebacks (frames, channels, buffers): the
+            # messages are in the statistics; drop the objects (no cycle to wait for GC).
+            self._fault = None
+            if self.rp is not None:
+                self.rp.error = None
             self._done.set()
 
     def _setup(self) -> None:
@@ -387,7 +393,8 @@ class MigrationSource:
         """page-checksums (Ferry peers only): channels send check values before the pages
         they cover, from a staging copy while the guest runs (channels/channel.py)."""
         on = effective_capability(self.peer, "page-checksums", self.config.cap("page-checksums"))
-        running = (lambda: self.workload.running) if self.workload is not None else None
+        wl = self.workload  # not self: channels must not keep the source alive
+        running = (lambda: wl.running) if wl is not None else None
         return {"page_checks": on, "guest_running": running}
 
     # --- peer and dialect (engine/peer.py) ---
@@ -401,9 +408,12 @@ class MigrationSource:
 
     def _start_return_path(self, transport) -> None:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
-                                   lambda: self.in_postcopy and self.status not in ST.FINAL_STATES,
+                                   weak_callback(self._accepting_requests),
                                    self._on_fault)
         self.rp.start()
+
+    def _accepting_requests(self) -> bool:
+        return self.in_postcopy and self.status not in ST.FINAL_STATES
 
     def _precopy(self) -> bool:
         """Precopy passes until stop-and-copy fits (False) or the switch is due (True)."""

@@ -27,6 +27,8 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
+from .callbacks import weak_callback
+
 # --- states (QEMU's MigrationStatus) ---
 NONE = "none"
 SETUP = "setup"
@@ -204,7 +206,8 @@ class MigrationStateMachine:
         self._state = state
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._on_change = on_change or (lambda old, new, reason: None)
+        # Held weakly when it is the owner's bound method: no owner <-> machine cycle.
+        self._on_change = weak_callback(on_change) if on_change else (lambda old, new, reason: None)
         self.history: list[tuple[str, str, str]] = []  # (event, old, new)
 
     @property

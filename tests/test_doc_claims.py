@@ -280,7 +280,8 @@ BAD_POSTCOPY = {
         ["POSTCOPY_RAM_DISCARD: after POSTCOPY_LISTEN"]),
     "RUN before LISTEN": (codec.encode_packaged(RUN), ["POSTCOPY_RUN: before POSTCOPY_LISTEN"]),
     "LISTEN twice": (codec.encode_packaged(LISTEN + LISTEN), ["POSTCOPY_LISTEN: received twice"]),
-    "RUN twice": (codec.encode_packaged(LISTEN + RUN + RUN), ["POSTCOPY_RUN: received twice"]),
+    "RUN twice": (codec.encode_packaged(LISTEN + codec.encode_device_full(1, GUEST_DEVICE, GUEST_DEVICE_VERSION, b"{}")
+                                        + RUN + RUN), ["POSTCOPY_RUN: received twice"]),
     "RAM pages inside PACKAGED": (
         codec.encode_packaged(LISTEN + codec.encode_section_start(C.QEMU_VM_SECTION_START, 0, "ram", 0, 4)
                               + codec.encode_ram_mem_size([("pc.ram", 8 << 20, 2 << 20)]) + codec.encode_footer(0)
