@@ -55,6 +55,8 @@ from collections import OrderedDict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# The workers run this checkout's engine too.
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 from engine.control.client import ControlClient, ControlError  # noqa: E402
 from engine.control.driver import run_migration  # noqa: E402
@@ -75,7 +77,7 @@ class Stats:
     """Counters of one fault class."""
 
     FIELDS = ("injected", "pauses", "recoveries", "completed", "failed", "guests-lost", "pages-lost",
-              "source-resumed")
+              "source-resumed", "stuck")
 
     def __init__(self):
         self.c = OrderedDict((f, 0) for f in self.FIELDS)
@@ -94,7 +96,7 @@ class Pair:
 
     def _options(self) -> list[str]:
         a = self.args
-        return ["--size", a.size, "--page-size", "2M", "--blocks", str(a.blocks), "--fill", "random",
+        return ["--exit-with-parent", "--size", a.size, "--page-size", "2M", "--blocks", str(a.blocks), "--fill", "random",
                 "--workload-threads", "1", "--workload-pattern", "random", "--dirty-rate", a.dirty_rate]
 
     def _spawn(self, role: str):
@@ -229,8 +231,12 @@ async def recover(pair: Pair, st: Stats, stats: dict, args, rng: random.Random, 
                     relay.blackhole(0, TO_DST, at=rng.randrange(8, 600))
                 else:
                     relay.stall(0, TO_SRC, 2.5 * args.liveness, at=rng.randrange(8, 600))
-                await pair.s.call("migrate", {"uri": relay.uri, "resume": True})
-                sq, dq = await settle_after_resume(pair)
+                events = await pair.s.events()
+                try:
+                    await pair.s.call("migrate", {"uri": relay.uri, "resume": True})
+                    sq, dq = await settle_after_resume(pair, events)
+                finally:
+                    events.close()
             log(f"    recovery try with {kind}: {sq.get('status')}/{dq.get('status')}")
             if sq.get("status") == "postcopy-paused":
                 stats[kind].add("pauses")
@@ -238,7 +244,7 @@ async def recover(pair: Pair, st: Stats, stats: dict, args, rng: random.Random, 
             stats[kind].add("recoveries")
             st.add("recoveries")
             return sq, dq
-        out = await run_migration(pair.s, pair.d, resume=True, timeout=WAIT)
+        out = await asyncio.wait_for(run_migration(pair.s, pair.d, resume=True, timeout=WAIT), 2 * WAIT)
         log(f"    recovery: {out.source.get('status')}/{out.destination.get('status')}")
         if not out.paused:
             st.add("recoveries")
@@ -246,16 +252,19 @@ async def recover(pair: Pair, st: Stats, stats: dict, args, rng: random.Random, 
     raise RuntimeError(f"still paused after {MAX_TRIES} recovery tries")
 
 
-async def settle_after_resume(pair: Pair) -> tuple[dict, dict]:
-    """After a resume through a faulty relay: wait for postcopy-recover to end, then settle."""
+async def settle_after_resume(pair: Pair, events) -> tuple[dict, dict]:
+    """After a resume through a faulty relay: wait until the source acted on it (its MIGRATION
+    postcopy-recover event on ``events``, a status other than postcopy-paused, or a new error),
+    then settle."""
     deadline = time.monotonic() + WAIT
-    q0 = await pair.s.call("query-migrate")
-    err0 = q0.get("error-desc")
+    err0 = (await pair.s.call("query-migrate")).get("error-desc")
     while time.monotonic() < deadline:
+        ev = await events.next(0.05)
+        if ev is not None and ev.get("event") == "MIGRATION" and ev["data"].get("status") == "postcopy-recover":
+            break
         q = await pair.s.call("query-migrate")
         if q["status"] != "postcopy-paused" or q.get("error-desc") != err0:
             break
-        await asyncio.sleep(0.02)
     return await settle(pair)
 
 
@@ -266,6 +275,7 @@ async def one(i: int, pair: Pair, stats: dict, totals: dict, args, rng: random.R
     postcopy = rng.random() < 0.5
     st = stats[kind]
     st.add("injected")
+    totals["current"] = kind
     await configure(pair, postcopy, args)
     s_events = await pair.s.events()
     inc = (await pair.d.call("migrate-incoming", {"uri": "tcp:127.0.0.1:0"}))["uri"]
@@ -288,7 +298,8 @@ async def one(i: int, pair: Pair, stats: dict, totals: dict, args, rng: random.R
                     await asyncio.sleep(0.02)
                 channel = rng.choice((0, 1))
             else:
-                relay.wait_bytes(0, TO_DST, rng.randrange(1 * MiB, max(2 * MiB, args.size_bytes // 2)), WAIT)
+                at = rng.randrange(1 * MiB, max(2 * MiB, args.size_bytes // 2))
+                await asyncio.to_thread(relay.wait_bytes, 0, TO_DST, at, WAIT)
         except Exception as e:  # noqa: BLE001 - the migration ended before the phase: report it
             log(f"  {i}: phase not reached: {e}")
         if kind == "kill":
@@ -371,7 +382,8 @@ async def killed(pair: Pair, st: Stats, totals: dict, victim: str, postcopy: boo
 async def soak(args) -> dict:
     rng = random.Random(args.seed)
     stats = OrderedDict((c, Stats()) for c in CLASSES if c != "flip" or args.checksums)
-    totals = {"migrations": 0, "completed": 0, "guests-lost": 0, "verdicts-lost": 0}
+    totals = {"migrations": 0, "completed": 0, "guests-lost": 0, "verdicts-lost": 0, "current": CLASSES[0],
+              "stuck": []}
     tmp = tempfile.mkdtemp(prefix="ferry-soak-")
     pair = Pair(args, tmp)
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.verbose else (lambda m: None)
@@ -380,7 +392,20 @@ async def soak(args) -> dict:
         await pair.start()
         for i in range(args.migrations):
             totals["migrations"] += 1
-            await one(i, pair, stats, totals, args, rng, log)
+            try:
+                await one(i, pair, stats, totals, args, rng, log)
+            except (TimeoutError, asyncio.TimeoutError, RuntimeError, ControlError) as e:
+                # An engine fault the soak is there to find: reported, counted, and
+                # the soak goes on with a fresh pair (the guest is counted lost).
+                cls = totals["current"]
+                stats[cls].add("stuck")
+                stats[cls].add("guests-lost")
+                stats[cls].add("pages-lost", args.size_bytes // HUGE)
+                totals["guests-lost"] += 1
+                totals["stuck"].append(f"migration {i} ({cls}): {type(e).__name__}: {e}")
+                log(f"  {i}: STUCK: {e}")
+                await pair.drop()
+                await pair.start()
     finally:
         await pair.drop()
         if not args.keep:
@@ -389,7 +414,7 @@ async def soak(args) -> dict:
     return {"seed": args.seed, "migrations": totals["migrations"], "size": args.size,
             "liveness-timeout": args.liveness, "faults": sum(s.c["injected"] for s in stats.values()),
             "completed": totals["completed"], "guests-lost": totals["guests-lost"],
-            "verdicts-lost": totals["verdicts-lost"],
+            "verdicts-lost": totals["verdicts-lost"], "stuck": totals["stuck"],
             "wall-time": round(time.monotonic() - t0, 1), "loadavg": [round(x, 2) for x in load],
             "page-checksums": args.checksums,
             "classes": {k: dict(v.c) for k, v in stats.items()}}
@@ -433,10 +458,12 @@ def main(argv=None) -> int:
     print(f"soak: {result['migrations']} migrations, {result['faults']} faults, {result['completed']} completed, "
           f"{result['guests-lost']} guests lost, {result['wall-time']} s (load average {result['loadavg']})")
     print(table(result))
+    for s in result["stuck"]:
+        print(f"stuck: {s}")
     if args.json:
         print(json.dumps(result))
-    bad = sum(v["pages-lost"] for k, v in result["classes"].items()
-              if k != "kill") + sum(v["source-resumed"] for v in result["classes"].values())
+    bad = (sum(v["pages-lost"] for k, v in result["classes"].items() if k != "kill")
+           + sum(v["source-resumed"] + v["stuck"] for v in result["classes"].values()))
     return 1 if bad else 0
 
 
