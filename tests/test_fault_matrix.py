@@ -31,10 +31,8 @@ import asyncio
 import contextlib
 import mmap
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -218,8 +216,9 @@ async def test_postcopy_fault_pauses_both_then_recovery_verifies(spawn, fault, c
                     if channel == 0:
                         relay.blackhole(channel, TO_SRC)
                 else:
-                    # 1 MiB into the next bytes: the middle of a 2 MiB page's payload.
-                    relay.flip(channel, TO_DST, relay.received(channel, TO_DST) + MiB + 123)
+                    # A little ahead of what went through: inside a 2 MiB page's payload
+                    # (the record headers are a few bytes per 2 MiB).
+                    relay.flip(channel, TO_DST, relay.received(channel, TO_DST) + (256 << 10) + 123)
                 await _paused_and_waiting(s, d)
             await _recover(s, d)
         assert not _resumed(s_events), s_events  # the source's copy never ran again

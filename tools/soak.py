@@ -96,8 +96,9 @@ class Pair:
 
     def _options(self) -> list[str]:
         a = self.args
-        return ["--exit-with-parent", "--size", a.size, "--page-size", "2M", "--blocks", str(a.blocks), "--fill", "random",
-                "--workload-threads", "1", "--workload-pattern", "random", "--dirty-rate", a.dirty_rate]
+        return ["--exit-with-parent", "--size", a.size, "--page-size", "2M", "--blocks", str(a.blocks),
+                "--fill", "random", "--workload-threads", "1", "--workload-pattern", "random",
+                "--dirty-rate", a.dirty_rate]
 
     def _spawn(self, role: str):
         self.n += 1
