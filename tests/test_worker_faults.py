@@ -161,7 +161,7 @@ async def test_postcopy_preempt_through_the_relay_keeps_the_channel_order(spawn)
     assert sq["digests"] == dq["digests"]
     # Every byte each side sent went through its own relayed connection.
     assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"]
-    for i, name in ((1, "postcopy1"), (2, "postcopy2")):
+    for i, name in ((1, "postcopy-1"), (2, "postcopy-2")):
         assert counters[i][TO_DST]["forwarded"] == sq["channels"][name]["bytes"]
         assert counters[i][TO_SRC]["received"] == 0  # POSTCOPY channels are one-way
     assert counters[0][TO_SRC]["forwarded"] > 0  # the return path
