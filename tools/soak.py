@@ -30,8 +30,12 @@ guest is lost (the source holds pages the destination lacks and the other way
 round), the survivor is checked (a surviving source must never have resumed its
 copy), and a fresh pair of workers starts.
 
-Printed per fault class: faults injected, pauses, recoveries, migrations
-completed, migrations failed (precopy: the source's guest ran on), guests lost,
+Printed per fault class: faults injected (all of them: the migration's own,
+the early short stalls, those of recovery tries), migrations whose own fault it
+was, pauses (each time both sides paused after a fault of this class),
+recoveries (recoveries that went through, counted for the migration's own
+fault), and of the migrations whose own fault it was:
+completed, failed (precopy: the source's guest ran on), guests lost,
 and host pages lost or corrupted: the guest is split into one RAM block per
 2 MiB host page (``--size`` / 2 MiB blocks, at most 64), so the per-block
 digests both sides report at completion compare every host page; a page whose
@@ -76,7 +80,7 @@ MAX_TRIES = 20  # recovery tries per migration before the soak reports it stuck
 class Stats:
     """Counters of one fault class."""
 
-    FIELDS = ("injected", "pauses", "recoveries", "completed", "failed", "guests-lost", "pages-lost",
+    FIELDS = ("injected", "migrations", "pauses", "recoveries", "completed", "failed", "guests-lost", "pages-lost",
               "source-resumed", "stuck")
 
     def __init__(self):
@@ -242,7 +246,6 @@ async def recover(pair: Pair, st: Stats, stats: dict, args, rng: random.Random, 
             if sq.get("status") == "postcopy-paused":
                 stats[kind].add("pauses")
                 continue
-            stats[kind].add("recoveries")
             st.add("recoveries")
             return sq, dq
         out = await asyncio.wait_for(run_migration(pair.s, pair.d, resume=True, timeout=WAIT), 2 * WAIT)
@@ -276,6 +279,7 @@ async def one(i: int, pair: Pair, stats: dict, totals: dict, args, rng: random.R
     postcopy = rng.random() < 0.5
     st = stats[kind]
     st.add("injected")
+    st.add("migrations")  # migrations whose (first) fault is of this class
     totals["current"] = kind
     await configure(pair, postcopy, args)
     s_events = await pair.s.events()
@@ -423,9 +427,10 @@ async def soak(args) -> dict:
 
 def table(result: dict) -> str:
     cols = Stats.FIELDS
-    rows = [f"{'fault':<12}" + "".join(f"{c:>15}" for c in cols)]
+    widths = [max(len(c) + 2, 8) for c in cols]
+    rows = [f"{'fault':<12}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     for k, v in result["classes"].items():
-        rows.append(f"{k:<12}" + "".join(f"{v[c]:>15}" for c in cols))
+        rows.append(f"{k:<12}" + "".join(f"{v[c]:>{w}}" for c, w in zip(cols, widths)))
     return "\n".join(rows)
 
 
