@@ -553,9 +553,12 @@ class MigrationDestination:
                         return
                     self._pc_channels.append(ch)
                     self._pc_assemblers.append(asm)
+                    # Started before it is listed: a pause that closes the connection
+                    # meanwhile joins every listed thread (joining one not yet started
+                    # raises, and the destination stayed postcopy-active, guest stuck).
+                    th.start()
                     self._pc_threads.append(th)
                     self._pc_connected.notify_all()
-                th.start()
         except Exception as e:  # noqa: BLE001
             if not self._done.is_set() and not self._cancel:
                 self._channel_failed(e, gen)

@@ -247,7 +247,10 @@ class RelayConnection:
     def _next_fault(self, d: str, st: _Direction, end: int) -> Fault | None:
         """The first pending fault due before ``end``, removed from the list."""
         with self.relay._lock:
-            due = [f for f in st.faults if f.at is None or f.at < end]
+            # A fault at offset K acts once K bytes went through (before byte K
+            # arrives, which may never happen: the end of what the sender writes);
+            # a flip needs byte K itself.
+            due = [f for f in st.faults if f.at is None or f.at < end or (f.at == end and f.kind != "flip")]
             if not due:
                 return None
             f = min(due, key=lambda f: -1 if f.at is None else f.at)

@@ -258,6 +258,9 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
         listening = (await dst.call("migrate-recover", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
         out.uri = dialable_uri(listening, dst.endpoint)
         await src.call("migrate", {"uri": out.uri, "resume": True})
+        # The source connects in its migration thread: until it has, both sides
+        # still read postcopy-paused, which _follow would take for the end.
+        await _recovery_started(src, sq.get("error-desc"), out, t0 + timeout)
         out.source, out.destination = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
         out.status_after = {"source": await src.call("query-status"),
                             "destination": await dst.call("query-status")}
@@ -269,6 +272,21 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
         d_events.close()
     out.wall_time = loop.time() - t0
     return out
+
+
+async def _recovery_started(src: ControlClient, error_before: str | None, out: Outcome, deadline: float) -> None:
+    """Wait until the source acted on ``migrate`` with ``resume``: it entered postcopy-recover
+    (its MIGRATION event, or a status other than postcopy-paused), or the try already
+    failed (a new error while paused); returns at ``deadline`` at the latest."""
+    loop = asyncio.get_running_loop()
+    while loop.time() < deadline:
+        if any(e.get("event") == "MIGRATION" and e["data"].get("status") == S.POSTCOPY_RECOVER
+               for e in out.events["source"]):
+            return
+        q = await src.call("query-migrate")
+        if q["status"] != S.POSTCOPY_PAUSED or q.get("error-desc") != error_before:
+            return
+        await asyncio.sleep(0.02)
 
 
 async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: str, dead: set) -> str:
