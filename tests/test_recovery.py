@@ -3,6 +3,7 @@ recover over new connections (RECV_BITMAP, POSTCOPY_RESUME, RESUME_ACK) any numb
 times, end with equal digests. Real sockets on loopback, engine objects in this process,
 guest workloads writing on both sides."""
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -104,6 +105,11 @@ def test_a_second_fault_during_recovery_pauses_again_then_recovery_succeeds():
     d.sm._on_change = cut_in_recovery
     s.resume(d.recover("tcp:127.0.0.1:0"))
     assert hit.wait(WAIT)
+    # The source saw the recovery start and fail: back to paused from postcopy-recover.
+    deadline = time.monotonic() + WAIT
+    while (ST.POSTCOPY_RECOVER, ST.POSTCOPY_PAUSED) not in [(o, n) for _, o, n in s.sm.history]:
+        assert time.monotonic() < deadline, s.sm.history
+        time.sleep(0.01)
     _both(s, d, ST.POSTCOPY_PAUSED)
     assert not s_wl.running
     s.resume(d.recover("tcp:127.0.0.1:0"))
