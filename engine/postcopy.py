@@ -37,6 +37,7 @@ from channels.errors import ProtocolError
 
 from .bitmap import PageBitmap
 from .latency import LatencyRecorder
+from .reqtrace import RequestTrace
 from .ram import GuestRAM, RAMBlock, page_fingerprints, page_selector
 
 
@@ -56,6 +57,8 @@ class ReceivedPages:
         self.cond = threading.Condition()
         self.on_placed: Callable[[RAMBlock, str], None] | None = None
         self.placer = None
+        # channel -> when its latest placement began (its data fully read): the request trace's "decoded"
+        self.place_started: dict[str, float] = {}
 
     def count(self) -> int:
         return sum(b.count() for b in self.bitmaps.values())
@@ -102,6 +105,7 @@ class ReceivedPages:
         Pages already received are left alone (never overwrite a newer page).
         ``data`` is (n, 4096) uint8, or None for zero pages. Returns pages placed.
         """
+        self.place_started[channel] = time.monotonic()
         bits = self.bitmaps[block.idstr].bits
         fresh = ~bits[where]
         if not fresh.all():
@@ -267,6 +271,7 @@ class FaultHandler:
         self.failed: str | None = None  # the stream broke: waiters stay blocked
         # uffd backend: (block, host page) -> [(thread id, time of the kernel fault)]
         self.kernel_waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self.trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
         received.on_placed = weak_callback(self._placed)
 
     def ensure(self, blk: RAMBlock, pages: np.ndarray) -> None:
@@ -290,11 +295,17 @@ class FaultHandler:
                 if key not in self.requested:
                     self.requested[key] = time.monotonic()
                     self.requests += 1
+                    self.trace.mark(blk.index, hp, "fault", t0)
+                    self.trace.mark(blk.index, hp, "request-written")
                     self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
             # The bit of a host page's first target page is set with the whole host page.
             while not bits[hps].all():
                 cond.wait(0.5)
-        dt = time.monotonic() - t0
+        t1 = time.monotonic()
+        for hp in hps.tolist():
+            if self.trace.has(blk.index, hp):
+                self.trace.mark(blk.index, hp, "woken", t1)
+        dt = t1 - t0
         name = threading.current_thread().name
         with cond:
             self.blocktime += dt
@@ -325,6 +336,8 @@ class FaultHandler:
             if key not in self.requested:
                 self.requested[key] = t
                 self.requests += 1
+                self.trace.mark(blk.index, hp, "fault", t)
+                self.trace.mark(blk.index, hp, "request-written")
                 self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
         return True
 
@@ -340,8 +353,13 @@ class FaultHandler:
             rec = self.latency_by_channel.get(channel)
             if rec is None:
                 rec = self.latency_by_channel[channel] = LatencyRecorder()
+            decoded = self.received.place_started.get(channel)
             for k in done:
                 dt = now - self.requested.pop(k)
+                self.trace.mark(k[0], k[1], "decoded", decoded)
+                self.trace.mark(k[0], k[1], "placed", now)
+                if k in self.kernel_waiters:
+                    self.trace.mark(k[0], k[1], "woken", now)  # UFFDIO_COPY woke them
                 self.latency.add(dt)
                 rec.add(dt)
                 for tid, t in self.kernel_waiters.pop(k, ()):

@@ -16,6 +16,11 @@ from .scheduler import PRECOPY, PageScheduler, SendOrder
 
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
+# An interruptible huge page goes out in chunks of this many target pages (64 KiB),
+# the request queue looked at between chunks: a request waits behind at most one
+# chunk, as behind a small-page run (scheduler.PREEMPT_RUN_PAGES), while each chunk
+# goes out as one bulk run instead of one target page per call.
+BREAK_STEP_PAGES = 16
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
@@ -39,6 +44,7 @@ class SendLoop:
         self.channels: list = []
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread
+        self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
         self.bandwidth = 0.0
         self.mbps = 0.0
@@ -62,7 +68,7 @@ class SendLoop:
         # interruptible huge page, anywhere in a run of small pages.
         can_leave = interruptible or blk.tp_per_hp == 1
         if interruptible:
-            step = 1  # stop at the next target-page boundary
+            step = BREAK_STEP_PAGES  # stop at the next chunk's target-page boundary
         elif hold:
             step = min(order.end - order.start, HOLD_STEP_PAGES)
         else:
@@ -70,6 +76,9 @@ class SendLoop:
         # The destination assembles host pages in order once in postcopy; before,
         # data pages first and zero pages after is cheaper to decode.
         order_matters = sched.postcopy and blk.tp_per_hp > 1
+        trace = self.trace if order.requested else None
+        if trace is not None:
+            trace.mark(order.block, order.start, "send-start")
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
@@ -91,6 +100,8 @@ class SendLoop:
             p = e
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
+            if trace is not None:
+                trace.mark(order.block, order.start, "flushed")
 
     def send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Send orders until ``budget`` seconds are spent or ``stop()``.
