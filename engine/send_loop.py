@@ -16,11 +16,15 @@ from .scheduler import PRECOPY, PageScheduler, SendOrder
 
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
-# An interruptible huge page goes out in chunks of this many target pages (64 KiB),
-# the request queue looked at between chunks: a request waits behind at most one
-# chunk, as behind a small-page run (scheduler.PREEMPT_RUN_PAGES), while each chunk
-# goes out as one bulk run instead of one target page per call.
+# An interruptible huge page goes out in chunks, the request queue looked at
+# between chunks, each chunk one bulk run instead of one target page per call.
+# A chunk is what the PRECOPY channel moves in BREAK_WAIT at its measured
+# bandwidth, so a request waits behind about that much background on any link,
+# and never less than BREAK_STEP_PAGES (64 KiB, as a small-page run with
+# preemption: scheduler.PREEMPT_RUN_PAGES) nor more than BREAK_MAX_PAGES.
+BREAK_WAIT = 0.00025  # s
 BREAK_STEP_PAGES = 16
+BREAK_MAX_PAGES = 256  # 1 MiB
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
@@ -67,8 +71,8 @@ class SendLoop:
         # Where a request may make us stop early: between target pages of an
         # interruptible huge page, anywhere in a run of small pages.
         can_leave = interruptible or blk.tp_per_hp == 1
-        if interruptible:
-            step = BREAK_STEP_PAGES  # stop at the next chunk's target-page boundary
+        if interruptible or (hold and blk.tp_per_hp > 1):
+            step = self.break_step()  # stop at the next chunk's target-page boundary
         elif hold:
             step = min(order.end - order.start, HOLD_STEP_PAGES)
         else:
@@ -102,6 +106,10 @@ class SendLoop:
             ch.flush()  # the destination's guest is waiting for it
             if trace is not None:
                 trace.mark(order.block, order.start, "flushed")
+
+    def break_step(self) -> int:
+        """Target pages per chunk of a huge page that a request may interrupt (see BREAK_WAIT)."""
+        return max(BREAK_STEP_PAGES, min(BREAK_MAX_PAGES, int(self.bandwidth * BREAK_WAIT) >> 12))
 
     def send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Send orders until ``budget`` seconds are spent or ``stop()``.

@@ -65,9 +65,13 @@ PACE_SHARE = 0.9  # automatic pacing: this share of the bandwidth measured in pr
 # Automatic pacing trusts a rate measured over at least this much sending; a
 # switch earlier than that (the first pass barely begun: setup, first touches
 # of the destination's memory) measures the rate in postcopy's first
-# PACE_MIN_SECONDS instead, unpaced, and paces from then on.
+# PACE_PROBE_SECONDS instead, unpaced, and paces from then on. The probe takes
+# its best PACE_PROBE_WINDOW: on a shared host one slow stretch must not cap
+# the whole postcopy phase.
 PACE_MIN_SECONDS = 0.5
 PACE_MIN_BYTES = 64 << 20
+PACE_PROBE_SECONDS = 1.0
+PACE_PROBE_WINDOW = 0.2
 
 
 class MigrationCancelled(Exception):
@@ -127,7 +131,7 @@ class MigrationSource:
         self._ram_section = 0
         self._confirmed_at: float | None = None
         self.req_trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
-        self._pace_probe: tuple[float, int] | None = None  # (monotonic s, bytes delivered) pacing waits for
+        self._pace_probe: list | None = None  # the rate automatic pacing waits for: _pace_from_probe
         self.recoveries = 0
         self.passes = []  # per-pass figures (MIGRATION_PASS)
 
@@ -578,7 +582,8 @@ class MigrationSource:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
             if self._pace_probe is not None:  # a recovery's new channel: measure from here
-                self._pace_probe = (time.monotonic(), ch.transferred)
+                now = time.monotonic()
+                self._pace_probe = [now, now, ch.transferred, 0.0]
             if "precopy-pacing-rate" not in self.stats.extra:
                 self.stats.extra["precopy-pacing-rate"] = self._pacing_rate()
             if hasattr(ch.writer.transport, "tune"):
@@ -647,20 +652,25 @@ class MigrationSource:
             elapsed = now - (self.stats.setup_done or self.stats.start_time)
             delivered = ch.transferred - ch.writer.transport.outq()
             if elapsed < PACE_MIN_SECONDS or delivered < PACE_MIN_BYTES:
-                self._pace_probe = (now, delivered)  # too little to go by: _pace_from_probe
+                self._pace_probe = [now, now, delivered, 0.0]  # too little to go by: _pace_from_probe
                 return 0
             base = delivered / elapsed
         return int(base * PACE_SHARE)
 
     def _pace_from_probe(self) -> None:
-        """Postcopy's first PACE_MIN_SECONDS ran unpaced: pace at PACE_SHARE of their rate."""
-        t0, b0 = self._pace_probe
+        """Postcopy's first PACE_PROBE_SECONDS run unpaced; then pace at PACE_SHARE of
+        the best PACE_PROBE_WINDOW's delivered rate (bytes the peer acknowledged)."""
+        probe = self._pace_probe  # [start, window start, bytes delivered at window start, best rate]
         now = time.monotonic()
-        if now - t0 < PACE_MIN_SECONDS:
+        tr = self.channel.writer.transport
+        if now - probe[1] >= PACE_PROBE_WINDOW:
+            delivered = self.channel.transferred - tr.outq()
+            probe[3] = max(probe[3], (delivered - probe[2]) / (now - probe[1]))
+            probe[1], probe[2] = now, delivered
+        if now - probe[0] < PACE_PROBE_SECONDS:
             return
         self._pace_probe = None
-        tr = self.channel.writer.transport
-        rate = int((self.channel.transferred - tr.outq() - b0) / (now - t0) * PACE_SHARE)
+        rate = int(probe[3] * PACE_SHARE)
         if rate > 0 and hasattr(tr, "tune"):
             tr.tune(pacing_rate=rate)
             self.stats.extra["precopy-pacing-rate"] = rate
