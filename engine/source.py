@@ -25,6 +25,8 @@ destination its verdict, and only then may the guest run there.
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import threading
 import time
 from typing import Callable
@@ -72,6 +74,17 @@ PACE_MIN_SECONDS = 0.5
 PACE_MIN_BYTES = 64 << 20
 PACE_PROBE_SECONDS = 1.0
 PACE_PROBE_WINDOW = 0.2
+
+
+def _to_loopback(transport) -> bool:
+    """The transport is a TCP connection to an address of the loopback interface."""
+    sock = getattr(transport, "sock", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 class MigrationCancelled(Exception):
@@ -616,6 +629,10 @@ class MigrationSource:
             self._update_bandwidth()
             if self._pace_probe is not None:
                 self._pace_from_probe()
+            if self.sched.preempt:
+                # A send blocks about as long as a chunk of an interruptible huge page
+                # takes (send_loop.BREAK_WAIT): flushes as big as the chunks, not smaller.
+                ch.writer.auto_flush = max(PREEMPT_FLUSH_BYTES, self.loop.break_step() << C.TARGET_PAGE_BITS)
             if done:
                 break
         self._check()
@@ -643,6 +660,10 @@ class MigrationSource:
         rate = cfg.param("precopy-pacing-rate")
         if rate or not cfg.param("preempt-pace-background"):
             return rate
+        if _to_loopback(self.channel.writer.transport):
+            # No link, no queue at one to keep empty: kernel pacing would only cost
+            # CPU and background rate (measured: docs/performance.md).
+            return 0
         base = cfg.param("max-postcopy-bandwidth")
         if not base:
             # What the peer acknowledged, not what left our buffers: bytes still
