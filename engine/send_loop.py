@@ -89,7 +89,7 @@ class SendLoop:
                 with self.lock:
                     sched.preempted(order, p)
                 break
-            if hold and self.urgent_in_flight() and not self._hold(can_leave):
+            if hold and not order.wanted and self.urgent_in_flight() and not self._hold(can_leave, order):
                 if interruptible:
                     with self.lock:
                         sched.preempted(order, p)
@@ -135,15 +135,16 @@ class SendLoop:
         """Requested pages are still on their way: being queued, or in a POSTCOPY socket."""
         return self.urgent_busy > 0 or any(pc.writer.transport.outq() > 0 for pc in self.channels[1:])
 
-    def _hold(self, can_leave: bool) -> bool:
+    def _hold(self, can_leave: bool, order: SendOrder) -> bool:
         """Hold background pages while requested pages travel, so they get the whole link.
 
         Returns False when a new request came in and the caller may stop to
         serve it. Never longer than HOLD_MAX: a stalled POSTCOPY channel must
-        not stop the background.
+        not stop the background; not at all once the guest waits for the page
+        of ``order`` itself (a request for it was dropped: ``order.wanted``).
         """
         deadline = time.monotonic() + HOLD_MAX
-        while self.urgent_in_flight() and not self.stopping():
+        while self.urgent_in_flight() and not self.stopping() and not order.wanted:
             if can_leave and self.sched.queue:
                 return False
             if time.monotonic() > deadline:
