@@ -57,8 +57,12 @@ class ReceivedPages:
         self.cond = threading.Condition()
         self.on_placed: Callable[[RAMBlock, str], None] | None = None
         self.placer = None
-        # channel -> when its latest placement began (its data fully read): the request trace's "decoded"
+        # channel -> when its latest placement began (its data fully read) and when its pages
+        # were in memory, just before they were marked received: the request trace's
+        # "decoded" and "placed"
         self.place_started: dict[str, float] = {}
+        self.place_done: dict[str, float] = {}
+        self.place_where: dict[str, tuple] = {}  # channel -> (block index, pages) of its latest placement
 
     def count(self) -> int:
         return sum(b.count() for b in self.bitmaps.values())
@@ -125,6 +129,8 @@ class ReceivedPages:
             block.write_pages(where, data)
             # Read back from guest RAM: verification then covers the placement too.
             self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
+        self.place_done[channel] = time.monotonic()
+        self.place_where[channel] = (block.index, where)
         with self.cond:
             bits[where] = True
             self.cond.notify_all()
@@ -353,13 +359,19 @@ class FaultHandler:
             rec = self.latency_by_channel.get(channel)
             if rec is None:
                 rec = self.latency_by_channel[channel] = LatencyRecorder()
-            decoded = self.received.place_started.get(channel)
+            rp = self.received
+            decoded, placed = rp.place_started.get(channel), rp.place_done.get(channel, now)
+            wb, where = rp.place_where.get(channel, (None, None))
             for k in done:
                 dt = now - self.requested.pop(k)
-                self.trace.mark(k[0], k[1], "decoded", decoded)
-                self.trace.mark(k[0], k[1], "placed", now)
-                if k in self.kernel_waiters:
-                    self.trace.mark(k[0], k[1], "woken", now)  # UFFDIO_COPY woke them
+                # Only pages of this channel's placement get its times (another channel's
+                # may have set the bit and not yet come here).
+                if wb == k[0] and (where.start <= k[1] < where.stop if isinstance(where, slice)
+                                   else bool((where == k[1]).any())):
+                    self.trace.mark(k[0], k[1], "decoded", decoded)
+                    self.trace.mark(k[0], k[1], "placed", placed)
+                    if k in self.kernel_waiters:
+                        self.trace.mark(k[0], k[1], "woken", placed)  # UFFDIO_COPY woke them
                 self.latency.add(dt)
                 rec.add(dt)
                 for tid, t in self.kernel_waiters.pop(k, ()):

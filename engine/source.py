@@ -707,7 +707,8 @@ class MigrationSource:
         else:
             with self._lock:
                 self.sched.request(blk.index, host_page)
-            self.req_trace.mark(blk.index, host_page, "queued")
+                # Under the lock: the migration thread may take it the moment it is released.
+                self.req_trace.mark(blk.index, host_page, "queued")
 
     def _send_urgent(self, block: int, host_page: int) -> None:
         """urgent-pages-from=return-path: send a requested page from this thread, now."""

@@ -86,3 +86,18 @@ def test_trace_of_a_preempt_migration_has_every_step():
     assert (np.diff(chain, axis=1) >= 0).all()
     steps = step_summary(times)
     assert all(steps[s]["count"] > 0 and not math.isnan(steps[s]["p99"]) for s in STEPS)
+
+
+def test_trace_of_migration_thread_sends_is_causal():
+    guest = GuestConfig(size=64 << 20, page_size=4096, fill="pattern", workload=None,
+                        dest_workload=WorkloadConfig(threads=1, pattern="random", dirty_rate=4 << 20, batch=1))
+    src, dst = run_local_migration("tcp:127.0.0.1:0", guest, caps={"postcopy-ram": True, "postcopy-preempt": True},
+                                   params={"postcopy-after-percent": 5, "max-postcopy-bandwidth": 16 << 20},
+                                   timeout=120)
+    assert src["status"] == dst["status"] == "completed"
+    times = join(src["postcopy-request-trace"], dst["postcopy-request-trace"])
+    whole = times[~np.isnan(times).any(axis=1)]
+    assert len(whole) > 0
+    chain = whole[:, [STAGES.index(s) for s in CHAIN]]
+    bad = np.argwhere(np.diff(chain, axis=1) < 0)
+    assert len(bad) == 0, [f"{CHAIN[j]}>{CHAIN[j + 1]}" for _, j in bad[:5]]
