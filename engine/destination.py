@@ -239,6 +239,8 @@ class MigrationDestination:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
         if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
+            if st.status in S.FINAL_STATES:  # engine/reqtrace.py: stage times of each request
+                st.extra["postcopy-request-trace"] = self.faults.trace.to_dict()
             if self._channel is not None and self.listening:
                 r.precopy_bytes = self._listen_bytes  # received before the switch
                 # After the switch: the PRECOPY channel's rest and every POSTCOPY channel (and

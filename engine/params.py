@@ -104,7 +104,8 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               applies="source, at the switch to postcopy"),
     ParamSpec("preempt-pace-background", True, None, None, "", True,
               "Ferry: with postcopy-preempt and precopy-pacing-rate 0, pace the PRECOPY channel at 90% of "
-              "the bandwidth precopy measured (or of max-postcopy-bandwidth); false = no pacing", bool,
+              "the bandwidth precopy measured (or of max-postcopy-bandwidth; after a switch too early to "
+              "measure, of postcopy's first second); not on a loopback connection; false = no pacing", bool,
               applies="source, at the switch to postcopy"),
     ParamSpec("peer", "ferry", None, None, "", True,
               "Ferry: the other end: another Ferry worker, or a real QEMU (CONFIGURATION sent, no "

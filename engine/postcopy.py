@@ -39,6 +39,7 @@ from channels.pagecheck import PageChecker
 from .bitmap import PageBitmap
 from .callbacks import weak_callback  # noqa: F401 - re-exported
 from .latency import LatencyRecorder
+from .reqtrace import RequestTrace
 from .ram import GuestRAM, RAMBlock, page_fingerprints, page_selector
 
 
@@ -58,6 +59,12 @@ class ReceivedPages:
         self.cond = threading.Condition()
         self.on_placed: Callable[[RAMBlock, str], None] | None = None
         self.placer = None
+        # channel -> when its latest placement began (its data fully read) and when its pages
+        # were in memory, just before they were marked received: the request trace's
+        # "decoded" and "placed"
+        self.place_started: dict[str, float] = {}
+        self.place_done: dict[str, float] = {}
+        self.place_where: dict[str, tuple] = {}  # channel -> (block index, pages) of its latest placement
 
     def count(self) -> int:
         return sum(b.count() for b in self.bitmaps.values())
@@ -104,6 +111,7 @@ class ReceivedPages:
         Pages already received are left alone (never overwrite a newer page).
         ``data`` is (n, 4096) uint8, or None for zero pages. Returns pages placed.
         """
+        self.place_started[channel] = time.monotonic()
         bits = self.bitmaps[block.idstr].bits
         fresh = ~bits[where]
         if not fresh.all():
@@ -123,6 +131,8 @@ class ReceivedPages:
             block.write_pages(where, data)
             # Read back from guest RAM: verification then covers the placement too.
             self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
+        self.place_done[channel] = time.monotonic()
+        self.place_where[channel] = (block.index, where)
         with self.cond:
             bits[where] = True
             self.cond.notify_all()
@@ -258,6 +268,7 @@ class FaultHandler:
         self.failed: str | None = None  # the stream broke: waiters stay blocked
         # uffd backend: (block, host page) -> [(thread id, time of the kernel fault)]
         self.kernel_waiters: dict[tuple[int, int], list[tuple[int, float]]] = {}
+        self.trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
         received.on_placed = weak_callback(self._placed)
 
     def ensure(self, blk: RAMBlock, pages: np.ndarray) -> None:
@@ -281,11 +292,17 @@ class FaultHandler:
                 if key not in self.requested:
                     self.requested[key] = time.monotonic()
                     self.requests += 1
+                    self.trace.mark(blk.index, hp, "fault", t0)
+                    self.trace.mark(blk.index, hp, "request-written")
                     self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
             # The bit of a host page's first target page is set with the whole host page.
             while not bits[hps].all():
                 cond.wait(0.5)
-        dt = time.monotonic() - t0
+        t1 = time.monotonic()
+        for hp in hps.tolist():
+            if self.trace.has(blk.index, hp):
+                self.trace.mark(blk.index, hp, "woken", t1)
+        dt = t1 - t0
         name = threading.current_thread().name
         with cond:
             self.blocktime += dt
@@ -316,6 +333,8 @@ class FaultHandler:
             if key not in self.requested:
                 self.requested[key] = t
                 self.requests += 1
+                self.trace.mark(blk.index, hp, "fault", t)
+                self.trace.mark(blk.index, hp, "request-written")
                 self.send_request(blk, hp << C.TARGET_PAGE_BITS, blk.page_size)
         return True
 
@@ -331,8 +350,19 @@ class FaultHandler:
             rec = self.latency_by_channel.get(channel)
             if rec is None:
                 rec = self.latency_by_channel[channel] = LatencyRecorder()
+            rp = self.received
+            decoded, placed = rp.place_started.get(channel), rp.place_done.get(channel, now)
+            wb, where = rp.place_where.get(channel, (None, None))
             for k in done:
                 dt = now - self.requested.pop(k)
+                # Only pages of this channel's placement get its times (another channel's
+                # may have set the bit and not yet come here).
+                if wb == k[0] and (where.start <= k[1] < where.stop if isinstance(where, slice)
+                                   else bool((where == k[1]).any())):
+                    self.trace.mark(k[0], k[1], "decoded", decoded)
+                    self.trace.mark(k[0], k[1], "placed", placed)
+                    if k in self.kernel_waiters:
+                        self.trace.mark(k[0], k[1], "woken", placed)  # UFFDIO_COPY woke them
                 self.latency.add(dt)
                 rec.add(dt)
                 for tid, t in self.kernel_waiters.pop(k, ()):

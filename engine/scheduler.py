@@ -46,6 +46,9 @@ class SendOrder:
     requested: bool = False
     restored: bool = False
     switched: bool = False  # the channel differs from the previous order's: forget its last block
+    # A request for this host page was dropped because it is on its way here: the
+    # guest waits for it, so it is not held behind requested pages (send_loop).
+    wanted: bool = False
 
 
 @dataclass(slots=True)
@@ -72,6 +75,7 @@ class PageScheduler:
         self.queue: deque[tuple[int, int]] = deque()  # (block, first target page of host page)
         self.cursor = (0, 0)  # background scan position
         self.interrupted: tuple[int, int] | None = None  # (block, next target page) of a preempted huge page
+        self.interrupted_wanted = False  # a request for the interrupted page was dropped
         self.current: SendOrder | None = None  # order being sent (for should_preempt)
         self.last_channel = PRECOPY
         self._rr = 0  # round robin over POSTCOPY channels
@@ -104,6 +108,7 @@ class PageScheduler:
             block, hp = self.queue.popleft()
             if self._is_interrupted(block, hp):
                 self.dropped_in_flight += 1  # finishes on the PRECOPY channel
+                self.interrupted_wanted = True
                 continue
             b = self.blocks[block]
             end = hp + b.tp_per_hp
@@ -128,7 +133,9 @@ class PageScheduler:
             self.interrupted = None
             self.restores += 1
             b = self.blocks[block]
-            order = SendOrder(block, page, self.host_page(block, page) + b.tp_per_hp, PRECOPY, restored=True)
+            order = SendOrder(block, page, self.host_page(block, page) + b.tp_per_hp, PRECOPY, restored=True,
+                              wanted=self.interrupted_wanted)
+            self.interrupted_wanted = False
         if order is None:
             order = self._background()
         if order is not None and order.channel != self.last_channel:
@@ -167,6 +174,7 @@ class PageScheduler:
         self.requests += 1
         if self._is_interrupted(block, host_page):
             self.dropped_in_flight += 1
+            self.interrupted_wanted = True
             return None
         b = self.blocks[block]
         end = host_page + b.tp_per_hp
@@ -178,6 +186,7 @@ class PageScheduler:
         if (cur is not None and cur.block == block and cur.channel == PRECOPY
                 and self.host_page(block, cur.start) == host_page):
             self.dropped_in_flight += 1
+            cur.wanted = True
             return None
         b.dirty.bits[host_page:end] = False
         ch = 1 + self._rr % self.postcopy_channels
@@ -191,6 +200,7 @@ class PageScheduler:
         """
         self.queue.clear()
         self.interrupted = None
+        self.interrupted_wanted = False
         self.current = None
         self.last_channel = PRECOPY
         self.cursor = (0, 0)

@@ -17,6 +17,15 @@ from .scheduler import PRECOPY, PageScheduler, SendOrder
 
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
+# An interruptible huge page goes out in chunks, the request queue looked at
+# between chunks, each chunk one bulk run instead of one target page per call.
+# A chunk is what the PRECOPY channel moves in BREAK_WAIT at its measured
+# bandwidth, so a request waits behind about that much background on any link,
+# and never less than BREAK_STEP_PAGES (64 KiB, as a small-page run with
+# preemption: scheduler.PREEMPT_RUN_PAGES) nor more than BREAK_MAX_PAGES.
+BREAK_WAIT = 0.00025  # s
+BREAK_STEP_PAGES = 16
+BREAK_MAX_PAGES = 256  # 1 MiB
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
@@ -40,6 +49,7 @@ class SendLoop:
         self.channels: list = []
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread
+        self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
         self.bandwidth = 0.0
         self.mbps = 0.0
@@ -62,8 +72,8 @@ class SendLoop:
         # Where a request may make us stop early: between target pages of an
         # interruptible huge page, anywhere in a run of small pages.
         can_leave = interruptible or blk.tp_per_hp == 1
-        if interruptible:
-            step = 1  # stop at the next target-page boundary
+        if interruptible or (hold and blk.tp_per_hp > 1):
+            step = self.break_step()  # stop at the next chunk's target-page boundary
         elif hold:
             step = min(order.end - order.start, HOLD_STEP_PAGES)
         else:
@@ -71,13 +81,16 @@ class SendLoop:
         # The destination assembles host pages in order once in postcopy; before,
         # data pages first and zero pages after is cheaper to decode.
         order_matters = sched.postcopy and blk.tp_per_hp > 1
+        trace = self.trace if order.requested else None
+        if trace is not None:
+            trace.mark(order.block, order.start, "send-start")
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
                 with self.lock:
                     sched.preempted(order, p)
                 break
-            if hold and self.urgent_in_flight() and not self._hold(can_leave):
+            if hold and not order.wanted and self.urgent_in_flight() and not self._hold(can_leave, order):
                 if interruptible:
                     with self.lock:
                         sched.preempted(order, p)
@@ -92,6 +105,12 @@ class SendLoop:
             p = e
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
+            if trace is not None:
+                trace.mark(order.block, order.start, "flushed")
+
+    def break_step(self) -> int:
+        """Target pages per chunk of a huge page that a request may interrupt (see BREAK_WAIT)."""
+        return max(BREAK_STEP_PAGES, min(BREAK_MAX_PAGES, int(self.bandwidth * BREAK_WAIT) >> 12))
 
     def send_for(self, budget: float | None, stop: Callable[[], bool] | None = None) -> bool:
         """Send orders until ``budget`` seconds are spent or ``stop()``.
@@ -117,15 +136,16 @@ class SendLoop:
         """Requested pages are still on their way: being queued, or in a POSTCOPY socket."""
         return self.urgent_busy > 0 or any(pc.writer.transport.outq() > 0 for pc in self.channels[1:])
 
-    def _hold(self, can_leave: bool) -> bool:
+    def _hold(self, can_leave: bool, order: SendOrder) -> bool:
         """Hold background pages while requested pages travel, so they get the whole link.
 
         Returns False when a new request came in and the caller may stop to
         serve it. Never longer than HOLD_MAX: a stalled POSTCOPY channel must
-        not stop the background.
+        not stop the background; not at all once the guest waits for the page
+        of ``order`` itself (a request for it was dropped: ``order.wanted``).
         """
         deadline = time.monotonic() + HOLD_MAX
-        while self.urgent_in_flight() and not self.stopping():
+        while self.urgent_in_flight() and not self.stopping() and not order.wanted:
             if can_leave and self.sched.queue:
                 return False
             if time.monotonic() > deadline:

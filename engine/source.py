@@ -25,6 +25,8 @@ destination its verdict, and only then may the guest run there.
 """
 from __future__ import annotations
 
+import ipaddress
+import socket
 import threading
 import time
 from typing import Callable
@@ -47,6 +49,7 @@ from .peer import COMPLETION_SHUT, effective_capability, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
                           open_postcopy_channels, ram_section_id)
 from .ram import GuestRAM
+from .reqtrace import RequestTrace
 from .return_path import SourceReturnPath
 from .scheduler import PageScheduler, SchedBlock
 from .send_loop import SendLoop
@@ -62,6 +65,27 @@ ITERATION_BUDGET = 0.05  # s of sending per PART section, QEMU's MAX_WAIT
 CONFIRM_TIMEOUT = 120.0  # s to wait for the destination's confirmation
 PREEMPT_FLUSH_BYTES = 64 << 10  # PRECOPY channel flush size once in postcopy with preemption
 PACE_SHARE = 0.9  # automatic pacing: this share of the bandwidth measured in precopy
+# Automatic pacing trusts a rate measured over at least this much sending; a
+# switch earlier than that (the first pass barely begun: setup, first touches
+# of the destination's memory) measures the rate in postcopy's first
+# PACE_PROBE_SECONDS instead, unpaced, and paces from then on. The probe takes
+# its best PACE_PROBE_WINDOW: on a shared host one slow stretch must not cap
+# the whole postcopy phase.
+PACE_MIN_SECONDS = 0.5
+PACE_MIN_BYTES = 64 << 20
+PACE_PROBE_SECONDS = 1.0
+PACE_PROBE_WINDOW = 0.2
+
+
+def _to_loopback(transport) -> bool:
+    """The transport is a TCP connection to an address of the loopback interface."""
+    sock = getattr(transport, "sock", None)
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return False
+    try:
+        return ipaddress.ip_address(sock.getpeername()[0]).is_loopback
+    except (OSError, ValueError):
+        return False
 
 
 class MigrationCancelled(Exception):
@@ -120,6 +144,8 @@ class MigrationSource:
         self._rp_sends = False  # urgent-pages-from = return-path
         self._ram_section = 0
         self._confirmed_at: float | None = None
+        self.req_trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
+        self._pace_probe: list | None = None  # the rate automatic pacing waits for: _pace_from_probe
         self.recoveries = 0
         self.passes = []  # per-pass figures (MIGRATION_PASS)
 
@@ -241,6 +267,8 @@ class MigrationSource:
                 st.extra["postcopy-bytes"] = self._postcopy_bytes()
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
+        if st.status in ST.FINAL_STATES and self.in_postcopy:  # engine/reqtrace.py
+            st.extra["postcopy-request-trace"] = self.req_trace.to_dict()
         self._count_pages()
         return st.to_dict()
 
@@ -328,6 +356,7 @@ class MigrationSource:
                                    preempt=preempt, break_huge=cfg.param("preempt-break-huge"),
                                    postcopy_channels=max(1, nchannels))
         self.loop = SendLoop(self.ram, self.bitmaps, self.sched, self._lock, self._stopping)
+        self.loop.trace = self.req_trace
         self.loop.reset_bandwidth(st.start_time)
         transport = connect(self.uri, liveness=cfg.param("liveness-timeout"))
         if hasattr(transport, "tune"):
@@ -583,6 +612,9 @@ class MigrationSource:
         if self.sched.preempt:
             # Come back from blocking sends often enough to serve requests.
             ch.writer.auto_flush = PREEMPT_FLUSH_BYTES
+            if self._pace_probe is not None:  # a recovery's new channel: measure from here
+                now = time.monotonic()
+                self._pace_probe = [now, now, ch.transferred, 0.0]
             if "precopy-pacing-rate" not in self.stats.extra:
                 self.stats.extra["precopy-pacing-rate"] = self._pacing_rate()
             if hasattr(ch.writer.transport, "tune"):
@@ -613,6 +645,12 @@ class MigrationSource:
             ch.section_footer(self._ram_section)
             ch.flush()
             self._update_bandwidth()
+            if self._pace_probe is not None:
+                self._pace_from_probe()
+            if self.sched.preempt:
+                # A send blocks about as long as a chunk of an interruptible huge page
+                # takes (send_loop.BREAK_WAIT): flushes as big as the chunks, not smaller.
+                ch.writer.auto_flush = max(PREEMPT_FLUSH_BYTES, self.loop.break_step() << C.TARGET_PAGE_BITS)
             if done:
                 break
         self._check()
@@ -640,26 +678,55 @@ class MigrationSource:
         rate = cfg.param("precopy-pacing-rate")
         if rate or not cfg.param("preempt-pace-background"):
             return rate
+        if _to_loopback(self.channel.writer.transport):
+            # No link, no queue at one to keep empty: kernel pacing would only cost
+            # CPU and background rate (measured: docs/performance.md).
+            return 0
         base = cfg.param("max-postcopy-bandwidth")
         if not base:
             # What the peer acknowledged, not what left our buffers: bytes still
             # in the socket or a link queue say nothing about the path's pace.
             ch = self.channel
-            elapsed = time.monotonic() - (self.stats.setup_done or self.stats.start_time)
+            now = time.monotonic()
+            elapsed = now - (self.stats.setup_done or self.stats.start_time)
             delivered = ch.transferred - ch.writer.transport.outq()
-            base = delivered / elapsed if elapsed > 0 else 0
+            if elapsed < PACE_MIN_SECONDS or delivered < PACE_MIN_BYTES:
+                self._pace_probe = [now, now, delivered, 0.0]  # too little to go by: _pace_from_probe
+                return 0
+            base = delivered / elapsed
         return int(base * PACE_SHARE)
+
+    def _pace_from_probe(self) -> None:
+        """Postcopy's first PACE_PROBE_SECONDS run unpaced; then pace at PACE_SHARE of
+        the best PACE_PROBE_WINDOW's delivered rate (bytes the peer acknowledged)."""
+        probe = self._pace_probe  # [start, window start, bytes delivered at window start, best rate]
+        now = time.monotonic()
+        tr = self.channel.writer.transport
+        if now - probe[1] >= PACE_PROBE_WINDOW:
+            delivered = self.channel.transferred - tr.outq()
+            probe[3] = max(probe[3], (delivered - probe[2]) / (now - probe[1]))
+            probe[1], probe[2] = now, delivered
+        if now - probe[0] < PACE_PROBE_SECONDS:
+            return
+        self._pace_probe = None
+        rate = int(probe[3] * PACE_SHARE)
+        if rate > 0 and hasattr(tr, "tune"):
+            tr.tune(pacing_rate=rate)
+            self.stats.extra["precopy-pacing-rate"] = rate
 
     # --- page requests (return-path thread) ---
     def _on_request(self, msg: codec.RpMessage, blk) -> None:
         if self.status != ST.POSTCOPY_ACTIVE:
             return  # a recovery is under way: the destination asks again after RESUME
         host_page = msg.start >> C.TARGET_PAGE_BITS
+        self.req_trace.mark(blk.index, host_page, "request-read", self.rp.last_heard)
         if self._rp_sends:
             self._send_urgent(blk.index, host_page)
         else:
             with self._lock:
                 self.sched.request(blk.index, host_page)
+                # Under the lock: the migration thread may take it the moment it is released.
+                self.req_trace.mark(blk.index, host_page, "queued")
 
     def _send_urgent(self, block: int, host_page: int) -> None:
         """urgent-pages-from=return-path: send a requested page from this thread, now."""
@@ -671,8 +738,12 @@ class MigrationSource:
             pc.lock.acquire()  # taken before releasing the scheduler: EOS waits for us
             self.loop.urgent_busy += 1
         try:
+            tr = self.req_trace
+            tr.mark(block, host_page, "queued")
+            tr.mark(block, host_page, "send-start")
             pc.send_range(self.ram.blocks[block], order.start, order.end)
             pc.flush()
+            tr.mark(block, host_page, "flushed")
         finally:
             pc.lock.release()
             with self._lock:
@@ -689,6 +760,9 @@ class MigrationSource:
         st.end_time = time.monotonic()
         st.extra["transfer-time"] = st._ms(st.start_time, self._confirmed_at or st.downtime_end)
         st.extra["verify-time"] = st._ms(self._confirmed_at or st.downtime_end, st.end_time)
+        if self.in_postcopy and st.downtime_end is not None:
+            # The postcopy phase: the switch's end -> the destination confirmed every page.
+            st.extra["postcopy-time"] = st._ms(st.downtime_end, self._confirmed_at or st.end_time)
         self._update_bandwidth(force=True)
         st.transferred = self._closed_bytes + sum(c.transferred for c in self.channels)
         self.sm.fire(ST.COMPLETE)

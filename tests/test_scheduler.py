@@ -162,3 +162,30 @@ def test_claim_from_return_path():
 def test_postcopy_channels_must_be_positive():
     with pytest.raises(ValueError, match="postcopy-channels"):
         make(postcopy_channels=0)
+
+
+def test_request_dropped_for_the_page_in_flight_marks_it_wanted():
+    sched, blocks = make(preempt=True)
+    sched.postcopy = True
+    o = sched.next()
+    assert not o.wanted
+    send(blocks, o, upto=o.start + 100)  # half sent on the PRECOPY channel
+    assert sched.claim(0, 0) is None  # it completes there...
+    assert o.wanted  # ...and is not held behind requested pages meanwhile
+    assert sched.dropped_in_flight == 1
+
+
+def test_request_dropped_for_the_interrupted_page_marks_its_restore_wanted():
+    sched, blocks = make(preempt=True)
+    sched.postcopy = True
+    o = sched.next()
+    send(blocks, o, upto=64)
+    sched.request(0, 2 * HUGE)
+    sched.preempted(o, 64)
+    r = sched.next()
+    assert r.requested and r.start == 2 * HUGE
+    send(blocks, r)
+    sched.request(0, 0)  # the interrupted page itself: dropped, finishes on PRECOPY
+    restored = sched.next()
+    assert restored.restored and restored.start == 64 and restored.wanted
+    assert not sched.interrupted_wanted

@@ -15,6 +15,12 @@ here; needs root).
     python tools/bench_postcopy.py                       # 1 GiB, 4K and 2M pages, loopback
     python tools/bench_postcopy.py --link netns --rate 1gbit
     python tools/bench_postcopy.py --quick --json        # 256 MiB, JSON last line
+    python tools/bench_postcopy.py --throughput --size 1G --repeat 3   # background MiB/s
+
+--throughput measures how fast background pages move instead: precopy, vanilla postcopy
+and postcopy with preemption on the same link and guest (2 MiB pages by default), no
+destination workload (--light: a slow one), switching at --after-percent; per case the
+rate of its data phase, median of --repeat runs with the spread, and postcopy/precopy.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ if __package__ in (None, ""):
 
 from engine.local import GuestConfig, run_local_migration  # noqa: E402
 from engine.ram import format_size, parse_size  # noqa: E402
+from engine.reqtrace import STEPS, join, step_summary  # noqa: E402
 from engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
 from engine.workload import WorkloadConfig  # noqa: E402
 
@@ -128,6 +135,8 @@ def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict,
         "source-counters": {k: src.get(k) for k in ("postcopy-requests", "requests-already-sent",
                                                     "requests-dropped-in-flight", "preemptions", "restores")
                             if k in src},
+        # engine/reqtrace.py: both workers on this host, so their monotonic clocks compare
+        "trace-us": step_summary(join(src.get("postcopy-request-trace"), dst.get("postcopy-request-trace"))),
     })
     if not ok:
         out["error"] = (f"source {src.get('status')} ({src.get('error-desc', '')}), destination "
@@ -147,9 +156,142 @@ def merge_runs(runs: list[dict]) -> dict:
     out["latency-us"]["count"] = sum(r["latency-us"]["count"] for r in good)  # requests in all runs
     for k in ("requests", "faults", "blocktime-ms", "total-time-ms", "transfer-time-ms"):
         out[k] = med(r[k] for r in good)
+    if all(r.get("trace-us") for r in good):
+        # Per step: the median over the runs of each run's p50 and p99.
+        out["trace-us"] = {}
+        for step in STEPS:
+            per = [r["trace-us"][step] for r in good if r["trace-us"][step]["count"]]
+            out["trace-us"][step] = ({"count": sum(x["count"] for x in per),
+                                      "p50": round(med(x["p50"] for x in per), 1),
+                                      "p99": round(med(x["p99"] for x in per), 1)}
+                                     if per else {"count": 0, "p50": None, "p99": None})
     out["ok"] = len(good) == len(runs)
     out["runs"] = runs
     return out
+
+
+THROUGHPUT_CASES = (
+    ("precopy", {}),
+    ("vanilla", {"postcopy-ram": True}),
+    ("preempt", {"postcopy-ram": True, "postcopy-preempt": True}),
+)
+
+
+def mibps(nbytes: int, ms: float) -> float | None:
+    return round(nbytes / MIB / (ms / 1000), 1) if ms and ms > 0 else None
+
+
+def run_throughput_case(link: LinkEnv, size: int, page_size: int, caps: dict, args, label: str) -> dict:
+    """One migration for --throughput: how fast background pages move.
+
+    No source workload (one pass is enough for precopy); on the destination
+    no workload, or with --light a slow one (64 touches/s). Rates in MiB/s:
+    ``phase-MiBps`` is precopy's RAM bytes over its time from setup's end to
+    the destination's confirmation, or postcopy's bytes after the switch over
+    the postcopy phase (switch end -> confirmation); ``overall-MiBps`` is every
+    byte over setup's end -> confirmation, for both.
+    """
+    wl = (WorkloadConfig(threads=1, pattern="random", batch=1, dirty_rate=64 * 4096, seed=args.seed)
+          if args.light else None)
+    guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
+    params = {"postcopy-after-percent": args.after_percent} if caps.get("postcopy-ram") else {}
+    out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
+    t0 = time.monotonic()
+    try:
+        src, dst = run_local_migration(link.uri, guest, caps=caps, params=params, timeout=args.timeout,
+                                       netns=link.netns)
+    except RuntimeError as e:
+        out.update(ok=False, error=str(e), **{"wall-s": round(time.monotonic() - t0, 2)})
+        return out
+    ok = (src.get("status") == "completed" and dst.get("status") == "completed"
+          and src.get("digests") == dst.get("digests"))
+    ram = src.get("ram", {})
+    busy_ms = src.get("transfer-time", 0) - src.get("setup-time", 0)
+    if caps.get("postcopy-ram"):
+        phase_bytes, phase_ms = src.get("postcopy-bytes", 0), src.get("postcopy-time", 0)
+    else:
+        phase_bytes, phase_ms = ram.get("transferred", 0), busy_ms
+    out.update({
+        "ok": ok, "wall-s": round(time.monotonic() - t0, 2),
+        "total-time-ms": src.get("total-time", 0), "transfer-time-ms": src.get("transfer-time", 0),
+        "phase-bytes": phase_bytes, "phase-ms": phase_ms, "phase-MiBps": mibps(phase_bytes, phase_ms),
+        "overall-MiBps": mibps(ram.get("transferred", 0), busy_ms),
+        "precopy-bytes": ram.get("precopy-bytes", 0), "postcopy-bytes": src.get("postcopy-bytes", 0),
+        "requests": dst.get("postcopy-requests", 0),
+    })
+    if not ok:
+        out["error"] = (f"source {src.get('status')} ({src.get('error-desc', '')}), destination "
+                        f"{dst.get('status')} ({dst.get('error-desc', '')})")
+    return out
+
+
+def merge_throughput(runs: list[dict]) -> dict:
+    """Median (and min-max spread) of each rate over the good runs; all runs under 'runs'."""
+    good = [r for r in runs if r.get("ok")]
+    out = dict(good[0] if good else runs[0])
+    out["ok"] = bool(good) and len(good) == len(runs)
+    for k in ("phase-MiBps", "overall-MiBps", "total-time-ms"):
+        vals = [r[k] for r in good if r.get(k) is not None]
+        if vals:
+            out[k] = statistics.median(vals)
+            out[k + "-spread"] = [min(vals), max(vals)]
+    out["runs"] = runs
+    return out
+
+
+def throughput_main(args) -> int:
+    """--throughput: precopy vs vanilla postcopy vs preempt, background rate, median of --repeat."""
+    cases = []
+    load0 = load_note()
+    try:
+        with open_link(args.link, args.shape) as link:
+            env = link.describe()
+            for ps in args.page_sizes:
+                runs: dict[str, list] = {name: [] for name, _ in THROUGHPUT_CASES}
+                for _ in range(args.repeat):  # interleaved: a load change hits every case alike
+                    for name, caps in THROUGHPUT_CASES:
+                        print(f"... {args.link} {page_label(ps)} {name}", file=sys.stderr, flush=True)
+                        runs[name].append(run_throughput_case(link, args.size, ps, caps, args, name))
+                merged = {name: merge_throughput(r) for name, r in runs.items()}
+                base = merged["precopy"].get("phase-MiBps")
+                for m in merged.values():
+                    r = m.get("phase-MiBps")
+                    m["ratio-to-precopy"] = round(r / base, 3) if r and base else None
+                cases += merged.values()
+    except TestbedError as e:
+        print(f"bench_postcopy: netns link: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench_postcopy: interrupted; processes and namespaces removed", file=sys.stderr)
+        return 130
+    print(f"Ferry background throughput, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, load "
+          f"{os.getloadavg()[0]:.2f} (shared machine: figures under load), guest {format_size(args.size)}, "
+          f"destination workload {'light (64 pages/s)' if args.light else 'none'}, switch at "
+          f"{args.after_percent} %, median of {args.repeat} [min-max]")
+    head = f"{'link':<8} {'page':>4} {'case':<8} {'phase MiB/s':>22} {'overall MiB/s':>22} {'/precopy':>8} {'total':>7}"
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<8}"
+        if c.get("phase-MiBps") is None:
+            print(f"{pre} ERROR {c.get('error')}")
+            continue
+        sp, so = c.get("phase-MiBps-spread", [0, 0]), c.get("overall-MiBps-spread", [0, 0])
+        ratio = c.get("ratio-to-precopy")
+        print(f"{pre} {c['phase-MiBps']:>8.1f} [{sp[0]:.0f}-{sp[1]:.0f}]{'':>4} "
+              f"{c['overall-MiBps']:>8.1f} [{so[0]:.0f}-{so[1]:.0f}]{'':>4} "
+              f"{'-' if ratio is None else f'{ratio:.2f}':>8} {c['total-time-ms'] / 1000:>6.2f}s"
+              f"{'' if c['ok'] else '  FAILED: ' + str(c.get('error'))}")
+    print("phase = precopy: all bytes over setup end -> confirmation; postcopy: bytes sent after the switch over "
+          "switch end -> confirmation. /precopy = phase rate over precopy's.")
+    if args.json:
+        print(json.dumps({
+            "tool": "bench_postcopy", "mode": "throughput", "date": datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), "size": args.size, "load-start": load0, "load-end": load_note(),
+            "light": args.light, "after-percent": args.after_percent, "env": env, "cases": cases,
+            "all-ok": all(c.get("ok") for c in cases),
+        }))
+    return 0 if all(c.get("ok") for c in cases) else 1
 
 
 def install_signal_handlers() -> None:
@@ -234,7 +376,13 @@ def parse_args(argv=None):
     add_common_args(p)
     p.add_argument("--link", default="loopback", choices=("loopback", "netns"),
                    help="loopback TCP, or two namespaces joined by a tbf-limited veth (default loopback)")
+    p.add_argument("--throughput", action="store_true",
+                   help="background throughput instead: precopy vs vanilla postcopy vs preempt, no destination "
+                        "workload (default 2M pages)")
+    p.add_argument("--light", action="store_true", help="--throughput: a light destination workload (64 pages/s)")
     a = p.parse_args(argv)
+    if a.throughput and "--page-sizes" not in " ".join(argv if argv is not None else sys.argv):
+        a.page_sizes = "2M"
     finish_args(p, a, "256M")
     return a
 
@@ -244,6 +392,8 @@ def main(argv=None) -> int:
     install_signal_handlers()
     if args.link == "netns":
         cleanup_stale()
+    if args.throughput:
+        return throughput_main(args)
     cases = []
     load0 = load_note()
     try:

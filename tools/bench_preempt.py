@@ -58,6 +58,8 @@ if __package__ in (None, ""):
 from bench_postcopy import (add_common_args, finish_args, fmt_us, install_signal_handlers, load_note,  # noqa: E402
                             merge_runs, open_link, page_label, run_case)
 
+from engine.reqtrace import STEPS  # noqa: E402
+
 from channels import constants as C  # noqa: E402
 from engine.ram import format_size, parse_size  # noqa: E402
 from engine.testbed import TestbedError, cleanup_stale  # noqa: E402
@@ -165,7 +167,7 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
     print(f"Ferry postcopy preemption, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.2f} (figures taken under load are noisy), guest {format_size(args.size)}, "
           f"dest workload random batch=1 threads={args.threads} {args.dirty_rate >> 20} MiB/s, "
-          f"switch at {args.after_percent} %, median of {args.repeat}")
+          f"switch at {args.after_percent} %, median of {args.repeat}, cpu hogs {args.cpu_hog}")
     for name, pr in probes.items():
         env = envs.get(name, {})
         extra = ""
@@ -197,11 +199,48 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
         if c.get("uffd/inproc-p50") is not None or c.get("uffd/inproc-p99") is not None:
             print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} uffd/in-process p50 "
                   f"{c.get('uffd/inproc-p50')}x p99 {c.get('uffd/inproc-p99')}x")
+    print_trace(cases)
     if tg:
         print(f"targets on the rate-limited link (p99 <= {FLOOR_FACTOR:g}x floor; vanilla/preempt p99 >= "
               f"{SPEEDUP_4K:g}x on 4K):")
         for case, t in tg.items():
             print(f"  {case:<17} " + "  ".join(f"{k} {verdict(v)}" for k, v in t.items()))
+
+
+def print_trace(cases: list[dict]) -> None:
+    """The request trace (engine/reqtrace.py): p50 / p99 of each step, per case."""
+    rows = [c for c in cases if c.get("trace-us")]
+    if not rows:
+        return
+    short = [s.replace("request-", "req-") for s in STEPS]
+    print("request trace, per step p50/p99 (both workers on this host: CLOCK_MONOTONIC compares across them):")
+    head = f"{'link':<8} {'page':>4} {'case':<17} " + " ".join(f"{s:>21}" for s in short)
+    print(head)
+    for c in rows:
+        t = c["trace-us"]
+        cells = " ".join(f"{fmt_us(t[s]['p50']) + '/' + fmt_us(t[s]['p99']):>21}" if t[s]["count"] else f"{'-':>21}"
+                         for s in STEPS)
+        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} {cells}")
+
+
+@contextlib.contextmanager
+def cpu_hogs(n: int):
+    """``n`` processes spinning on the CPU beside the workers (a busy host), stopped after."""
+    import multiprocessing as mp
+    procs = [mp.get_context("spawn").Process(target=_spin, name=f"cpu-hog-{i}", daemon=True) for i in range(n)]
+    for p in procs:
+        p.start()
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.kill()
+            p.join(5)
+
+
+def _spin() -> None:
+    while True:
+        pass
 
 
 @contextlib.contextmanager
@@ -254,8 +293,12 @@ def parse_args(argv=None):
                         "served through userfaultfd (engine/guestproc.py); case names get '+uffd'")
     p.add_argument("--uffd-hugetlb", action="store_true",
                    help="with --uffd: 2M/1G guests on real huge pages (reserved here and given back)")
+    p.add_argument("--cpu-hog", type=int, default=0, metavar="N",
+                   help="N processes spinning on the CPU beside the workers during every case (a busy host)")
     a = p.parse_args(argv)
     finish_args(p, a, "128M")
+    if a.cpu_hog < 0:
+        p.error("--cpu-hog must be >= 0")
     a.links = [x.strip() for x in a.links.split(",") if x.strip()]
     bad = [x for x in a.links if x not in ("loopback", "netns")]
     if bad or not a.links:
@@ -296,7 +339,9 @@ def main(argv=None) -> int:
                         if params.get("precopy-pacing-rate") == PACE:
                             params = {**params,
                                       "precopy-pacing-rate": int(probes[link_name]["rate-Bps"] * PACE_SHARE)}
-                        runs = [run_case(link, args.size, ps, caps, params, args, name) for _ in range(args.repeat)]
+                        with cpu_hogs(args.cpu_hog):
+                            runs = [run_case(link, args.size, ps, caps, params, args, name)
+                                    for _ in range(args.repeat)]
                         cases.append(merge_runs(runs))
                         if args.uffd:
                             # Same case, same link, right after: the guest in its own process.
@@ -320,7 +365,7 @@ def main(argv=None) -> int:
             "python": platform.python_version(), "size": args.size, "quick": args.quick,
             "load-start": load0, "load-end": load_note(), "wall-s": round(time.monotonic() - t0, 1),
             "workload": {"pattern": "random", "batch": 1, "threads": args.threads, "dirty-rate": args.dirty_rate},
-            "after-percent": args.after_percent, "repeat": args.repeat,
+            "after-percent": args.after_percent, "repeat": args.repeat, "cpu-hog": args.cpu_hog,
             "links": envs, "probes": probes, "skipped-links": skipped,
             "floors-us": {f"{k[0]}/{page_label(k[1])}": round(v, 1) for k, v in floors.items()},
             "cases": cases, "targets": tg, "all-ok": all(c.get("ok") for c in cases),
