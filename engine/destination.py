@@ -30,6 +30,7 @@ from channels.transport import Listener
 
 from . import states as ST
 from . import stats as S
+from .channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, check_plaintext
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .params import MigrationConfig
 from .peer import peer_features
@@ -83,6 +84,7 @@ class MigrationDestination:
         if ram is not None:
             self._use_ram(ram)
         self.listener: Listener | None = None
+        self.gate = ChannelGate(self.config)  # TLS and hello of every connection (engine/channel_auth.py)
         self.guest_state: dict | None = None
         self.vmdesc: dict | None = None
         self.postcopy_advised = False
@@ -149,6 +151,7 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
+        check_plaintext(self.config, uri, "migrate-incoming on")  # PlaintextRefused (a ValueError)
         self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
         self.sm.fire(ST.START)
         return str(self.listener.uri)
@@ -198,6 +201,7 @@ class MigrationDestination:
                                    "migration can be recovered")
             if self.listener is not None:
                 raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
+            check_plaintext(self.config, uri, "migrate-recover on")
             self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
             self._recover_cond.notify_all()
             return str(self.listener.uri)
@@ -261,7 +265,8 @@ class MigrationDestination:
             if ch is not None:
                 ch.shutdown()
 
-    def _accept(self):
+    def _accept(self, role: int = ROLE_MAIN, index: int = 0):
+        """The next connection that proved it is channel (role, index) (engine/channel_auth.py)."""
         while True:
             if self._cancel:
                 raise ChannelError("incoming migration cancelled")
@@ -271,7 +276,7 @@ class MigrationDestination:
             if listener is None:
                 raise ChannelError("incoming listener closed")
             try:
-                return listener.accept(timeout=ACCEPT_POLL)
+                return self.gate.accept(listener, role, index, ACCEPT_POLL)
             except TimeoutError:
                 continue
 
@@ -334,6 +339,7 @@ class MigrationDestination:
             st.end_time = st.end_time or time.monotonic()
             self._close_connection()
             self._close_listener()
+            self.gate.close()
             self._done.set()
 
     def _connected(self, transport, decoder: StreamDecoder) -> None:
@@ -519,7 +525,7 @@ class MigrationDestination:
         """Accept the POSTCOPY channels: the connections after the main one, in order."""
         try:
             for i in range(self._pc_expected):
-                t = self._accept()
+                t = self._accept(ROLE_POSTCOPY, i + 1)
                 if gen != self._gen:
                     t.close()
                     return

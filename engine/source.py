@@ -35,12 +35,13 @@ from channels.channel import PrecopyChannel
 from channels.devices import GuestDevices
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileWriter
-from channels.transport import connect, parse_uri
+from channels.transport import parse_uri
 
 from . import states as ST
 from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
+from .channel_auth import ROLE_MAIN, check_plaintext, open_channel
 from .params import MigrationConfig
 from .peer import COMPLETION_SHUT, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
@@ -141,6 +142,7 @@ class MigrationSource:
                 raise ValueError("postcopy-ram needs the return-path capability")
         if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
             raise ValueError("postcopy-preempt needs the postcopy-ram capability")
+        check_plaintext(self.config, u, "migrate to")  # PlaintextRefused (a ValueError)
         self.uri = u
         self.sm.fire(ST.START)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
@@ -323,7 +325,8 @@ class MigrationSource:
                                    postcopy_channels=max(1, nchannels))
         self.loop = SendLoop(self.ram, self.bitmaps, self.sched, self._lock, self._stopping)
         self.loop.reset_bandwidth(st.start_time)
-        transport = connect(self.uri, liveness=cfg.param("liveness-timeout"))
+        # TLS, hello and the version handshake: nothing moves before the destination agreed.
+        transport = open_channel(self.uri, cfg, ROLE_MAIN, 0)
         if hasattr(transport, "tune"):
             transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
         use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
@@ -380,7 +383,8 @@ class MigrationSource:
         QEMU 7.2 opens them at setup, QEMU 8.0+ at the switch; the destination
         tells them apart by order.
         """
-        self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"))
+        self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"),
+                                                config=self.config)
 
     # --- peer and dialect (engine/peer.py) ---
     @property
