@@ -4,7 +4,11 @@ Source side, :func:`open_channel`: connect, TLS client handshake when
 ``tls-creds`` is set, then (Ferry peer) the hello naming the role and index
 and the format-changing features; it waits for the destination's reply
 before any stream byte, so a mismatch (WireMismatch) fails the migration
-before ``active`` with the guest untouched.
+before ``active`` with the guest untouched. The hello is sent when there is
+something to prove it with: a ``migration-secret`` (``ferry migrate`` always
+sets a fresh one) or TLS. Without either (the engine driven directly, as
+tests and local tools do) channels go by arrival order, as with QEMU; such a
+destination still reads a hello when one comes, and takes a QEMU source.
 
 Destination side, :class:`ChannelGate`: every accepted connection gets its
 own thread for the TLS handshake and the hello (bounded by
@@ -20,6 +24,7 @@ exchanged: QEMU's rule, arrival order, applies (under TLS when set).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 
@@ -89,8 +94,8 @@ def open_channel(uri: str | MigrationURI, cfg, role: int, index: int) -> Transpo
         bound = handshake_timeout(cfg)
         if creds is not None and u.scheme != "file":
             t = T.client_wrap(t, creds, cfg.param("tls-hostname") or u.host or "localhost", bound)
-        if cfg.param("peer") == PEER_FERRY and u.scheme != "file":
-            secret = cfg.param("migration-secret")
+        secret = cfg.param("migration-secret")
+        if cfg.param("peer") == PEER_FERRY and u.scheme != "file" and (secret or creds is not None):
             data = H.encode_hello(secret, role, index, wire_features(cfg))
             t.set_recv_timeout(bound)
             t.set_send_timeout(bound)
@@ -124,6 +129,7 @@ class ChannelGate:
         self.refused: list[tuple[str, str]] = []
         self.mismatch: H.WireMismatch | None = None
         self._closed = False
+        self._qemu_source = False  # a secretless destination took a QEMU source
 
     @property
     def active(self) -> bool:
@@ -134,6 +140,8 @@ class ChannelGate:
         """The next verified connection for (role, index), waiting up to ``timeout`` s; TimeoutError."""
         if not self.active:
             return listener.accept(timeout=timeout)
+        if not self.cfg.param("migration-secret") and not self.cfg.param("tls-creds"):
+            return self._accept_open(listener, role, index, timeout)
         deadline = time.monotonic() + timeout
         if role == ROLE_MAIN:
             with self._cond:
@@ -152,6 +160,30 @@ class ChannelGate:
                     self._cond.wait(min(max(0.0, deadline - time.monotonic()), 0.05))
                 continue
             threading.Thread(target=self._handshake, args=(t,), name="channel-handshake", daemon=True).start()
+
+    def _accept_open(self, listener, role: int, index: int, timeout: float) -> Transport:
+        """Without a secret or TLS nothing can be proved: a Ferry source's hello is still read
+        (version and features checked), and a QEMU source (its stream header first) is taken
+        by arrival order, as QEMU would. In this thread: there is no intruder to wait out."""
+        while True:
+            t = listener.accept(timeout=timeout)
+            if self._qemu_source and role == ROLE_POSTCOPY:
+                return t  # QEMU's POSTCOPY channels send nothing until a page is requested
+            bound = handshake_timeout(self.cfg)
+            t.set_recv_timeout(bound)
+            try:
+                head = t.sock.recv(len(C.FERRY_HELLO_MAGIC), socket.MSG_PEEK | socket.MSG_WAITALL)
+            except OSError as e:
+                self._refuse(t, f"no first bytes within the handshake bound: {e.strerror or e}")
+                continue
+            if head != C.FERRY_HELLO_MAGIC:
+                self._qemu_source = head[:4] == C.QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
+                t.set_recv_timeout(None)
+                return t  # no hello: QEMU's rule (the stream parser judges what follows)
+            self._handshake(t)
+            got = self._take(role, index)
+            if got is not None:
+                return got
 
     def _take(self, role: int, index: int):
         with self._cond:
