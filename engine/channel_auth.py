@@ -87,7 +87,7 @@ def open_channel(uri: str | MigrationURI, cfg, role: int, index: int) -> Transpo
     (the destination refused or is not this migration's), WireMismatch.
     """
     u = parse_uri(uri) if isinstance(uri, str) else uri
-    check_plaintext(cfg, u, "migrate to")
+    check_plaintext(cfg, u, "connecting to")
     creds = _creds(cfg)
     t = connect(u, liveness=cfg.param("liveness-timeout"))
     try:

@@ -151,8 +151,13 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
-        check_plaintext(self.config, uri, "migrate-incoming on")  # PlaintextRefused (a ValueError)
-        self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+        listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+        try:
+            check_plaintext(self.config, listener.uri, "listening on")  # PlaintextRefused (a ValueError)
+        except ValueError:
+            listener.close()
+            raise
+        self.listener = listener
         self.sm.fire(ST.START)
         return str(self.listener.uri)
 
@@ -201,8 +206,13 @@ class MigrationDestination:
                                    "migration can be recovered")
             if self.listener is not None:
                 raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
-            check_plaintext(self.config, uri, "migrate-recover on")
-            self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+            listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+            try:
+                check_plaintext(self.config, listener.uri, "listening on")
+            except ValueError:
+                listener.close()
+                raise
+            self.listener = listener
             self._recover_cond.notify_all()
             return str(self.listener.uri)
 

@@ -39,7 +39,7 @@ def recover_source(src) -> None:
     src._closed_normal += sum(c.normal_pages for c in src.channels)
     src._closed_zero += sum(c.zero_pages for c in src.channels)
     src.channels = []
-    check_plaintext(src.config, src.uri, "migrate (resume) to")
+    check_plaintext(src.config, src.uri, "connecting to")
     transport = open_channel(src.uri, src.config, ROLE_MAIN, 0)
     if hasattr(transport, "tune"):
         transport.tune(sndbuf=src.config.param("precopy-sndbuf"))

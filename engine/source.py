@@ -142,7 +142,7 @@ class MigrationSource:
                 raise ValueError("postcopy-ram needs the return-path capability")
         if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
             raise ValueError("postcopy-preempt needs the postcopy-ram capability")
-        check_plaintext(self.config, u, "migrate to")  # PlaintextRefused (a ValueError)
+        check_plaintext(self.config, u, "connecting to")  # PlaintextRefused (a ValueError)
         self.uri = u
         self.sm.fire(ST.START)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
