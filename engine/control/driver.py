@@ -266,6 +266,13 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
         listening = (await dst.call("migrate-recover", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
         out.uri = dialable_uri(listening, dst.endpoint)
         await src.call("migrate", {"uri": out.uri, "resume": True})
+        # The source is still postcopy-paused until its new main channel is up (TLS, hello):
+        # follow only once it left that state or paused again with a new error.
+        while loop.time() < t0 + timeout:
+            q = await src.call("query-migrate")
+            if q["status"] != S.POSTCOPY_PAUSED or q.get("error-desc") != sq.get("error-desc"):
+                break
+            await asyncio.sleep(POLL / 4)
         out.source, out.destination = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
         out.status_after = {"source": await src.call("query-status"),
                             "destination": await dst.call("query-status")}
