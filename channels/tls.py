@@ -41,6 +41,7 @@ SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 SEND_CHUNK = 256 << 10  # bytes handed to one SSL_write (16 records)
 GATHER_BUFFER = 1 << 20  # bytes gathered at once from an iovec array
+RECV_BATCH = 256 << 10  # bytes of records one recv_into takes at most (about 16 records)
 
 
 class TLSError(ChannelError):
@@ -260,18 +261,33 @@ class TLSTransport(SocketTransport):
             raise OSError(errno.EAGAIN, f"no progress for {timeout:g} s")
 
     def recv_into(self, buf) -> int:
+        # SSL_read returns one record (16 KiB at most): take every record already
+        # here in one call, as a plain recv returns everything the socket holds.
+        # At most RECV_BATCH per call: the lock also serves the writer (a request on the return path).
+        mv = memoryview(buf).cast("B")
+        size = min(len(mv), RECV_BATCH)
         while True:
+            got = 0
             with self._lock:
                 if self._shut:
                     return 0
                 try:
-                    return self.sock.recv_into(buf)
+                    while got < size:
+                        n = self.sock.recv_into(mv[got:])
+                        if n == 0:
+                            break
+                        got += n
+                    return got
                 except ssl.SSLWantReadError:
+                    if got:
+                        return got
                     ev = select.POLLIN
                 except ssl.SSLWantWriteError:
+                    if got:
+                        return got
                     ev = select.POLLOUT
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return 0
+                    return got
             self._wait(ev, self._recv_to)
 
     def send_all(self, data) -> None:
