@@ -435,3 +435,26 @@ def test_tls_transport_send_timeout_is_a_peer_timeout(creds):
     t.close()
     out["t"].close()
     lst.close()
+
+
+def test_query_migrate_parameters_never_shows_the_secret():
+    from engine.worker import Worker, guest_config
+    w = Worker("source", guest_config(size="4M", workload_threads=0))
+    try:
+        assert w.query_parameters({})["migration-secret"] == ""
+        w.set_parameters({"migration-secret": "hunter2"})
+        q = w.query_parameters({})
+        assert q["migration-secret"] == "(set)" and "hunter2" not in repr(q)
+        assert w.config.param("migration-secret") == "hunter2"
+    finally:
+        w.shutdown("test")
+
+
+def test_a_file_migration_with_a_secret_needs_no_hello(tmp_path):
+    p = {"migration-secret": SECRET}
+    s = _source(_config(**p), f"file:{tmp_path}/saved")
+    assert s.wait(WAIT) == "completed", s.stats.error
+    d, _ = _dest(_config(**p), f"file:{tmp_path}/saved")
+    assert d.wait(WAIT) == "completed", d.stats.error
+    s.quit()
+    d.quit()
