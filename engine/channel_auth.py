@@ -129,7 +129,7 @@ class ChannelGate:
         self.refused: list[tuple[str, str]] = []
         self.mismatch: H.WireMismatch | None = None
         self._closed = False
-        self._qemu_source = False  # a secretless destination took a QEMU source
+        self._by_order = False  # a secretless destination's main channel came without a hello
 
     @property
     def active(self) -> bool:
@@ -162,13 +162,16 @@ class ChannelGate:
             threading.Thread(target=self._handshake, args=(t,), name="channel-handshake", daemon=True).start()
 
     def _accept_open(self, listener, role: int, index: int, timeout: float) -> Transport:
-        """Without a secret or TLS nothing can be proved: a Ferry source's hello is still read
-        (version and features checked), and a QEMU source (its stream header first) is taken
-        by arrival order, as QEMU would. In this thread: there is no intruder to wait out."""
+        """Without a secret or TLS nothing can be proved: a hello that comes is still read
+        (version and features checked); a main channel without one (a QEMU source, or a Ferry
+        source driven without a secret) is taken as it comes, and its POSTCOPY channels by
+        arrival order, as QEMU does. In this thread: there is no intruder to wait out."""
         while True:
             t = listener.accept(timeout=timeout)
-            if self._qemu_source and role == ROLE_POSTCOPY:
-                return t  # QEMU's POSTCOPY channels send nothing until a page is requested
+            if self._by_order and role == ROLE_POSTCOPY:
+                # The main channel came without a hello: its POSTCOPY channels come by arrival
+                # order, and may send nothing until a page is requested (QEMU 7.2's dialect).
+                return t
             bound = handshake_timeout(self.cfg)
             t.set_recv_timeout(bound)
             try:
@@ -177,7 +180,7 @@ class ChannelGate:
                 self._refuse(t, f"no first bytes within the handshake bound: {e.strerror or e}")
                 continue
             if head != C.FERRY_HELLO_MAGIC:
-                self._qemu_source = head[:4] == C.QEMU_VM_FILE_MAGIC.to_bytes(4, "big")
+                self._by_order = True
                 t.set_recv_timeout(None)
                 return t  # no hello: QEMU's rule (the stream parser judges what follows)
             self._handshake(t)
