@@ -458,3 +458,19 @@ def test_a_file_migration_with_a_secret_needs_no_hello(tmp_path):
     assert d.wait(WAIT) == "completed", d.stats.error
     s.quit()
     d.quit()
+
+
+def test_a_destination_that_never_answers_the_hello_fails_the_source_within_liveness_timeout():
+    lst = socket.create_server(("127.0.0.1", 0))
+    held = []
+    th = threading.Thread(target=lambda: held.append(lst.accept()[0]), daemon=True)
+    th.start()
+    s = _source(_config(**{"migration-secret": SECRET, "liveness-timeout": 2}),
+                f"tcp:127.0.0.1:{lst.getsockname()[1]}")
+    assert s.wait(WAIT) == "failed"
+    assert "channel hello reply: no byte within the handshake bound" in s.stats.error, s.stats.error
+    assert [new for _, _, new in s.sm.history] == [ST.SETUP, ST.FAILED]
+    th.join(WAIT)
+    for c in held:
+        c.close()
+    lst.close()
