@@ -474,3 +474,36 @@ def test_a_destination_that_never_answers_the_hello_fails_the_source_within_live
     for c in held:
         c.close()
     lst.close()
+
+
+def test_tls_writer_sends_small_fields_pages_and_a_buffer_larger_than_the_gather_buffer(creds):
+    import os as _os
+
+    from channels.qemufile import QEMUFileReader, QEMUFileWriter
+    from channels.tls import GATHER_BUFFER, client_wrap, server_wrap
+    c = load_creds(creds)
+    lst = Listener("tcp:127.0.0.1:0", liveness=WAIT)
+    out = {}
+    th = threading.Thread(target=lambda: out.setdefault("t", server_wrap(lst.accept(WAIT), c, "", WAIT)))
+    th.start()
+    t = client_wrap(connect(lst.uri, liveness=WAIT), c, "127.0.0.1", WAIT)
+    th.join(WAIT)
+    big = _os.urandom(3 * GATHER_BUFFER + 5)
+    pages = [_os.urandom(4096) for _ in range(600)]
+    w = QEMUFileWriter(t, name="precopy")
+    w.auto_flush = 1 << 30  # everything goes in the one flush below
+    w.put_be32(0x5145564D)
+    w.put_iov(pages, 4096 * len(pages))
+    w.put_ref(big)
+    w.put_byte(7)
+    sender = threading.Thread(target=w.flush)  # more than the socket buffers hold: read meanwhile
+    sender.start()
+    want = (0x5145564D).to_bytes(4, "big") + b"".join(pages) + big + b"\x07"
+    r = QEMUFileReader(out["t"], bufsize=8 << 20, name="precopy")
+    r.fill(len(want))
+    assert bytes(r.view()[:len(want)]) == want
+    sender.join(WAIT)
+    assert w.error is None and w.transferred == len(want)
+    t.close()
+    out["t"].close()
+    lst.close()
