@@ -34,7 +34,7 @@ from channels import tls as T
 from channels.errors import ChannelError
 from channels.transport import MigrationURI, Transport, connect, parse_uri
 
-from .peer import PEER_FERRY
+from .peer import peer_features
 
 log = logging.getLogger("ferry.channels")
 
@@ -95,7 +95,7 @@ def open_channel(uri: str | MigrationURI, cfg, role: int, index: int) -> Transpo
         if creds is not None and u.scheme != "file":
             t = T.client_wrap(t, creds, cfg.param("tls-hostname") or u.host or "localhost", bound)
         secret = cfg.param("migration-secret")
-        if cfg.param("peer") == PEER_FERRY and u.scheme != "file" and (secret or creds is not None):
+        if _hello(cfg) and u.scheme != "file" and (secret or creds is not None):
             data = H.encode_hello(secret, role, index, wire_features(cfg))
             t.set_recv_timeout(bound)
             t.set_send_timeout(bound)
@@ -134,7 +134,7 @@ class ChannelGate:
     @property
     def active(self) -> bool:
         """False when connections pass as accepted (no TLS, QEMU peer): nothing to check."""
-        return bool(self.cfg.param("tls-creds")) or self.cfg.param("peer") == PEER_FERRY
+        return bool(self.cfg.param("tls-creds")) or _hello(self.cfg)
 
     def accept(self, listener, role: int, index: int, timeout: float) -> Transport:
         """The next verified connection for (role, index), waiting up to ``timeout`` s; TimeoutError."""
@@ -190,7 +190,7 @@ class ChannelGate:
 
     def _take(self, role: int, index: int):
         with self._cond:
-            if self.cfg.param("peer") != PEER_FERRY:
+            if not _hello(self.cfg):
                 return self._order.pop(0) if self._order else None
             entry = self._ready.pop((role, index), None)
             if entry is None:
@@ -222,7 +222,7 @@ class ChannelGate:
             creds = _creds(cfg)
             if creds is not None:
                 t = T.server_wrap(t, creds, cfg.param("tls-authz"), bound)
-            if cfg.param("peer") != PEER_FERRY:
+            if not _hello(cfg):
                 with self._cond:
                     self._order.append(t)
                     self._cond.notify_all()
@@ -271,6 +271,11 @@ class ChannelGate:
             self._order.clear()
         for t in rest:
             t.close()
+
+
+def _hello(cfg) -> bool:
+    """True when the peer speaks the channel hello (a Ferry worker; engine/peer.py)."""
+    return peer_features(cfg.param("peer")).channel_hello
 
 
 def _text(v) -> str:
