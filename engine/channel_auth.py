@@ -7,8 +7,8 @@ before any stream byte, so a mismatch (WireMismatch) fails the migration
 before ``active`` with the guest untouched. The hello is sent when there is
 something to prove it with: a ``migration-secret`` (``ferry migrate`` always
 sets a fresh one) or TLS. Without either (the engine driven directly, as
-tests and local tools do) channels go by arrival order, as with QEMU; such a
-destination still reads a hello when one comes, and takes a QEMU source.
+tests and local tools do) channels go by arrival order, as with QEMU, and a
+``peer=ferry`` destination takes a QEMU source as it comes.
 
 Destination side, :class:`ChannelGate`: every accepted connection gets its
 own thread for the TLS handshake and the hello (bounded by
@@ -24,7 +24,6 @@ exchanged: QEMU's rule, arrival order, applies (under TLS when set).
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
@@ -129,19 +128,17 @@ class ChannelGate:
         self.refused: list[tuple[str, str]] = []
         self.mismatch: H.WireMismatch | None = None
         self._closed = False
-        self._by_order = False  # a secretless destination's main channel came without a hello
 
     @property
     def active(self) -> bool:
-        """False when connections pass as accepted (no TLS, QEMU peer): nothing to check."""
-        return bool(self.cfg.param("tls-creds")) or _hello(self.cfg)
+        """False when connections pass as accepted, by arrival order (no TLS, and a QEMU peer or
+        no migration-secret: nothing to prove anything with)."""
+        return bool(self.cfg.param("tls-creds")) or (_hello(self.cfg) and bool(self.cfg.param("migration-secret")))
 
     def accept(self, listener, role: int, index: int, timeout: float) -> Transport:
         """The next verified connection for (role, index), waiting up to ``timeout`` s; TimeoutError."""
         if not self.active or listener.uri.scheme == "file":
             return listener.accept(timeout=timeout)  # a file has no peer to prove anything
-        if not self.cfg.param("migration-secret") and not self.cfg.param("tls-creds"):
-            return self._accept_open(listener, role, index, timeout)
         deadline = time.monotonic() + timeout
         if role == ROLE_MAIN:
             with self._cond:
@@ -160,33 +157,6 @@ class ChannelGate:
                     self._cond.wait(min(max(0.0, deadline - time.monotonic()), 0.05))
                 continue
             threading.Thread(target=self._handshake, args=(t,), name="channel-handshake", daemon=True).start()
-
-    def _accept_open(self, listener, role: int, index: int, timeout: float) -> Transport:
-        """Without a secret or TLS nothing can be proved: a hello that comes is still read
-        (version and features checked); a main channel without one (a QEMU source, or a Ferry
-        source driven without a secret) is taken as it comes, and its POSTCOPY channels by
-        arrival order, as QEMU does. In this thread: there is no intruder to wait out."""
-        while True:
-            t = listener.accept(timeout=timeout)
-            if self._by_order and role == ROLE_POSTCOPY:
-                # The main channel came without a hello: its POSTCOPY channels come by arrival
-                # order, and may send nothing until a page is requested (QEMU 7.2's dialect).
-                return t
-            bound = handshake_timeout(self.cfg)
-            t.set_recv_timeout(bound)
-            try:
-                head = t.sock.recv(len(C.FERRY_HELLO_MAGIC), socket.MSG_PEEK | socket.MSG_WAITALL)
-            except OSError as e:
-                self._refuse(t, f"no first bytes within the handshake bound: {e.strerror or e}")
-                continue
-            if head != C.FERRY_HELLO_MAGIC:
-                self._by_order = True
-                t.set_recv_timeout(None)
-                return t  # no hello: QEMU's rule (the stream parser judges what follows)
-            self._handshake(t)
-            got = self._take(role, index)
-            if got is not None:
-                return got
 
     def _take(self, role: int, index: int):
         with self._cond:

@@ -98,8 +98,6 @@ def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict,
     wl = WorkloadConfig(threads=args.threads, pattern="random", batch=1, dirty_rate=args.dirty_rate, seed=args.seed)
     guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
     params = {"postcopy-after-percent": args.after_percent, **params}
-    if link.netns:
-        params = {"plaintext-off-loopback": True, **params}  # the testbed's own namespaces: a private link
     out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
     t0 = time.monotonic()
     try:
