@@ -179,3 +179,29 @@ FERRY_VERDICT_SIZE = 8
 
 # Digest carried in MIG_RP_MSG_FERRY_DIGESTS.
 DIGEST_SIZE = 32  # sha256
+
+# Ferry's channel hello, only between Ferry workers (docs/protocol.md, "Channel
+# hello"): the first bytes of every migration connection, inside TLS when TLS
+# is on, before QEMU's stream header on the main channel and before any page
+# on a POSTCOPY channel. Client -> server:
+#   FERRY_HELLO_MAGIC, be16 wire version, u8 role, u8 index, 16-byte migration
+#   id, 16-byte nonce, be16 length + features (UTF-8 "name=value" lines),
+#   32-byte HMAC-SHA256 over everything before it, keyed by the migration
+#   secret.
+# Server -> client: FERRY_HELLO_REPLY_MAGIC, u8 status, be16 length + UTF-8
+# message, 32-byte HMAC-SHA256 (same key) over the hello's HMAC and the reply
+# before it. A hello that cannot prove itself gets no reply: it is closed.
+FERRY_HELLO_MAGIC = b"FERRY\x00HI"
+FERRY_HELLO_REPLY_MAGIC = b"FERRY\x00OK"
+FERRY_WIRE_VERSION = 1
+FERRY_HELLO_ROLE_MAIN = 0  # the main channel (PRECOPY channel and return path)
+FERRY_HELLO_ROLE_POSTCOPY = 1  # a POSTCOPY channel, index 1..postcopy-channels
+FERRY_HELLO_ROLE_NAMES = {FERRY_HELLO_ROLE_MAIN: "main", FERRY_HELLO_ROLE_POSTCOPY: "postcopy"}
+FERRY_HELLO_ID_SIZE = 16
+FERRY_HELLO_NONCE_SIZE = 16
+FERRY_HELLO_MAC_SIZE = 32  # HMAC-SHA256
+FERRY_HELLO_FIXED_SIZE = 8 + 2 + 1 + 1 + FERRY_HELLO_ID_SIZE + FERRY_HELLO_NONCE_SIZE + 2  # up to the features
+FERRY_HELLO_MAX_FEATURES = 4096  # bytes of the features text
+FERRY_HELLO_OK = 0
+FERRY_HELLO_MISMATCH = 1  # wire version or format-changing features differ: the message says which
+FERRY_HELLO_MAX_MESSAGE = 4096

@@ -217,7 +217,12 @@ class QEMUFileWriter(_StickyError):
         """One writev over everything queued: buffers and iovec arrays alike."""
         arrays = [item[0] if isinstance(item, tuple) else iovec_of(item) for item in iov]
         # ``iov`` (the queue) keeps every buffer alive until writev returns.
-        writev_all(self.transport.fileno(), arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+        arr = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        send_iovec = getattr(self.transport, "send_iovec", None)
+        if send_iovec is not None:
+            send_iovec(arr)  # TLS: no sendmsg on an SSL socket; gathered, then encrypted (channels/tls.py)
+        else:
+            writev_all(self.transport.fileno(), arr)
 
     def shutdown(self) -> None:
         """Fail all later calls and unblock a thread stuck in send."""

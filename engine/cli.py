@@ -581,6 +581,29 @@ def cmd_keys(args) -> int:
     return EXIT_OK
 
 
+def cmd_certs(args) -> int:
+    from .certs import make_certs
+
+    hosts = [h.strip() for h in args.hosts.split(",")] if args.hosts else None
+    try:
+        paths = make_certs(args.dir, hosts=hosts or ("localhost", "127.0.0.1", "::1"), days=args.days)
+    except (ValueError, OSError) as e:
+        return _error(f"ferry certs: {e}", EXIT_USAGE)
+    if args.json:
+        _print_json(paths)
+        return EXIT_OK
+    d = args.dir
+    console = _console()
+    for line in (f"TLS credentials written to {d} (QEMU tls-creds-x509 layout; keys readable by their owner only):",
+                 "  ca-cert.pem (ca-key.pem)          the CA both sides verify the peer with",
+                 "  server-cert.pem, server-key.pem   the destination (listening) worker",
+                 "  client-cert.pem, client-key.pem   the source (connecting) worker",
+                 f"  both workers:  ferry call EP migrate-set-parameters '{{\"tls-creds\": \"{d}\"}}'"
+                 "   (see docs/multi-host.md)"):
+        _say(console, line)
+    return EXIT_OK
+
+
 def _range_text(p) -> str:
     """Allowed values of a parameter, as engine.params checks them."""
     if getattr(p, "choices", ()):
@@ -804,6 +827,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace existing keys")
     k.add_argument("--json", action="store_true")
     k.set_defaults(func=cmd_keys)
+
+    t = sub.add_parser("certs", help="create a small CA and TLS certificates for migration channels (tls-creds)")
+    t.add_argument("dir", metavar="DIR")
+    t.add_argument("--hosts", default="", help="comma-separated names/addresses of the destination's "
+                                               "certificate (default: localhost,127.0.0.1,::1)")
+    t.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_certs)
 
     # Testbeds of network namespaces (engine/testbed_cli.py) and sweeps of
     # migrations (engine/experiment/commands.py: `run`; `report` comes from

@@ -31,6 +31,7 @@ from channels.transport import Listener
 
 from . import states as ST
 from . import stats as S
+from .channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, check_plaintext
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .params import MigrationConfig
 from .peer import peer_features
@@ -84,6 +85,7 @@ class MigrationDestination:
         if ram is not None:
             self._use_ram(ram)
         self.listener: Listener | None = None
+        self.gate = ChannelGate(self.config)  # TLS and hello of every connection (engine/channel_auth.py)
         self.guest_state: dict | None = None
         self.vmdesc: dict | None = None
         self.postcopy_advised = False
@@ -152,7 +154,13 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
-        self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+        listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+        try:
+            check_plaintext(self.config, listener.uri, "listening on")  # PlaintextRefused (a ValueError)
+        except ValueError:
+            listener.close()
+            raise
+        self.listener = listener
         self.sm.fire(ST.START)
         return str(self.listener.uri)
 
@@ -201,7 +209,13 @@ class MigrationDestination:
                                    "migration can be recovered")
             if self.listener is not None:
                 raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
-            self.listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+            listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+            try:
+                check_plaintext(self.config, listener.uri, "listening on")
+            except ValueError:
+                listener.close()
+                raise
+            self.listener = listener
             self._recover_cond.notify_all()
             return str(self.listener.uri)
 
@@ -277,7 +291,8 @@ class MigrationDestination:
             if ch is not None:
                 ch.shutdown()
 
-    def _accept(self):
+    def _accept(self, role: int = ROLE_MAIN, index: int = 0):
+        """The next connection that proved it is channel (role, index) (engine/channel_auth.py)."""
         while True:
             if self._cancel:
                 raise ChannelError("incoming migration cancelled")
@@ -287,7 +302,7 @@ class MigrationDestination:
             if listener is None:
                 raise ChannelError("incoming listener closed")
             try:
-                return listener.accept(timeout=ACCEPT_POLL)
+                return self.gate.accept(listener, role, index, ACCEPT_POLL)
             except TimeoutError:
                 continue
 
@@ -351,6 +366,7 @@ class MigrationDestination:
             self._close_connection()
             self._close_listener()
             self._pc_error = None  # its traceback holds frames and buffers; the message is in stats
+            self.gate.close()
             self._done.set()
 
     def _connected(self, transport, decoder: StreamDecoder) -> None:
@@ -536,7 +552,7 @@ class MigrationDestination:
         """Accept the POSTCOPY channels: the connections after the main one, in order."""
         try:
             for i in range(self._pc_expected):
-                t = self._accept()
+                t = self._accept(ROLE_POSTCOPY, i + 1)
                 if gen != self._gen:
                     t.close()
                     return

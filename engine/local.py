@@ -126,6 +126,9 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
     guest = guest or GuestConfig()
     gd = asdict(guest)
     src_ns, dst_ns = netns or (None, None)
+    if dst_ns and not (params or {}).get("tls-creds"):
+        # The testbed's own namespaces are a private link: plain TCP there on purpose.
+        params = {"plaintext-off-loopback": True, **(params or {})}
     if dst_ns and uri.startswith("tcp:"):
         from channels.transport import MigrationURI, parse_uri
 

@@ -123,6 +123,25 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "PeerTimeout (socket send/recv timeouts; on TCP also keepalive and TCP_USER_TIMEOUT); "
               "0 = off. See docs/reliability.md, Liveness", float,
               applies="both sides, on every connection as it is made (also those of a recovery)"),
+    ParamSpec("tls-creds", "", None, None, "", True,
+              "directory of X.509 credentials as QEMU's tls-creds-x509 dir= (ca-cert.pem, server-cert.pem/"
+              "server-key.pem, client-cert.pem/client-key.pem; `ferry certs DIR` makes them): every migration "
+              "channel runs over TLS, the peer verified on both sides; '' = no TLS", str,
+              applies="both sides, on every connection as it is made (also those of a recovery)"),
+    ParamSpec("tls-hostname", "", None, None, "", True,
+              "name the destination's certificate must carry; '' = the host of the migration URI", str,
+              applies="source, on every connection"),
+    ParamSpec("tls-authz", "", None, None, "", True,
+              "Ferry: client certificates the destination accepts: CNs separated by ',' or DNs separated "
+              "by ';'; '' = any certificate the CA signed", str,
+              applies="destination, on every connection"),
+    ParamSpec("migration-secret", "", None, None, "", True,
+              "Ferry: per-migration secret proving every channel's hello (HMAC); `ferry migrate` sets a "
+              "fresh one on both workers; never shown by query-migrate-parameters; '' = no proof", str,
+              applies="both sides, on every connection between Ferry workers"),
+    ParamSpec("plaintext-off-loopback", False, None, None, "", True,
+              "Ferry: allow migration channels without TLS on an address off loopback (refused otherwise)",
+              bool, applies="both sides, at migrate / migrate-incoming / migrate-recover"),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry",
               applies="not implemented"),
     ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels",

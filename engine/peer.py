@@ -13,7 +13,9 @@ With a QEMU peer (QEMU 7.2 savevm.c / migration.c):
   it); device state carried from a QEMU stream is sent verbatim instead;
 - completion is SHUT(0) on the return path followed by the return path
   closing; the digest exchange (FERRY_DIGESTS) is Ferry-to-Ferry only;
-- Ferry-only capabilities (e.g. per-page checksum records) are off.
+- Ferry-only capabilities (e.g. per-page checksum records) are off;
+- no channel hello (engine/channel_auth.py): QEMU tells channels apart by
+  arrival order (under TLS when tls-creds is set).
 """
 from __future__ import annotations
 
@@ -41,11 +43,12 @@ class PeerFeatures:
     configuration: bool  # CONFIGURATION record after the header
     completion: str  # COMPLETION_DIGESTS or COMPLETION_SHUT
     ferry_only_capabilities: bool  # capabilities in FERRY_ONLY_CAPABILITIES may be on
+    channel_hello: bool = False  # each connection opens with the channel hello (channels/hello.py)
 
 
 _FEATURES = {
     PEER_FERRY: PeerFeatures(PEER_FERRY, digests=True, guest_device=True, configuration=False,
-                             completion=COMPLETION_DIGESTS, ferry_only_capabilities=True),
+                             completion=COMPLETION_DIGESTS, ferry_only_capabilities=True, channel_hello=True),
     PEER_QEMU: PeerFeatures(PEER_QEMU, digests=False, guest_device=False, configuration=True,
                             completion=COMPLETION_SHUT, ferry_only_capabilities=False),
 }

@@ -15,6 +15,7 @@ from channels.devices import GuestDevices
 from channels.qemufile import QEMUFileWriter
 from channels.transport import connect
 
+from .channel_auth import ROLE_POSTCOPY, open_channel
 from .peer import PeerFeatures
 
 DIALECT_AT_SETUP = "qemu-7.2"  # preempt-dialect whose POSTCOPY channels open at setup and end with EOS
@@ -56,17 +57,21 @@ def carried_precopy_end(devices: GuestDevices) -> bytes:
     return out
 
 
-def open_postcopy_channels(uri, n: int, liveness: float | None = None, **channel_kw) -> list[PostcopyChannel]:
+def open_postcopy_channels(uri, n: int, liveness: float | None = None, config=None,
+                           **channel_kw) -> list[PostcopyChannel]:
     """Connect ``n`` POSTCOPY channels: further connections to the migration address, in order.
 
-    ``liveness``: the liveness timeout (s) of each connection (channels/transport.py);
+    ``liveness``: the liveness timeout (s) of each connection (channels/transport.py).
+    ``config``: the source's MigrationConfig; with it each channel gets TLS and
+    the hello as POSTCOPY channel i+1 (engine/channel_auth.py).
     ``channel_kw``: passed to each PostcopyChannel (page check values).
     """
     chans = []
     try:
         for i in range(n):
             try:
-                t = connect(uri, liveness=liveness)
+                t = (connect(uri, liveness=liveness) if config is None
+                     else open_channel(uri, config, ROLE_POSTCOPY, i + 1))
             except ConnectionError as e:
                 raise ConnectionError(f"POSTCOPY channel {i + 1} of {n}: {e} (is postcopy-preempt "
                                       "with the same postcopy-channels enabled on the destination?)") from e

@@ -21,10 +21,10 @@ import time
 
 from channels import codec
 from channels.errors import ChannelError
-from channels.transport import connect
 
 from . import states as ST
 from . import switchover as SW
+from .channel_auth import ROLE_MAIN, check_plaintext, open_channel
 
 RECOVERY_TIMEOUT = 60.0  # s for the destination's bitmaps and RESUME_ACK
 
@@ -39,7 +39,8 @@ def recover_source(src) -> None:
     src._closed_normal += sum(c.normal_pages for c in src.channels)
     src._closed_zero += sum(c.zero_pages for c in src.channels)
     src.channels = []
-    transport = connect(src.uri, liveness=src.config.param("liveness-timeout"))
+    check_plaintext(src.config, src.uri, "connecting to")
+    transport = open_channel(src.uri, src.config, ROLE_MAIN, 0)
     if hasattr(transport, "tune"):
         transport.tune(sndbuf=src.config.param("precopy-sndbuf"))
     ch = src._main_channel(transport)

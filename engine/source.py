@@ -37,13 +37,14 @@ from channels.channel import PrecopyChannel
 from channels.devices import GuestDevices
 from channels.errors import ChannelError, ProtocolError
 from channels.qemufile import QEMUFileWriter
-from channels.transport import connect, parse_uri
+from channels.transport import parse_uri
 
 from . import states as ST
 from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
 from .callbacks import weak_callback
+from .channel_auth import ROLE_MAIN, check_plaintext, open_channel
 from .params import MigrationConfig
 from .peer import COMPLETION_SHUT, effective_capability, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
@@ -168,6 +169,7 @@ class MigrationSource:
                 raise ValueError("postcopy-ram needs the return-path capability")
         if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
             raise ValueError("postcopy-preempt needs the postcopy-ram capability")
+        check_plaintext(self.config, u, "connecting to")  # PlaintextRefused (a ValueError)
         self.uri = u
         self.sm.fire(ST.START)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
@@ -358,7 +360,8 @@ class MigrationSource:
         self.loop = SendLoop(self.ram, self.bitmaps, self.sched, self._lock, self._stopping)
         self.loop.trace = self.req_trace
         self.loop.reset_bandwidth(st.start_time)
-        transport = connect(self.uri, liveness=cfg.param("liveness-timeout"))
+        # TLS, hello and the version handshake: nothing moves before the destination agreed.
+        transport = open_channel(self.uri, cfg, ROLE_MAIN, 0)
         if hasattr(transport, "tune"):
             transport.tune(sndbuf=cfg.param("precopy-sndbuf"))
         use_rp = cfg.cap("return-path") and self.uri.scheme != "file"
@@ -416,7 +419,7 @@ class MigrationSource:
         tells them apart by order.
         """
         self.channels += open_postcopy_channels(self.uri, n, self.config.param("liveness-timeout"),
-                                                **self._channel_checks())
+                                                config=self.config, **self._channel_checks())
 
     def _channel_checks(self) -> dict:
         """page-checksums (Ferry peers only): channels send check values before the pages

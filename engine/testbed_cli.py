@@ -291,7 +291,9 @@ def _print_up(doc: dict, hosts: tuple) -> None:
         dst = by_host[hosts[1]]
         uri = doc["migration"][hosts[1]]["uri"]
         print(f"  migration address of {hosts[1]}: {doc['migration'][hosts[1]]['address']}")
-        print(f"\n  ferry migrate --source {src['control']} --destination {dst['control']} --uri {uri}")
+        # The namespaces' links are private: plain TCP there, said explicitly (docs/multi-host.md).
+        print(f"\n  ferry migrate --source {src['control']} --destination {dst['control']} --uri {uri} "
+              "--param plaintext-off-loopback=true")
     print(f"  ferry testbed down --state {doc['state']}")
 
 

@@ -234,7 +234,10 @@ class Worker:
         return [{"capability": n, "state": v} for n, v in self.config.caps.items()]
 
     def query_parameters(self, args: dict) -> dict:
-        return dict(self.config.params)
+        out = dict(self.config.params)
+        if out.get("migration-secret"):
+            out["migration-secret"] = "(set)"  # a secret is never shown
+        return out
 
     # --- migration ---
     def _refuse_unless(self, verb: str, why_not: str = "") -> None:

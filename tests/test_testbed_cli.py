@@ -78,7 +78,7 @@ def test_up_migrate_down_leaves_nothing(state):
     uri = doc["migration"]["h2"]["uri"]
     assert uri == f"tcp:{doc['links'][0]['addresses']['h2']}:0"
     r = ferry("migrate", "--source", workers["h1"]["control"], "--destination", workers["h2"]["control"],
-              "--uri", uri, "--json")
+              "--uri", uri, "--param", "plaintext-off-loopback=true", "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["verified"] and out["uri"].startswith(uri[:-1])

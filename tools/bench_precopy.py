@@ -25,6 +25,11 @@ other, and the table ends with the throughput ratio on/off per case.
     python tools/bench_precopy.py                  # 1 GiB, all cases
     python tools/bench_precopy.py --quick --json   # 256 MiB, JSON last line
     python tools/bench_precopy.py --page-checksums on   # only with checks
+    python tools/bench_precopy.py --tls --transports tcp --repeat 3   # each case plain and over TLS
+
+With ``--tls`` every case runs twice, without and with TLS on the channel
+(``tls-creds`` made by engine/certs.py in a temporary directory); the table
+adds the TLS/plain throughput ratio.
 """
 from __future__ import annotations
 
@@ -173,8 +178,10 @@ def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0) -
 
 # --- one case -------------------------------------------------------------------
 
-def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, checks: bool = True) -> dict:
-    """One migration plus its ceiling, repeated; returns all figures (``checks``: capability page-checksums)."""
+def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, checks: bool = True,
+             tls: str = "") -> dict:
+    """One migration plus its ceiling, repeated; returns all figures (``checks``: capability page-checksums;
+    ``tls``: a tls-creds dir, '' = plain)."""
     runs = []
     for _ in range(args.repeat):
         wait_idle(args.wait_idle)
@@ -185,7 +192,8 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
                             dest_prealloc=args.prealloc)
         src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
                                        caps={"page-checksums": checks},
-                                       params={"downtime-limit": args.downtime_limit})
+                                       params={"downtime-limit": args.downtime_limit,
+                                               **({"tls-creds": tls} if tls else {})})
         if src.get("status") != "completed" or dst.get("status") != "completed":
             raise RuntimeError(f"migration {transport}/{format_size(page_size)}: source "
                                f"{src.get('status')} ({src.get('error-desc', '')}), destination "
@@ -213,6 +221,7 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
     ratio = mibps / ceiling
     return {
         "transport": transport, "page-size": page_size, "workload": workload, "page-checksums": checks,
+        "tls": bool(tls),
         "mibps": round(mibps, 1), "mibps-best": round(max(r["mibps"] for r in runs), 1),
         "ceiling-mibps": round(ceiling, 1), "ratio": round(ratio, 3), "target": target,
         "pass": ratio >= target,
@@ -238,11 +247,20 @@ def print_table(cases: list[dict], args) -> None:
     print("-" * len(head))
     for c in cases:
         page = "4K" if c["page-size"] == 4096 else format_size(c["page-size"]).replace(" MiB", "M").replace(" GiB", "G")
-        print(f"{c['transport']:<9} {page:>4} {'dirtying' if c['workload'] else 'paused':<8} "
+        print(f"{c['transport'] + ('+tls' if c.get('tls') else ''):<9} {page:>4} "
+              f"{'dirtying' if c['workload'] else 'paused':<8} "
               f"{'on' if c['page-checksums'] else 'off':<6} "
               f"{c['mibps']:>7.0f} {c['mibps-best']:>7.0f} {c['ceiling-mibps']:>8.0f} "
               f"{c['ratio'] * 100:>5.0f}% {c['target'] * 100:>5.0f}% {'PASS' if c['pass'] else 'MISS':4} "
               f"{c['downtime-ms']:>6} ms {c['passes']:>6} {c['transferred'] / MIB:>8.0f} {c['foreign-cpu-pct']:>8.0f}%")
+    plain = {(c["transport"], c["page-size"], c["workload"], c["page-checksums"]): c
+             for c in cases if not c.get("tls")}
+    for c in cases:
+        base = plain.get((c["transport"], c["page-size"], c["workload"], c["page-checksums"]))
+        if c.get("tls") and base:
+            print(f"TLS/plain {c['transport']} {format_size(c['page-size'])} "
+                  f"{'dirtying' if c['workload'] else 'paused'}: {c['mibps'] / base['mibps']:.2f} "
+                  f"({c['mibps']:.0f} / {base['mibps']:.0f} MiB/s)")
     print("MiB/s = bytes sent / (start -> destination's confirmation); ceiling = same bytes through "
           "a bare socket between two processes; other CPU = most CPU used by processes not ours during a run.")
     for on, off in checksum_pairs(cases):
@@ -254,8 +272,8 @@ def print_table(cases: list[dict], args) -> None:
 def checksum_pairs(cases: list[dict]) -> list[tuple[dict, dict]]:
     """(on, off) pairs of the same case measured with and without page-checksums."""
     key = lambda c: (c["transport"], c["page-size"], c["workload"])  # noqa: E731
-    off = {key(c): c for c in cases if not c["page-checksums"]}
-    return [(c, off[key(c)]) for c in cases if c["page-checksums"] and key(c) in off]
+    off = {key(c): c for c in cases if not c["page-checksums"] and not c.get("tls")}
+    return [(c, off[key(c)]) for c in cases if c["page-checksums"] and not c.get("tls") and key(c) in off]
 
 
 def parse_args(argv=None):
@@ -282,6 +300,7 @@ def parse_args(argv=None):
                    help="run each case with the capability page-checksums on and/or off (default both, "
                         "one after the other)")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
+    p.add_argument("--tls", action="store_true", help="run every case also over TLS (tcp only) and report the ratio")
     a = p.parse_args(argv)
     a.page_checksums = [v.strip() for v in a.page_checksums.split(",") if v.strip()]
     if not a.page_checksums or any(v not in ("on", "off") for v in a.page_checksums):
@@ -307,6 +326,11 @@ def main(argv=None) -> int:
     elif args.workload_only:
         modes = [True]
     tmpdir = tempfile.mkdtemp(prefix="ferry-bench-")
+    creds = ""
+    if args.tls:
+        from engine.certs import make_certs
+        creds = os.path.join(tmpdir, "tls")
+        make_certs(creds)
     cases = []
     try:
         for transport in args.transports:
@@ -316,6 +340,10 @@ def main(argv=None) -> int:
                         print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'} "
                               f"page-checksums {'on' if checks else 'off'}", file=sys.stderr, flush=True)
                         cases.append(run_case(transport, ps, wl, args, tmpdir, checks))
+                        if args.tls and transport == "tcp":
+                            print(f"... {transport}+tls {format_size(ps)} {'dirtying' if wl else 'paused'}",
+                                  file=sys.stderr, flush=True)
+                            cases.append(run_case(transport, ps, wl, args, tmpdir, checks, tls=creds))
     except (RuntimeError, ValueError, OSError) as e:
         print(f"bench_precopy: {e}", file=sys.stderr)
         return 1

@@ -12,6 +12,9 @@ pass started). Cases, on each host page size and link:
   preempt-rp       urgent-pages-from=return-path (QEMU 8.0+)
   preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
 
+With --tls every case runs a second time with every channel over TLS (``case+tls``;
+tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
+
 With --knobs, the shared-bottleneck knobs one at a time:
 
   preempt-nolowat, preempt-rp-nolowat   precopy-notsent-lowat 0 (the kernel's default)
@@ -70,6 +73,7 @@ SPEEDUP_4K = 20.0  # vanilla/preempt p99 on 4 KiB pages
 
 PACE = "pace"  # placeholder: PACE_SHARE of the goodput measured on the link
 PACE_SHARE = 0.9
+TLS_NAME = "ferry-bench-destination"  # the name in the destination's certificate, checked via tls-hostname
 VANILLA = {"postcopy-ram": True}
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 
@@ -122,7 +126,7 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
         key = (c["link"], c["page-size"])
         c["floor-us"] = round(floors[key], 1) if key in floors else None
         uffd = c["case"].endswith("+uffd")
-        vname = "vanilla+uffd" if uffd else "vanilla"
+        vname = "vanilla" + (c["case"][c["case"].index("+"):] if "+" in c["case"] else "")  # same suffix
         van = next((v for v in cases if v["case"] == vname and (v["link"], v["page-size"]) == key), None)
         lat = c.get("latency-us") or {}
         ok = c.get("ok") and lat.get("count")
@@ -282,6 +286,7 @@ def uffd_backing(args, page_size: int):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_args(p)
+    p.add_argument("--tls", action="store_true", help="run every case also with tls-creds (case+tls)")
     p.add_argument("--links", default="loopback,netns", help="comma list of loopback, netns (default both)")
     p.add_argument("--knobs", action="store_true", help="also the shared-bottleneck knob cases")
     p.add_argument("--cases", help="comma list of case names to run (default: all; --quick: fewer)")
@@ -317,6 +322,13 @@ def main(argv=None) -> int:
         cleanup_stale()
     load0 = load_note()
     t0 = time.monotonic()
+    tls_dir = ""
+    if args.tls:
+        import tempfile
+
+        from engine.certs import make_certs
+        tls_dir = tempfile.mkdtemp(prefix="ferry-bench-tls-")
+        make_certs(tls_dir, hosts=(TLS_NAME,))
     cases, probes, envs, floors, skipped = [], {}, {}, {}, {}
     try:
         for link_name in args.links:
@@ -343,6 +355,12 @@ def main(argv=None) -> int:
                             runs = [run_case(link, args.size, ps, caps, params, args, name)
                                     for _ in range(args.repeat)]
                         cases.append(merge_runs(runs))
+                        if args.tls:
+                            # Same case, same link, right after, every channel over TLS.
+                            print(f"... {link_name} {page_label(ps)} {name}+tls", file=sys.stderr, flush=True)
+                            runs = [run_case(link, args.size, ps, caps, {**params, "tls-creds": tls_dir, "tls-hostname": TLS_NAME}, args,
+                                             f"{name}+tls") for _ in range(args.repeat)]
+                            cases.append(merge_runs(runs))
                         if args.uffd:
                             # Same case, same link, right after: the guest in its own process.
                             print(f"... {link_name} {page_label(ps)} {name}+uffd", file=sys.stderr, flush=True)

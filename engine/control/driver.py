@@ -1,7 +1,8 @@
 """Run one migration between two workers through their control planes, and verify it.
 
 What a controller does, in order: check roles and guest shapes, set
-capabilities (both sides) and parameters (source), subscribe to both event
+capabilities (both sides) and parameters (both), a fresh ``migration-secret``
+(both: it proves every migration channel, docs/protocol.md "Channel hello"), subscribe to both event
 streams, ``migrate-incoming`` on the destination, ``migrate`` on the source
 with the uri the destination really listens on, follow events and progress
 until both sides reach a final state, then compare both sides'
@@ -22,6 +23,7 @@ precopy: cancel).
 from __future__ import annotations
 
 import asyncio
+import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -140,6 +142,12 @@ async def prepare(src: ControlClient, dst: ControlClient, caps: dict | None, par
         # destination (precopy-rcvbuf); each side uses those that concern it.
         await src.call("migrate-set-parameters", params)
         await dst.call("migrate-set-parameters", params)
+    if not (params or {}).get("migration-secret"):
+        # A fresh per-migration secret, over the (CURVE-protected) control plane only:
+        # every migration channel's hello proves it with an HMAC (channels/hello.py).
+        secret = {"migration-secret": secrets.token_hex(32)}
+        await src.call("migrate-set-parameters", secret)
+        await dst.call("migrate-set-parameters", secret)
     return s_status, d_status
 
 

@@ -394,6 +394,9 @@ async def _migrate(w: RunWorkers, caps: dict, params: dict, timeout: float, afte
                 switch_task = asyncio.ensure_future(switch_later())
 
         try:
+            if w.uri and not (params or {}).get("tls-creds"):
+                # The testbed's own namespaces are a private link: plain TCP on purpose.
+                params = {"plaintext-off-loopback": True, **(params or {})}
             out = await run_migration(src, dst, uri=w.uri, caps=caps, params=params, timeout=timeout,
                                       on_progress=on_progress, on_started=on_started)
         finally:
