@@ -1,4 +1,4 @@
-"""Postcopy request latency, vanilla (issue 4): the baseline preemption is measured against.
+"""Postcopy request latency, vanilla: the baseline preemption is measured against.
 
 A guest (default 1 GiB, non-zero pages) migrates between two spawned processes
 (engine.local.run_local_migration) with postcopy-ram, switching to postcopy right after

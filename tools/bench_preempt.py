@@ -1,4 +1,4 @@
-"""Postcopy preemption against vanilla postcopy (issue 5): request latency per case and link.
+"""Postcopy preemption against vanilla postcopy: request latency per case and link.
 
 Same guest and destination workload as tools/bench_postcopy.py (random pages touched one
 at a time while the background stream runs; switch to postcopy right after the first
