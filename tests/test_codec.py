@@ -686,6 +686,7 @@ def test_random_bytes_each_mode(mode, data):
     codec.encode_rp_recv_bitmap("ab", np.arange(70) % 3 == 0), codec.encode_rp(C.MIG_RP_MSG_RESUME_ACK, b"\0\0\0\1"),
 ]), max_size=6), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=3),
     st.binary(max_size=40))
+@example(msgs=[codec.encode_rp_recv_bitmap("ab", np.arange(70) % 3 == 0)], mutations=[(5, 128)], tail=b"")
 def test_return_path_mutated(msgs, mutations, tail):
     data = bytearray(b"".join(msgs) + tail)
     for pos, val in mutations:
@@ -713,9 +714,13 @@ def check_return_path_decoding(data: bytes, chunks=None) -> None:
     consumed = len(data) - left
 
     def reframed(m):  # RECV_BITMAP's bitmap follows the message, outside its framing (as in QEMU)
+        out = codec.encode_rp(m.type, m.raw)
         if m.type == C.MIG_RP_MSG_RECV_BITMAP:
-            return codec.encode_rp_recv_bitmap(m.block, m.received)
-        return codec.encode_rp(m.type, m.raw)
+            size = codec.recv_bitmap_size(len(m.received))
+            bits = np.packbits(m.received, bitorder="little").tobytes()
+            out += (size.to_bytes(8, "big") + bits + bytes(size - len(bits))
+                    + C.RAMBLOCK_RECV_BITMAP_ENDING.to_bytes(8, "big"))
+        return out
     assert b"".join(reframed(m) for m in msgs) == data[:consumed]
     rest_type = int.from_bytes(data[consumed:consumed + 2], "big") if left >= 2 else None
     assert (left < 4 or 4 + int.from_bytes(data[consumed + 2:consumed + 4], "big") > left
