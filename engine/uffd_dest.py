@@ -226,7 +226,12 @@ class UffdFaultServer:
             tp = (a - blk.guest_address) >> C.TARGET_PAGE_BITS
             hp = tp - tp % blk.tp_per_hp
             try:
-                if self.placer.placed[blk.idstr][hp] or not self.faults.kernel_fault(blk, hp, tid, t):
+                placed = self.placer.placed[blk.idstr][hp]
+                if placed:
+                    # Counted like every other fault (postcopy-faults == uffd-kernel-faults).
+                    with self.faults.received.cond:
+                        self.faults.faults += 1
+                if placed or not self.faults.kernel_fault(blk, hp, tid, t):
                     # Placed since the kernel queued the message; the COPY woke it, or this does.
                     self.uffd.wake(blk.guest_address + (hp << C.TARGET_PAGE_BITS), blk.page_size)
                     self.wakes += 1
