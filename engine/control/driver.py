@@ -23,6 +23,7 @@ precopy: cancel).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Callable
@@ -159,6 +160,22 @@ async def _collect(stream: EventStream, into: list, side: str,
             on_event(side, ev)
 
 
+@contextlib.asynccontextmanager
+async def _following_events(src: ControlClient, dst: ControlClient, out: Outcome, on_event):
+    """Both workers' event streams collected into ``out.events`` while the block runs."""
+    s_events, d_events = await asyncio.gather(src.events(), dst.events())
+    tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
+             asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        s_events.close()
+        d_events.close()
+
+
 def _final_seen(events: list) -> bool:
     return any(e.get("event") == "MIGRATION" and e["data"].get("status") in S.FINAL_STATES for e in events)
 
@@ -185,13 +202,10 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
     if resume:
         return await _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action, t0)
     s_status, d_status = await prepare(src, dst, caps, params)
-    s_events, d_events = await asyncio.gather(src.events(), dst.events())
     out = Outcome(uri="", source={}, destination={}, status_before={"source": s_status, "destination": d_status})
-    out.caps = await src.call("query-migrate-capabilities")
-    out.params = await src.call("query-migrate-parameters")
-    tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
-             asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
-    try:
+    async with _following_events(src, dst, out, on_event):
+        out.caps = await src.call("query-migrate-capabilities")
+        out.params = await src.call("query-migrate-parameters")
         if uri is not None and uri.startswith("file:"):
             # A file is written first and loaded after: the destination can
             # only open it once the source has completed writing it.
@@ -216,12 +230,6 @@ async def run_migration(src: ControlClient, dst: ControlClient, uri: str | None 
         dead = set(out.unreachable)
         out.status_after = {"source": await _quietly(src, "query-status", dead) or {},
                             "destination": await _quietly(dst, "query-status", dead) or {}}
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        s_events.close()
-        d_events.close()
     out.wall_time = loop.time() - t0
     return out
 
@@ -258,11 +266,8 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
     if sq["status"] != S.POSTCOPY_PAUSED or dq["status"] != S.POSTCOPY_PAUSED:
         raise DriverError(f"nothing to resume: the source is {sq['status']} and the destination "
                           f"{dq['status']}; --resume needs both postcopy-paused")
-    s_events, d_events = await asyncio.gather(src.events(), dst.events())
     out = Outcome(uri="", source={}, destination={}, resumed=True)
-    tasks = [asyncio.ensure_future(_collect(s_events, out.events["source"], "source", on_event)),
-             asyncio.ensure_future(_collect(d_events, out.events["destination"], "destination", on_event))]
-    try:
+    async with _following_events(src, dst, out, on_event):
         listening = (await dst.call("migrate-recover", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
         out.uri = dialable_uri(listening, dst.endpoint)
         await src.call("migrate", {"uri": out.uri, "resume": True})
@@ -272,12 +277,6 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
         out.source, out.destination = await _follow(src, dst, t0 + timeout, on_progress, out, timeout_action)
         out.status_after = {"source": await src.call("query-status"),
                             "destination": await dst.call("query-status")}
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        s_events.close()
-        d_events.close()
     out.wall_time = loop.time() - t0
     return out
 
