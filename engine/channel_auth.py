@@ -27,11 +27,11 @@ import logging
 import threading
 import time
 
-from channels import constants as C
-from channels import hello as H
-from channels import tls as T
-from channels.errors import ChannelError
-from channels.transport import MigrationURI, Transport, connect, parse_uri
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import hello as H
+from ferry_migrate.channels import tls as T
+from ferry_migrate.channels.errors import ChannelError
+from ferry_migrate.channels.transport import MigrationURI, Transport, connect, parse_uri
 
 from .peer import peer_features
 

@@ -237,7 +237,7 @@ def _check_uri(uri: str | None, caps: dict) -> None:
     """A migration uri that parses, and fits the capabilities (ValueError says why not)."""
     if uri is None:
         return
-    from channels.transport import parse_uri
+    from ferry_migrate.channels.transport import parse_uri
 
     parse_uri(uri)
     if uri.startswith("file:") and caps.get("postcopy-ram"):

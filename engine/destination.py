@@ -19,15 +19,15 @@ import time
 from typing import Callable
 
 
-from channels import codec
-from channels import constants as C
-from channels import devices as D
-from channels.channel import RamRecvChannel, postcopy_channel_name
-from channels.codec import DeviceSpec, StreamDecoder
-from channels.errors import ChannelError, LayoutError, ProtocolError, UnverifiedStreamError
-from channels.pagecheck import PageChecker
-from channels.qemufile import QEMUFileReader, QEMUFileWriter
-from channels.transport import Listener
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import devices as D
+from ferry_migrate.channels.channel import RamRecvChannel, postcopy_channel_name
+from ferry_migrate.channels.codec import DeviceSpec, StreamDecoder
+from ferry_migrate.channels.errors import ChannelError, LayoutError, ProtocolError, UnverifiedStreamError
+from ferry_migrate.channels.pagecheck import PageChecker
+from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
+from ferry_migrate.channels.transport import Listener
 
 from . import states as ST
 from . import stats as S

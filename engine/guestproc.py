@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from channels import constants as C
+from ferry_migrate.channels import constants as C
 
 from . import uffd as U
 from .ram import GuestRAM, RAMBlock, page_fingerprints, parse_size
@@ -375,7 +375,7 @@ class GuestLink:
         ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         ls.bind(path)
         ls.listen(1)
-        proc = subprocess.Popen([sys.executable, "-m", "engine.guestproc", *spec.argv(path)],
+        proc = subprocess.Popen([sys.executable, "-m", "ferry_migrate.engine.guestproc", *spec.argv(path)],
                                 stdin=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + timeout

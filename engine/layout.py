@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from channels import constants as C
-from channels.errors import LayoutError
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.errors import LayoutError
 
 from .ram import BACKINGS, GuestRAM, RAMBlock, format_size
 

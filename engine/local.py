@@ -130,7 +130,7 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
         # The testbed's own namespaces are a private link: plain TCP there on purpose.
         params = {"plaintext-off-loopback": True, **(params or {})}
     if dst_ns and uri.startswith("tcp:"):
-        from channels.transport import MigrationURI, parse_uri
+        from ferry_migrate.channels.transport import MigrationURI, parse_uri
 
         from .testbed import namespace_address
 

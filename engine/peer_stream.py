@@ -8,12 +8,12 @@ qemu_savevm_state_complete_precopy_non_iterable) and migration.c.
 """
 from __future__ import annotations
 
-from channels import codec
-from channels import constants as C
-from channels.channel import PostcopyChannel, PrecopyChannel, postcopy_channel_name
-from channels.devices import GuestDevices
-from channels.qemufile import QEMUFileWriter
-from channels.transport import connect
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import PostcopyChannel, PrecopyChannel, postcopy_channel_name
+from ferry_migrate.channels.devices import GuestDevices
+from ferry_migrate.channels.qemufile import QEMUFileWriter
+from ferry_migrate.channels.transport import connect
 
 from .channel_auth import ROLE_POSTCOPY, open_channel
 from .peer import PeerFeatures

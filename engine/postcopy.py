@@ -31,10 +31,10 @@ from typing import Callable
 
 import numpy as np
 
-from channels import constants as C
-from channels.codec import RamRun
-from channels.errors import ProtocolError
-from channels.pagecheck import PageChecker
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import RamRun
+from ferry_migrate.channels.errors import ProtocolError
+from ferry_migrate.channels.pagecheck import PageChecker
 
 from .bitmap import PageBitmap
 from .callbacks import weak_callback  # noqa: F401 - re-exported

@@ -14,9 +14,9 @@ import threading
 
 import numpy as np
 
-from channels import constants as C
-from channels.codec import BlockInfo
-from channels.pagecheck import page_fingerprints
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import BlockInfo
+from ferry_migrate.channels.pagecheck import page_fingerprints
 
 from .bitmap import PageBitmap
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import time
 
-from channels import codec
-from channels.errors import ChannelError
+from ferry_migrate.channels import codec
+from ferry_migrate.channels.errors import ChannelError
 
 from . import states as ST
 from . import switchover as SW

@@ -14,10 +14,10 @@ import threading
 import time
 from typing import Callable
 
-from channels import codec
-from channels import constants as C
-from channels.errors import ChannelError, ProtocolError
-from channels.qemufile import QEMUFileReader
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.qemufile import QEMUFileReader
 
 from .callbacks import weak_callback
 

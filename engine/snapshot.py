@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from channels import constants as C
-from channels.devices import GuestDevices
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.devices import GuestDevices
 
 from .layout import LayoutLimits
 from .ram import GuestRAM, RAMBlock

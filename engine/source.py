@@ -31,13 +31,13 @@ import threading
 import time
 from typing import Callable
 
-from channels import codec
-from channels import constants as C
-from channels.channel import PrecopyChannel
-from channels.devices import GuestDevices
-from channels.errors import ChannelError, ProtocolError
-from channels.qemufile import QEMUFileWriter
-from channels.transport import parse_uri
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import PrecopyChannel
+from ferry_migrate.channels.devices import GuestDevices
+from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.qemufile import QEMUFileWriter
+from ferry_migrate.channels.transport import parse_uri
 
 from . import states as ST
 from . import stats as S

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from channels import constants as C
+from ferry_migrate.channels import constants as C
 
 # Migration states: QEMU's MigrationStatus names, defined with their table in engine/states.py.
 from .states import (ACTIVE, CANCELLED, CANCELLING, COMPLETED, DEVICE, FAILED, FINAL_STATES,  # noqa: E402,F401

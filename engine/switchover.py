@@ -16,9 +16,9 @@ import json
 
 import numpy as np
 
-from channels import codec
-from channels import constants as C
-from channels.errors import ChannelError
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.errors import ChannelError
 
 GUEST_DEVICE = "ferry-guest"  # Ferry's own device section: the workload's state
 GUEST_DEVICE_VERSION = 1

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from channels import constants as C
+from ferry_migrate.channels import constants as C
 
 from . import uffd as U
 from .guestproc import GuestLink, GuestProcessError, GuestProcessGone, SharedRAMBlock

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import psutil
 
-from channels.transport import parse_uri
+from ferry_migrate.channels.transport import parse_uri
 
 from . import states as ST
 from . import stats as S
@@ -484,8 +484,8 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
     from .ram import parse_size
     from .workload import WorkloadConfig
 
-    from channels import constants as C
-    from channels.constants import HOST_PAGE_SIZES
+    from ferry_migrate.channels import constants as C
+    from ferry_migrate.channels.constants import HOST_PAGE_SIZES
 
     nbytes, page = parse_size(size), parse_size(page_size)
     if page not in HOST_PAGE_SIZES:

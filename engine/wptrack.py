@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from channels import constants as C
+from ferry_migrate.channels import constants as C
 
 from . import uffd as U
 from .guestproc import GuestLink

@@ -14,9 +14,9 @@ import psutil
 import pytest
 from hypothesis import HealthCheck, settings
 
-from channels import codec
-from channels import constants as C
-from channels.codec import NEED_DATA
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import NEED_DATA
 
 PAGE = C.TARGET_PAGE_SIZE
 
@@ -299,7 +299,7 @@ def hugepages():
     users of the pool keep theirs: only our increment is taken back). In CI a skip
     here is a failure (tests/conftest.py CI_ALLOWED_SKIPS).
     """
-    from engine.ram import hugepage_status
+    from ferry_migrate.engine.ram import hugepage_status
 
     M2 = 2 << 20
     added = 0

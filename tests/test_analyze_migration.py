@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
 
 from .qemu_vm import LOAD_ADDR, LOAD_SIZE, QemuVM, known_bytes, require_qemu
 

@@ -15,17 +15,17 @@ import struct
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.channel import RamRecvChannel
-from channels.codec import DeviceSpec, ReturnPathDecoder, StreamDecoder
-from channels.errors import ProtocolError
-from channels.qemufile import QEMUFileReader
-from channels.transport import SocketTransport
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM, RAMBlock
-from engine.source import MigrationSource
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import RamRecvChannel
+from ferry_migrate.channels.codec import DeviceSpec, ReturnPathDecoder, StreamDecoder
+from ferry_migrate.channels.errors import ProtocolError
+from ferry_migrate.channels.qemufile import QEMUFileReader
+from ferry_migrate.channels.transport import SocketTransport
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM, RAMBlock
+from ferry_migrate.engine.source import MigrationSource
 
 from .conftest import PAGE, decode_chunked, decode_rp_chunked, device_full, ram_part, ram_prologue
 

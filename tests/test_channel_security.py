@@ -10,18 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as hs
 
-from channels import constants as C
-from channels import hello as H
-from channels.tls import TLSError, TLSTransport, gather, load_creds
-from channels.transport import Listener, connect
-from engine import states as ST
-from engine.certs import make_certs
-from engine.channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, PlaintextRefused, open_channel
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
-from engine.workload import Workload, WorkloadConfig
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import hello as H
+from ferry_migrate.channels.tls import TLSError, TLSTransport, gather, load_creds
+from ferry_migrate.channels.transport import Listener, connect
+from ferry_migrate.engine import states as ST
+from ferry_migrate.engine.certs import make_certs
+from ferry_migrate.engine.channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, PlaintextRefused, open_channel
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
 SIZE = 32 << 20
 WAIT = 60  # s: generous; these wait for states, not for speed
@@ -128,8 +128,8 @@ def test_hello_names_a_tls_handshake_and_a_qemu_stream():
 def test_gather_copies_what_an_iovec_describes(kernel, monkeypatch):
     import numpy as np
 
-    import channels.tls as T
-    from channels.iovec import IOVEC, address
+    import ferry_migrate.channels.tls as T
+    from ferry_migrate.channels.iovec import IOVEC, address
     monkeypatch.setattr(T, "_use_pvr", kernel and T._pvr is not None)
     bufs = [bytes([i % 256]) * (i % 97 + 1) for i in range(2500)]  # more than IOV_MAX entries
     iov = np.empty(len(bufs), IOVEC)
@@ -195,7 +195,7 @@ class open_channel_async(threading.Thread):
 
 
 def _features(cfg):
-    from engine.channel_auth import wire_features
+    from ferry_migrate.engine.channel_auth import wire_features
     return wire_features(cfg)
 
 
@@ -418,9 +418,9 @@ def test_load_creds_names_what_is_missing(tmp_path):
 
 def test_tls_transport_send_timeout_is_a_peer_timeout(creds):
     """A TLS writer whose peer reads nothing fails with PeerTimeout after the liveness bound."""
-    from channels.errors import PeerTimeout
-    from channels.qemufile import QEMUFileWriter
-    from channels.tls import client_wrap, server_wrap
+    from ferry_migrate.channels.errors import PeerTimeout
+    from ferry_migrate.channels.qemufile import QEMUFileWriter
+    from ferry_migrate.channels.tls import client_wrap, server_wrap
     c = load_creds(creds)
     lst = Listener("tcp:127.0.0.1:0", liveness=1)
     out = {}
@@ -438,7 +438,7 @@ def test_tls_transport_send_timeout_is_a_peer_timeout(creds):
 
 
 def test_query_migrate_parameters_never_shows_the_secret():
-    from engine.worker import Worker, guest_config
+    from ferry_migrate.engine.worker import Worker, guest_config
     w = Worker("source", guest_config(size="4M", workload_threads=0))
     try:
         assert w.query_parameters({})["migration-secret"] == ""
@@ -479,8 +479,8 @@ def test_a_destination_that_never_answers_the_hello_fails_the_source_within_live
 def test_tls_writer_sends_small_fields_pages_and_a_buffer_larger_than_the_gather_buffer(creds):
     import os as _os
 
-    from channels.qemufile import QEMUFileReader, QEMUFileWriter
-    from channels.tls import GATHER_BUFFER, client_wrap, server_wrap
+    from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
+    from ferry_migrate.channels.tls import GATHER_BUFFER, client_wrap, server_wrap
     c = load_creds(creds)
     lst = Listener("tcp:127.0.0.1:0", liveness=WAIT)
     out = {}

@@ -15,14 +15,14 @@ import struct
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.channel import PrecopyChannel, RamRecvChannel, RamSendChannel
-from channels.codec import DeviceSpec, StreamDecoder
-from channels.errors import ProtocolError
-from channels.qemufile import QEMUFileReader, QEMUFileWriter
-from channels.transport import SocketTransport
-from engine.ram import GuestRAM
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import PrecopyChannel, RamRecvChannel, RamSendChannel
+from ferry_migrate.channels.codec import DeviceSpec, StreamDecoder
+from ferry_migrate.channels.errors import ProtocolError
+from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
+from ferry_migrate.channels.transport import SocketTransport
+from ferry_migrate.engine.ram import GuestRAM
 
 from .conftest import PAGE, decode_chunked
 

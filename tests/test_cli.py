@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from engine.control.spawn import spawn_worker
+from ferry_migrate.engine.control.spawn import spawn_worker
 from .conftest import group_gone
 
-FERRY = [sys.executable, "-m", "engine.cli"]
+FERRY = [sys.executable, "-m", "ferry_migrate.engine.cli"]
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_keys_refuses_to_overwrite(ferry, tmp_path):
 def test_user_guide_tables_are_current():
     from pathlib import Path
 
-    from engine.cli import embed_reference
+    from ferry_migrate.engine.cli import embed_reference
 
     guide = Path(__file__).resolve().parent.parent / "docs" / "user-guide.md"
     text = guide.read_text()

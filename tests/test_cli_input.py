@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from engine.ram import hugepage_status
+from ferry_migrate.engine.ram import hugepage_status
 
 from .test_cli import ferry  # noqa: F401 - fixture
 

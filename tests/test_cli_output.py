@@ -12,8 +12,8 @@ import time
 import pytest
 from rich.console import Console
 
-from engine import __version__
-from engine.control.progress import ProgressView
+from ferry_migrate.engine import __version__
+from ferry_migrate.engine.control.progress import ProgressView
 
 from .test_cli import FERRY, ferry, workers  # noqa: F401 - fixtures
 
@@ -35,7 +35,7 @@ def test_human_output_fits_80_columns(args):
     long = [ln for ln in r.stdout.splitlines() if len(ln) > 80]
     assert not long, long
     if args == ["reference"]:
-        from engine.params import PARAMETERS
+        from ferry_migrate.engine.params import PARAMETERS
 
         names = {ln.strip() for ln in r.stdout.splitlines()}
         assert set(PARAMETERS) <= names  # every name whole, on its own line
@@ -71,7 +71,7 @@ def test_version():
     from pathlib import Path
 
     py = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
-    assert py["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "engine.__version__"}
+    assert py["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "ferry_migrate.engine.__version__"}
 
 
 def test_events_ends_when_the_worker_shuts_down(ferry, workers):

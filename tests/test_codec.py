@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from channels import codec
-from channels import constants as C
-from channels.codec import BlockInfo, DeviceSpec, ReturnPathDecoder, StreamDecoder
-from channels.errors import ProtocolError
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import BlockInfo, DeviceSpec, ReturnPathDecoder, StreamDecoder
+from ferry_migrate.channels.errors import ProtocolError
 
 from .conftest import PAGE, decode_chunked, decode_rp_chunked, device_full, page_bytes, ram_part, ram_prologue
 

@@ -18,12 +18,12 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from engine.control import protocol as P
-from engine.control.auth import create_keys
-from engine.control.client import CommandFailed, ControlClient, ControlError
-from engine.control.driver import run_migration
-from engine.control.spawn import spawn_worker
-from engine.params import CAPABILITIES
+from ferry_migrate.engine.control import protocol as P
+from ferry_migrate.engine.control.auth import create_keys
+from ferry_migrate.engine.control.client import CommandFailed, ControlClient, ControlError
+from ferry_migrate.engine.control.driver import run_migration
+from ferry_migrate.engine.control.spawn import spawn_worker
+from ferry_migrate.engine.params import CAPABILITIES
 from .conftest import group_gone
 
 GUEST = ["--size", "16M", "--dirty-rate", "8M"]
@@ -305,7 +305,7 @@ async def test_failed_connection_is_reported(spawn, tmp_path):
 
 async def test_controller_disappearing_does_not_stop_the_migration(spawn):
     src, dst = spawn("source"), spawn("destination")
-    ctl = subprocess.Popen([sys.executable, "-m", "engine.cli", "migrate", "--source", src.control,
+    ctl = subprocess.Popen([sys.executable, "-m", "ferry_migrate.engine.cli", "migrate", "--source", src.control,
                             "--destination", dst.control, "--param", "max-bandwidth=1M", "--json"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -368,7 +368,7 @@ async def test_curve_refuses_clients_without_the_keys(spawn, tmp_path):
 
 def test_worker_refuses_non_loopback_without_curve(tmp_path):
     # Refused before anything is bound: the check runs first.
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--role", "source",
+    r = subprocess.run([sys.executable, "-m", "ferry_migrate.engine.cli", "worker", "--role", "source",
                         "--control", "tcp://0.0.0.0:0", "--size", "4M"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "CURVE" in r.stderr and "ferry keys" in r.stderr

@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.control import endpoints as E
-from engine.control import protocol as P
-from engine.control.driver import default_uri, dialable_uri, parse_cap, parse_param
-from engine.params import PARAMETERS
+from ferry_migrate.engine.control import endpoints as E
+from ferry_migrate.engine.control import protocol as P
+from ferry_migrate.engine.control.driver import default_uri, dialable_uri, parse_cap, parse_param
+from ferry_migrate.engine.params import PARAMETERS
 
 
 def decode_or_error(body: bytes):

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels import codec
-from channels import constants as C
-from channels import devices as D
-from channels.errors import DeviceStateError
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import devices as D
+from ferry_migrate.channels.errors import DeviceStateError
 
 be32 = struct.Struct(">I").pack
 

@@ -19,14 +19,14 @@ import time
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.codec import ReturnPathDecoder, StreamDecoder
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import GUEST_DEVICE, GUEST_DEVICE_VERSION, MigrationSource
-from engine.workload import Workload, WorkloadConfig
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import ReturnPathDecoder, StreamDecoder
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import GUEST_DEVICE, GUEST_DEVICE_VERSION, MigrationSource
+from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
 from .conftest import decode_rp_chunked, wait_until
 

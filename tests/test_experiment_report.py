@@ -19,13 +19,13 @@ import numpy as np
 import psutil
 import pytest
 
-from engine.cli import main
-from engine.destination import MigrationDestination
-from engine.experiment.spec import parse_spec, run_capabilities, run_parameters
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
-from engine.workload import Workload, WorkloadConfig
+from ferry_migrate.engine.cli import main
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.experiment.spec import parse_spec, run_capabilities, run_parameters
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
 from .conftest import wait_until
 

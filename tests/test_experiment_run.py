@@ -19,10 +19,10 @@ import uuid
 import psutil
 import pytest
 
-from engine import testbed
-from engine.experiment.runner import RECORD_KEYS
+from ferry_migrate.engine import testbed
+from ferry_migrate.engine.experiment.runner import RECORD_KEYS
 
-FERRY = [sys.executable, "-m", "engine.cli"]
+FERRY = [sys.executable, "-m", "ferry_migrate.engine.cli"]
 TAG = "FERRY_TEST_TAG"
 
 _REASON: list = []
@@ -90,7 +90,7 @@ def wait_for_migration(tag: str, proc, timeout: float) -> str | None:
     """Poll the tagged source worker (found by its command line) until its migration is active."""
     import asyncio
 
-    from engine.control.client import ControlClient, ControlError
+    from ferry_migrate.engine.control.client import ControlClient, ControlError
 
     async def status(ep):
         async with ControlClient(ep, timeout=2.0) as c:
@@ -295,7 +295,7 @@ max-bandwidth = ["128K", 0]
 def test_worker_that_cannot_start_is_a_failed_run(ferry, tmp_path):
     # The source refuses a guest whose single 1 GiB huge page the host has not
     # reserved: a failure at run time, not in the file.
-    from engine.ram import hugepage_status
+    from ferry_migrate.engine.ram import hugepage_status
 
     if hugepage_status(1 << 30)[0] >= 1:
         pytest.skip("this host has a free 1 GiB huge page: the hugetlb guest would start")
@@ -333,7 +333,7 @@ BAD_FILES = [
 
 @pytest.mark.parametrize("case,text,where,words", BAD_FILES, ids=[c[0] for c in BAD_FILES])
 def test_bad_sweep_file_is_refused_naming_key_and_line(tmp_path, capsys, case, text, where, words):
-    from engine.cli import main
+    from ferry_migrate.engine.cli import main
 
     (tmp_path / "bad.toml").write_text(text)
     cwd = os.getcwd()
@@ -452,8 +452,8 @@ def test_new_verbs_on_workers(tmp_path):
     """query-guest-progress on both roles, query-postcopy-latency on a destination only."""
     import asyncio
 
-    from engine.control.client import CommandFailed, ControlClient
-    from engine.control.spawn import spawn_worker
+    from ferry_migrate.engine.control.client import CommandFailed, ControlClient
+    from ferry_migrate.engine.control.spawn import spawn_worker
 
     ws = [spawn_worker(role, f"ipc://{tmp_path}/{role}.ctl", ["--size", "8M", "--workload-pattern", "zipf",
                                                               "--workload-write-ratio", "0.5"],

@@ -36,9 +36,9 @@ import sys
 
 import pytest
 
-from engine.control.client import ControlClient
-from engine.control.driver import run_migration
-from engine.params import CAPABILITIES
+from ferry_migrate.engine.control.client import ControlClient
+from ferry_migrate.engine.control.driver import run_migration
+from ferry_migrate.engine.params import CAPABILITIES
 
 from .faultrelay import TO_DST, TO_SRC, FaultRelay, sigkill, wait_state
 from .test_control import spawn, wait_final  # noqa: F401 - spawn is a fixture
@@ -327,7 +327,7 @@ async def test_verdict_lost_destination_waits_in_device_guest_not_running(spawn)
 async def test_controller_killed_midway_the_migration_ends_with_one_running_guest(spawn, mode):  # noqa: F811
     guest = POSTCOPY_GUEST if mode == "postcopy" else PRECOPY_GUEST
     src, dst = spawn("source", guest), spawn("destination", [*guest, *DEST_WORKLOAD])
-    args = [sys.executable, "-m", "engine.cli", "migrate", "--source", src.control, "--destination", dst.control,
+    args = [sys.executable, "-m", "ferry_migrate.engine.cli", "migrate", "--source", src.control, "--destination", dst.control,
             "--param", "max-bandwidth=8M", "--param", f"liveness-timeout={LIVENESS}"]
     if mode == "postcopy":
         args += ["--cap", "postcopy-ram", "--cap", "postcopy-preempt", "--param", "postcopy-after-percent=20",
@@ -363,7 +363,7 @@ def _huge_pool_with_free(n: int):
     surplus in a hugetlb mapping of this process (released afterwards). Skips
     when the kernel cannot reserve 2 MiB pages.
     """
-    from engine.ram import hugepage_status
+    from ferry_migrate.engine.ram import hugepage_status
 
     free, _ = hugepage_status(HUGE)
     added, held = 0, None

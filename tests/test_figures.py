@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from channels.channel import postcopy_channel_name
-from engine import stats as S
-from engine.control.driver import Outcome
-from engine.control.report import render
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
+from ferry_migrate.channels.channel import postcopy_channel_name
+from ferry_migrate.engine import stats as S
+from ferry_migrate.engine.control.driver import Outcome
+from ferry_migrate.engine.control.report import render
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
 
 from .test_cli import ferry  # noqa: F401 - fixture
 

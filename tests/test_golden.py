@@ -17,9 +17,9 @@ import re
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.codec import BlockInfo, ReturnPathDecoder, StreamDecoder
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import BlockInfo, ReturnPathDecoder, StreamDecoder
 
 from .conftest import decode_chunked, decode_rp_chunked
 

@@ -9,14 +9,14 @@ import threading
 import numpy as np
 import pytest
 
-from channels import constants as C
-from engine import uffd as U
-from engine.guestlocal import GuestProcessConfig, run_guest_process_migration
-from engine.guestproc import GuestLink, GuestSpec
-from engine.uffd_dest import UffdFaultServer, UffdPlacer
-from engine.postcopy import FaultHandler, ReceivedPages
-from engine.ram import hugepage_status
-from engine.workload import WorkloadConfig
+from ferry_migrate.channels import constants as C
+from ferry_migrate.engine import uffd as U
+from ferry_migrate.engine.guestlocal import GuestProcessConfig, run_guest_process_migration
+from ferry_migrate.engine.guestproc import GuestLink, GuestSpec
+from ferry_migrate.engine.uffd_dest import UffdFaultServer, UffdPlacer
+from ferry_migrate.engine.postcopy import FaultHandler, ReceivedPages
+from ferry_migrate.engine.ram import hugepage_status
+from ferry_migrate.engine.workload import WorkloadConfig
 
 REASON = U.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd unavailable: {REASON}")
@@ -257,7 +257,7 @@ def test_ferry_demo_guest_process_json():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "demo", "--guest-process", "--size", "16M",
+    r = subprocess.run([sys.executable, "-m", "ferry_migrate.engine.cli", "demo", "--guest-process", "--size", "16M",
                         "--dirty-rate", "8M", "--json"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)

@@ -26,10 +26,10 @@ from dataclasses import asdict
 
 import pytest
 
-from channels import codec
-from channels.codec import BlockInfo, DeviceSpec, StreamDecoder
-from engine.local import GuestConfig
-from engine.workload import WorkloadConfig
+from ferry_migrate.channels import codec
+from ferry_migrate.channels.codec import BlockInfo, DeviceSpec, StreamDecoder
+from ferry_migrate.engine.local import GuestConfig
+from ferry_migrate.engine.workload import WorkloadConfig
 
 PAGE = 4096
 TIMEOUT = 120
@@ -147,10 +147,10 @@ class _Relay:
 # --- worker processes ---------------------------------------------------------------
 
 def _dest_child(conn, guest: dict, caps: dict, params: dict) -> None:
-    from engine.destination import MigrationDestination
-    from engine.params import MigrationConfig
-    from engine.process import configure_worker_process
-    from engine.workload import Workload
+    from ferry_migrate.engine.destination import MigrationDestination
+    from ferry_migrate.engine.params import MigrationConfig
+    from ferry_migrate.engine.process import configure_worker_process
+    from ferry_migrate.engine.workload import Workload
 
     configure_worker_process()
     try:
@@ -182,10 +182,10 @@ def _dest_child(conn, guest: dict, caps: dict, params: dict) -> None:
 
 
 def _source_child(conn, guest: dict, caps: dict, params: dict, uri: str) -> None:
-    from engine.params import MigrationConfig
-    from engine.process import configure_worker_process
-    from engine.source import MigrationSource
-    from engine.workload import Workload
+    from ferry_migrate.engine.params import MigrationConfig
+    from ferry_migrate.engine.process import configure_worker_process
+    from ferry_migrate.engine.source import MigrationSource
+    from ferry_migrate.engine.workload import Workload
 
     configure_worker_process()
     try:
@@ -338,8 +338,8 @@ def test_postcopy_without_page_checksums_the_damaged_page_is_placed():
 # --- file: streams that lost what verifies them ---------------------------------------------
 
 def _saved_stream(tmp_path):
-    from engine.ram import GuestRAM
-    from engine.source import MigrationSource
+    from ferry_migrate.engine.ram import GuestRAM
+    from ferry_migrate.engine.source import MigrationSource
 
     ram = GuestRAM.create(4 << 20, nblocks=1)
     ram.fill("mixed")
@@ -363,9 +363,9 @@ def _spans(data: bytes, infos):
 
 
 def _load(path, page_checksums: bool = True):
-    from engine.destination import MigrationDestination
-    from engine.params import MigrationConfig
-    from engine.ram import GuestRAM
+    from ferry_migrate.engine.destination import MigrationDestination
+    from ferry_migrate.engine.params import MigrationConfig
+    from ferry_migrate.engine.ram import GuestRAM
 
     ram = GuestRAM.create(4 << 20, nblocks=1)
     cfg = MigrationConfig()
@@ -445,9 +445,9 @@ def test_check_values_present_are_checked_even_when_not_required(tmp_path):
 
 def test_without_page_checksums_the_stream_is_qemus(tmp_path):
     """page-checksums off on the source: not one FERRY_PAGE_CHECKS record, every flag within QEMU's range."""
-    from engine.params import MigrationConfig
-    from engine.ram import GuestRAM
-    from engine.source import MigrationSource
+    from ferry_migrate.engine.params import MigrationConfig
+    from ferry_migrate.engine.ram import GuestRAM
+    from ferry_migrate.engine.source import MigrationSource
 
     ram = GuestRAM.create(4 << 20, nblocks=1)
     ram.fill("mixed")

@@ -3,16 +3,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels import codec
-from channels import constants as C
-from channels import devices as D
-from channels.errors import LayoutError
-from engine.destination import MigrationDestination
-from engine.layout import LayoutLimits, check_layout, check_machine_type, ram_from_layout
-from engine.params import MigrationConfig
-from engine.peer import effective_capability, peer_features
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import devices as D
+from ferry_migrate.channels.errors import LayoutError
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.layout import LayoutLimits, check_layout, check_machine_type, ram_from_layout
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.peer import effective_capability, peer_features
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
 
 
 def test_layout_taken_with_page_sizes():
@@ -126,7 +126,7 @@ def test_carried_qemu_devices_between_ferry_workers_verified_by_digests():
     """A QEMU guest's device sections carried Ferry to Ferry (peer=ferry): verbatim, and digests compared."""
     import json
 
-    from channels.devices import GuestDevices
+    from ferry_migrate.channels.devices import GuestDevices
 
     payload = b"\x7e\x00\x00\x00\x05" * 3
     dev = (codec.encode_section_start(C.QEMU_VM_SECTION_FULL, 5, "timer", 0, 2) + payload

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from engine.control.client import CommandFailed, ControlClient
+from ferry_migrate.engine.control.client import CommandFailed, ControlClient
 
 from .test_control import spawn, wait_final  # noqa: F401 - spawn is a fixture
 

@@ -17,12 +17,12 @@ import time
 
 import pytest
 
-from engine import stats as S
-from engine.destination import MigrationDestination
-from engine.params import LIVE_PARAMETERS, PARAMETERS, MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
-from engine.worker import Worker, guest_config
+from ferry_migrate.engine import stats as S
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import LIVE_PARAMETERS, PARAMETERS, MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.worker import Worker, guest_config
 
 SIZE = 16 << 20
 DONE = 60.0  # s; the throttled cases below would need 256 s or more
@@ -139,7 +139,7 @@ def running_worker():
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
 def test_every_parameter_is_either_live_or_refused_during_a_migration(running_worker, name):
     """Each parameter says where and when it applies; the live ones are taken, the others refused by name."""
-    from engine.control.protocol import RequestError
+    from ferry_migrate.engine.control.protocol import RequestError
 
     spec = PARAMETERS[name]
     assert spec.applies, f"{name}: say where and when it applies"

@@ -19,10 +19,10 @@ import time
 
 import pytest
 
-from channels.errors import ChannelError, PeerTimeout
-from channels.qemufile import QEMUFileReader, QEMUFileWriter
-from channels.transport import TCP_USER_TIMEOUT, Listener, SocketTransport, connect, keepalive_settings
-from engine.params import PARAMETERS
+from ferry_migrate.channels.errors import ChannelError, PeerTimeout
+from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
+from ferry_migrate.channels.transport import TCP_USER_TIMEOUT, Listener, SocketTransport, connect, keepalive_settings
+from ferry_migrate.engine.params import PARAMETERS
 
 from .faultrelay import TO_DST, FaultRelay, sigcont, sigstop
 
@@ -318,7 +318,7 @@ def test_reader_sharing_a_reset_connection_never_sees_a_clean_end():
 
 def _in_netns(ns: str, fn):
     """Run ``fn`` in a thread that joined network namespace ``ns`` (its sockets stay there)."""
-    from engine.testbed import enter_netns
+    from ferry_migrate.engine.testbed import enter_netns
 
     out = {}
 
@@ -358,7 +358,7 @@ def test_pulled_cable_fails_busy_and_idle_channels():
     receiver fails (its recv bound), and an idle reader without a recv bound (like the
     source's return path) fails too: its keepalive probes go unanswered.
     """
-    from engine.testbed import Testbed, TestbedUnavailable
+    from ferry_migrate.engine.testbed import Testbed, TestbedUnavailable
 
     tb = Testbed()
     try:

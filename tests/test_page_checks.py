@@ -18,15 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from channels import codec
-from channels import constants as C
-from channels.channel import CHECK_CHUNK, RamSendChannel
-from channels.codec import BlockInfo, StreamDecoder
-from channels.errors import PageIntegrityError, ProtocolError, UnverifiedStreamError
-from channels.pagecheck import PageChecker, check_values, place_values, verify_run
-from channels.qemufile import QEMUFileWriter
-from channels.transport import SocketTransport
-from engine.ram import GuestRAM
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import CHECK_CHUNK, RamSendChannel
+from ferry_migrate.channels.codec import BlockInfo, StreamDecoder
+from ferry_migrate.channels.errors import PageIntegrityError, ProtocolError, UnverifiedStreamError
+from ferry_migrate.channels.pagecheck import PageChecker, check_values, place_values, verify_run
+from ferry_migrate.channels.qemufile import QEMUFileWriter
+from ferry_migrate.channels.transport import SocketTransport
+from ferry_migrate.engine.ram import GuestRAM
 
 from .conftest import PAGE, decode_chunked
 
@@ -361,7 +361,7 @@ def _one_run_infos(data: bytes, infos):
 
 def test_fingerprints_are_the_documented_sum():
     """einsum computes sum(word[i] * K[i]) mod 2^64, as the plain matrix product does."""
-    from channels.pagecheck import _FP_K, page_fingerprints
+    from ferry_migrate.channels.pagecheck import _FP_K, page_fingerprints
 
     w = np.random.default_rng(5).integers(0, 2**64 - 1, (9, 512), dtype=np.uint64, endpoint=True)
     assert (page_fingerprints(w) == w @ _FP_K).all()
@@ -381,7 +381,7 @@ def test_checker_places_what_it_checked():
 
 def test_staging_ring_wraps_only_after_a_flush():
     """More pages than the staging ring holds, in many ranges, the guest writing at every flush: all consistent."""
-    from channels.channel import STAGE_PAGES
+    from ferry_migrate.channels.channel import STAGE_PAGES
 
     npages = STAGE_PAGES + 700
     ram = GuestRAM.create(npages * PAGE, nblocks=1)
@@ -452,7 +452,7 @@ def test_any_single_byte_flip_is_refused(groups, data):
 
 def test_non_zero_page_with_fingerprint_zero_is_sent_as_data():
     """Zero detection uses the fingerprints first: a non-zero page whose fingerprint is 0 still goes as PAGE."""
-    from channels.pagecheck import _FP_K, page_fingerprints
+    from ferry_migrate.channels.pagecheck import _FP_K, page_fingerprints
 
     ram = GuestRAM.create(64 * PAGE, nblocks=1)
     ram.fill("pattern")

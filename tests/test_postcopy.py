@@ -8,17 +8,17 @@ import time
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.codec import RamRun
-from channels.errors import ProtocolError
-from engine.destination import MigrationDestination
-from engine.local import GuestConfig, run_local_migration
-from engine.params import MigrationConfig
-from engine.postcopy import FaultHandler, HostPageAssembler, ReceivedPages
-from engine.ram import GuestRAM
-from engine.source import MigrationSource, dirty_ranges
-from engine.workload import WorkloadConfig
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.codec import RamRun
+from ferry_migrate.channels.errors import ProtocolError
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.postcopy import FaultHandler, HostPageAssembler, ReceivedPages
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource, dirty_ranges
+from ferry_migrate.engine.workload import WorkloadConfig
 
 from .conftest import wait_until
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine.local import GuestConfig, run_local_migration
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.workload import WorkloadConfig
 
 from .conftest import wait_until
 
@@ -63,10 +63,10 @@ def test_live_parameter_change_lets_a_throttled_migration_finish():
     """max-bandwidth and downtime-limit change while the migration runs, as in QEMU."""
     import time
 
-    from engine.destination import MigrationDestination
-    from engine.params import MigrationConfig
-    from engine.ram import GuestRAM
-    from engine.source import MigrationSource
+    from ferry_migrate.engine.destination import MigrationDestination
+    from ferry_migrate.engine.params import MigrationConfig
+    from ferry_migrate.engine.ram import GuestRAM
+    from ferry_migrate.engine.source import MigrationSource
 
     src, dst = GuestRAM.create(64 << 20), GuestRAM.create(64 << 20)
     src.fill("pattern")

@@ -5,12 +5,12 @@ import socket
 
 import pytest
 
-from engine.destination import MigrationDestination
-from engine.local import GuestConfig, run_local_migration
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.workload import WorkloadConfig
 
 from .conftest import wait_until
 

@@ -3,8 +3,8 @@
 A Ferry source set to it (``preempt-dialect=qemu-8.0``) feeds a Ferry destination,
 which must finish once every page is placed instead of waiting for an EOS.
 """
-from engine.local import GuestConfig, run_local_migration
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.workload import WorkloadConfig
 
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 SLOW = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 48 << 20}

@@ -13,7 +13,7 @@ import time
 import pytest
 from rich.console import Console
 
-from engine.control.progress import ProgressView, progress_figures, progress_lines
+from ferry_migrate.engine.control.progress import ProgressView, progress_figures, progress_lines
 
 MiB = 1 << 20
 
@@ -66,7 +66,7 @@ def test_ferry_demo_draws_progress_on_a_terminal(tmp_path):
     """A throttled migration on a pseudo-terminal shows the progress lines while it runs."""
     master, slave = pty.openpty()
     env = dict(os.environ, COLUMNS="80", LINES="40", TERM="xterm")
-    p = subprocess.Popen([sys.executable, "-m", "engine.cli", "demo", "--precopy", "--size", "32M",
+    p = subprocess.Popen([sys.executable, "-m", "ferry_migrate.engine.cli", "demo", "--precopy", "--size", "32M",
                           "--param", "max-bandwidth=12M"], stdin=slave, stdout=slave, stderr=slave, env=env,
                          start_new_session=True)
     os.close(slave)

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.source import MigrationSource
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.source import MigrationSource
 
 from .qemu_vm import LOAD_ADDR, LOAD_SIZE, QemuVM, free_port, known_bytes, require_qemu
 
@@ -132,7 +132,7 @@ def test_qemu_source_needs_no_peer_setting(vms):
 
 def test_qemu_destination_layout_over_limits_refused(vms):
     """A destination without a fixed guest refuses a layout over its limits, by name."""
-    from engine.layout import LayoutLimits
+    from ferry_migrate.engine.layout import LayoutLimits
 
     d = MigrationDestination(None, config(), layout=LayoutLimits(max_total=32 << 20))
     uri = d.listen("tcp:127.0.0.1:0")
@@ -146,7 +146,7 @@ def test_qemu_destination_layout_over_limits_refused(vms):
 
 
 def test_machine_type_not_allowed_refused(vms):
-    from engine.layout import LayoutLimits
+    from ferry_migrate.engine.layout import LayoutLimits
 
     d = MigrationDestination(None, config(), layout=LayoutLimits(machine_types=("pc-q35-7.2",)))
     uri = d.listen("tcp:127.0.0.1:0")
@@ -260,7 +260,7 @@ def test_destination_worker_takes_qemu_layout(vms, tmp_path):
     import subprocess
     import sys
 
-    from engine.control.spawn import spawn_worker
+    from ferry_migrate.engine.control.spawn import spawn_worker
 
     from .conftest import group_gone
 
@@ -272,7 +272,7 @@ def test_destination_worker_takes_qemu_layout(vms, tmp_path):
         w.wait_ready(30)
 
         def call(verb, args=None):
-            r = subprocess.run([sys.executable, "-m", "engine.cli", "call", ctl, verb, _json.dumps(args or {}),
+            r = subprocess.run([sys.executable, "-m", "ferry_migrate.engine.cli", "call", ctl, verb, _json.dumps(args or {}),
                                 "--json"], capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, r.stdout + r.stderr
             out = _json.loads(r.stdout)

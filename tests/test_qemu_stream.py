@@ -27,9 +27,9 @@ import sys
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from channels.errors import ProtocolError
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.errors import ProtocolError
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 STREAM = os.path.join(DATA, "qemu-7.2-pc-64M.stream.gz")

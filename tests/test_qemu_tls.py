@@ -5,10 +5,10 @@ Skipped, saying why, when QEMU is not installed."""
 import numpy as np
 import pytest
 
-from channels.tls import TLSTransport
-from engine.certs import make_certs
-from engine.destination import MigrationDestination
-from engine.source import MigrationSource
+from ferry_migrate.channels.tls import TLSTransport
+from ferry_migrate.engine.certs import make_certs
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.source import MigrationSource
 
 from .qemu_vm import free_port
 from .test_qemu_interop import (KNOWN, LAST_KNOWN_PAGE, MODES, check_ram_equals_qemu, config,  # noqa: F401

@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels import qemufile
-from channels.errors import ChannelError, ProtocolError
-from channels.qemufile import QEMUFileReader, QEMUFileWriter
+from ferry_migrate.channels import qemufile
+from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
 
 from .conftest import wait_blocked_in_io, wait_until
-from channels.transport import SocketTransport
+from ferry_migrate.channels.transport import SocketTransport
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.control.qmp import JSONStream, QMPAddressError, parse_qmp_address
-from engine.control.spawn import spawn_worker
+from ferry_migrate.engine.control.qmp import JSONStream, QMPAddressError, parse_qmp_address
+from ferry_migrate.engine.control.spawn import spawn_worker
 
 qmp = pytest.importorskip("qemu.qmp")
 from qemu.qmp import ExecuteError, QMPClient  # noqa: E402
@@ -196,7 +196,7 @@ def test_qmp_address_options_as_qemu_writes_them():
 
 
 def test_worker_refuses_a_non_loopback_qmp_address_at_once(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "worker", "--role", "source", "--control",
+    r = subprocess.run([sys.executable, "-m", "ferry_migrate.engine.cli", "worker", "--role", "source", "--control",
                         f"ipc://{tmp_path}/w.ctl", "--qmp", "tcp:0.0.0.0:4444"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "loopback" in r.stderr and "Traceback" not in r.stderr

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from channels import constants as C
-from engine.bitmap import PageBitmap
-from engine.destination import MigrationDestination
-from engine.ram import GuestRAM, HugePagesUnavailable, RAMBlock, format_size, hugepage_status, parse_size
-from engine.source import MigrationSource
+from ferry_migrate.channels import constants as C
+from ferry_migrate.engine.bitmap import PageBitmap
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.ram import GuestRAM, HugePagesUnavailable, RAMBlock, format_size, hugepage_status, parse_size
+from ferry_migrate.engine.source import MigrationSource
 
 from .conftest import wait_until
 
@@ -244,7 +244,7 @@ def test_in_process_migration_small_guest(tmp_path, page_size, backing):
 def test_workload_progress_shows_pause_and_rate():
     """Progress samples show the guest moving, a sample with no progress while it is
     paused, and moving again; it never runs ahead of its dirty rate."""
-    from engine.workload import Workload, WorkloadConfig
+    from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
     g = GuestRAM.create(16 << 20)
     cfg = WorkloadConfig(threads=2, pattern="random", dirty_rate=64 << 20)
@@ -271,7 +271,7 @@ def test_workload_progress_shows_pause_and_rate():
 
 
 def test_workload_write_ratio_and_zipf():
-    from engine.workload import Workload, WorkloadConfig
+    from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
     g = GuestRAM.create(16 << 20)
     w = Workload(g, WorkloadConfig(pattern="zipf", write_ratio=0.25, dirty_rate=8 << 20))
@@ -286,7 +286,7 @@ def test_workload_write_ratio_and_zipf():
 @pytest.mark.parametrize("field,value", [("pattern", "nope"), ("write_ratio", 1.5), ("zipf_a", 1.0),
                                          ("batch", 0), ("threads", -1)])
 def test_workload_config_errors_name_the_knob(field, value):
-    from engine.workload import WorkloadConfig
+    from ferry_migrate.engine.workload import WorkloadConfig
 
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         WorkloadConfig(**{field: value}).validate()

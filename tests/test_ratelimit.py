@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from channels.ratelimit import RECHECK_S, RateLimiter
+from ferry_migrate.channels.ratelimit import RECHECK_S, RateLimiter
 
 JOIN = 30.0  # s: far beyond any wake-up, far below the debts these tests create
 

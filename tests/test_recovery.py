@@ -8,14 +8,14 @@ import time
 import numpy as np
 import pytest
 
-from channels import codec
-from channels import constants as C
-from engine import states as ST
-from engine.destination import MigrationDestination
-from engine.params import MigrationConfig
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
-from engine.workload import Workload, WorkloadConfig
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.engine import states as ST
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
 SIZE = 64 << 20
 WAIT = 60  # s: generous; these wait for states, not for speed
@@ -203,7 +203,7 @@ def test_recv_bitmap_bad_input_is_named(mutate, words):
 
 
 def test_resume_ack_value_and_verdict_are_checked():
-    from engine.return_path import SourceReturnPath  # noqa: F401 - the checks live there
+    from ferry_migrate.engine.return_path import SourceReturnPath  # noqa: F401 - the checks live there
     with pytest.raises(Exception, match="magic"):
         codec.parse_ferry_verdict(b"\0" * 8)
     with pytest.raises(Exception, match="outcome 7"):

@@ -9,8 +9,8 @@ import os
 import signal
 import time
 
-from engine.control.client import CommandFailed, ControlClient
-from engine.control.driver import run_migration
+from ferry_migrate.engine.control.client import CommandFailed, ControlClient
+from ferry_migrate.engine.control.driver import run_migration
 
 from .test_control import spawn, wait_status  # noqa: F401 - spawn is a fixture
 

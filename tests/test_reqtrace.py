@@ -6,9 +6,9 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.local import GuestConfig, run_local_migration
-from engine.reqtrace import CHAIN, STAGES, STEPS, RequestTrace, join, step_summary
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.reqtrace import CHAIN, STAGES, STEPS, RequestTrace, join, step_summary
+from ferry_migrate.engine.workload import WorkloadConfig
 
 
 def test_mark_keeps_the_first_time_of_a_stage():

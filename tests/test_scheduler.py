@@ -2,8 +2,8 @@
 channel switches, N POSTCOPY channels, return-path claims. No sockets."""
 import pytest
 
-from engine.bitmap import PageBitmap
-from engine.scheduler import PRECOPY, RUN_PAGES, PageScheduler, SchedBlock
+from ferry_migrate.engine.bitmap import PageBitmap
+from ferry_migrate.engine.scheduler import PRECOPY, RUN_PAGES, PageScheduler, SchedBlock
 
 HUGE = 512  # target pages in a 2 MiB host page
 

@@ -22,8 +22,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from engine.bitmap import PageBitmap
-from engine.scheduler import PRECOPY, PageScheduler, SchedBlock
+from ferry_migrate.engine.bitmap import PageBitmap
+from ferry_migrate.engine.scheduler import PRECOPY, PageScheduler, SchedBlock
 
 # (target pages, target pages per host page): a huge-page block and a small-page block.
 SHAPES = [(16, 4), (12, 1), (8, 4)]

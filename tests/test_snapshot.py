@@ -14,10 +14,10 @@ import threading
 import numpy as np
 import pytest
 
-from engine.ram import GuestRAM
-from engine.snapshot import SnapshotError, load_image, write_image
-from engine.snapshot_cli import run_load, run_save
-from channels.devices import GuestDevices
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.snapshot import SnapshotError, load_image, write_image
+from ferry_migrate.engine.snapshot_cli import run_load, run_save
+from ferry_migrate.channels.devices import GuestDevices
 
 from .qemu_vm import LOAD_ADDR, LOAD_SIZE, QemuVM, free_port, known_bytes, require_qemu
 
@@ -113,7 +113,7 @@ def test_snapshot_save_then_load_cli(vms, tmp_path):
     assert got["status"] == "completed", got.get("error")
     assert got["device-sections"] > 10
     b, uri = listening_qemu(vms, {})
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "snapshot", "load", img, "--to", uri,
+    r = subprocess.run([sys.executable, "-m", "ferry_migrate.engine.cli", "snapshot", "load", img, "--to", uri,
                         "--mode", "precopy", "--json"], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, r.stdout + r.stderr

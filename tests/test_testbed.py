@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-from engine import testbed
-from engine.local import GuestConfig, run_local_migration
-from engine.testbed import LinkShape, Testbed, TestbedUnavailable
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine import testbed
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.testbed import LinkShape, Testbed, TestbedUnavailable
+from ferry_migrate.engine.workload import WorkloadConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,10 +15,10 @@ import sys
 import psutil
 import pytest
 
-from engine import testbed
-from engine.testbed_cli import _tag
+from ferry_migrate.engine import testbed
+from ferry_migrate.engine.testbed_cli import _tag
 
-FERRY = [sys.executable, "-m", "engine.cli"]
+FERRY = [sys.executable, "-m", "ferry_migrate.engine.cli"]
 
 _REASON: list = []
 
@@ -154,7 +154,7 @@ downtime-limit = 100
     assert all(psutil.pid_exists(x["pid"]) for x in doc["workers"])
 
     async def roles():
-        from engine.control.client import ControlClient
+        from ferry_migrate.engine.control.client import ControlClient
 
         out = []
         for x in doc["workers"]:

@@ -13,10 +13,10 @@ import sys
 
 import pytest
 
-from channels import codec
-from channels import constants as C
-from engine.ram import GuestRAM
-from engine.source import MigrationSource
+from ferry_migrate.channels import codec
+from ferry_migrate.channels import constants as C
+from ferry_migrate.engine.ram import GuestRAM
+from ferry_migrate.engine.source import MigrationSource
 
 from .conftest import decode_chunked
 

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from engine import uffd as U
+from ferry_migrate.engine import uffd as U
 
 REASON = U.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd unavailable: {REASON}")
@@ -206,7 +206,7 @@ HUGE = 2 << 20
 def huge_pages():
     """Reserve 2 huge pages of 2 MiB for the test and give them back after."""
     path = "/proc/sys/vm/nr_hugepages"
-    from engine.ram import hugepage_status
+    from ferry_migrate.engine.ram import hugepage_status
     _, total = hugepage_status(HUGE)
     added = max(0, 2 - _available_huge())
     try:
@@ -234,7 +234,7 @@ def _available_huge() -> int:
 
 def _give_back(path, added):
     if added:
-        from engine.ram import hugepage_status
+        from ferry_migrate.engine.ram import hugepage_status
         _, total = hugepage_status(HUGE)
         with open(path, "w") as f:
             f.write(str(max(0, total - added)))

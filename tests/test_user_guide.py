@@ -155,7 +155,7 @@ def guide_shell(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ferry = bin_dir / "ferry"
-    ferry.write_text(f'#!/bin/sh\nexec {sys.executable} -m engine.cli "$@"\n')
+    ferry.write_text(f'#!/bin/sh\nexec {sys.executable} -m ferry_migrate.engine.cli "$@"\n')
     ferry.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()

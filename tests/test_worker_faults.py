@@ -10,7 +10,7 @@ import signal
 
 import psutil
 
-from engine.control.client import ControlClient
+from ferry_migrate.engine.control.client import ControlClient
 
 from .faultrelay import (TO_DST, TO_SRC, FaultRelay, sigcont, signal_when, sigstop, stop_for, wait_event_state,
                          wait_state)

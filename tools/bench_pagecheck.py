@@ -28,13 +28,13 @@ import time
 
 import numpy as np
 
-from channels import codec
-from channels.channel import RamSendChannel
-from channels.codec import StreamDecoder
-from channels.pagecheck import PageChecker
-from channels.qemufile import QEMUFileWriter
-from channels.transport import SocketTransport
-from engine.ram import GuestRAM, page_selector, parse_size
+from ferry_migrate.channels import codec
+from ferry_migrate.channels.channel import RamSendChannel
+from ferry_migrate.channels.codec import StreamDecoder
+from ferry_migrate.channels.pagecheck import PageChecker
+from ferry_migrate.channels.qemufile import QEMUFileWriter
+from ferry_migrate.channels.transport import SocketTransport
+from ferry_migrate.engine.ram import GuestRAM, page_selector, parse_size
 
 GIB = 1 << 30
 

@@ -39,11 +39,11 @@ from datetime import datetime
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.local import GuestConfig, run_local_migration  # noqa: E402
-from engine.ram import format_size, parse_size  # noqa: E402
-from engine.reqtrace import STEPS, join, step_summary  # noqa: E402
-from engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
-from engine.workload import WorkloadConfig  # noqa: E402
+from ferry_migrate.engine.local import GuestConfig, run_local_migration  # noqa: E402
+from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
+from ferry_migrate.engine.reqtrace import STEPS, join, step_summary  # noqa: E402
+from ferry_migrate.engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
+from ferry_migrate.engine.workload import WorkloadConfig  # noqa: E402
 
 MIB = 1 << 20
 LAT_KEYS = ("count", "avg", "p50", "p90", "p99", "max")

@@ -47,9 +47,9 @@ import tempfile
 import time
 from datetime import datetime
 
-from engine.local import GuestConfig, run_local_migration
-from engine.ram import format_size, parse_size
-from engine.workload import WorkloadConfig
+from ferry_migrate.engine.local import GuestConfig, run_local_migration
+from ferry_migrate.engine.ram import format_size, parse_size
+from ferry_migrate.engine.workload import WorkloadConfig
 
 TARGET_4K = 0.40  # share of the ceiling to reach with 4 KiB host pages
 TARGET_HUGE = 0.70  # with 2 MiB (or 1 GiB) host pages
@@ -328,7 +328,7 @@ def main(argv=None) -> int:
     tmpdir = tempfile.mkdtemp(prefix="ferry-bench-")
     creds = ""
     if args.tls:
-        from engine.certs import make_certs
+        from ferry_migrate.engine.certs import make_certs
         creds = os.path.join(tmpdir, "tls")
         make_certs(creds)
     cases = []

@@ -61,11 +61,11 @@ if __package__ in (None, ""):
 from bench_postcopy import (add_common_args, finish_args, fmt_us, install_signal_handlers, load_note,  # noqa: E402
                             merge_runs, open_link, page_label, run_case)
 
-from engine.reqtrace import STEPS  # noqa: E402
+from ferry_migrate.engine.reqtrace import STEPS  # noqa: E402
 
-from channels import constants as C  # noqa: E402
-from engine.ram import format_size, parse_size  # noqa: E402
-from engine.testbed import TestbedError, cleanup_stale  # noqa: E402
+from ferry_migrate.channels import constants as C  # noqa: E402
+from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
+from ferry_migrate.engine.testbed import TestbedError, cleanup_stale  # noqa: E402
 
 RECORD_HEADER = 8  # be64 offset|flags before each target page (CONTINUE: no block name)
 FLOOR_FACTOR = 2.0  # preempt p99 within this many floors
@@ -254,8 +254,8 @@ def uffd_backing(args, page_size: int):
     With --uffd-hugetlb and huge host pages, the huge pages it needs are
     reserved for the run and given back after.
     """
-    from engine.guestlocal import run_local_migration_uffd
-    from engine.ram import hugepage_status
+    from ferry_migrate.engine.guestlocal import run_local_migration_uffd
+    from ferry_migrate.engine.ram import hugepage_status
 
     if not (args.uffd_hugetlb and page_size > C.TARGET_PAGE_SIZE):
         yield run_local_migration_uffd
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
     if args.tls:
         import tempfile
 
-        from engine.certs import make_certs
+        from ferry_migrate.engine.certs import make_certs
         tls_dir = tempfile.mkdtemp(prefix="ferry-bench-tls-")
         make_certs(tls_dir, hosts=(TLS_NAME,))
     cases, probes, envs, floors, skipped = [], {}, {}, {}, {}

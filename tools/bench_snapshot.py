@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from engine.ram import format_size, parse_size  # noqa: E402
+from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
 
 POLL = 0.002  # s between query-migrate polls on the destination
 
@@ -47,7 +47,7 @@ def _vm_class():
 
 def make_guest_files(workdir: str, size: int, random_share: float, seed: int = 11):
     """The saved stream (by QEMU) and the indexed image (by Ferry) of one guest."""
-    from engine.snapshot import load_stream, write_image
+    from ferry_migrate.engine.snapshot import load_stream, write_image
     from tests.qemu_vm import LOAD_ADDR
 
     QemuVM = _vm_class()
@@ -90,7 +90,7 @@ def run_qemu_load(workdir: str, stream: str, size: int) -> dict:
 
 def run_ferry(workdir: str, path: str, size: int, mode: str, switch_at: int, nreq: int,
               params: dict | None = None) -> dict:
-    from engine.snapshot_cli import run_load
+    from ferry_migrate.engine.snapshot_cli import run_load
     from tests.qemu_vm import free_port
 
     caps = {} if mode == "precopy" else {"postcopy-ram": True, "postcopy-preempt": True}
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
                     help="a migration parameter for the Ferry cases (repeatable)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    from engine.snapshot_cli import _params
+    from ferry_migrate.engine.snapshot_cli import _params
 
     params = _params(args.param)
     from tests.qemu_vm import QEMU

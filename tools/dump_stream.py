@@ -18,13 +18,13 @@ import json
 import os
 import sys
 
-from channels import codec, devices
-from channels import constants as C
-from channels.channel import RamRecvChannel
-from channels.errors import ChannelError
-from channels.qemufile import QEMUFileReader
-from channels.transport import FileTransport
-from engine.source import GUEST_DEVICE, GUEST_DEVICE_VERSION
+from ferry_migrate.channels import codec, devices
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels.channel import RamRecvChannel
+from ferry_migrate.channels.errors import ChannelError
+from ferry_migrate.channels.qemufile import QEMUFileReader
+from ferry_migrate.channels.transport import FileTransport
+from ferry_migrate.engine.source import GUEST_DEVICE, GUEST_DEVICE_VERSION
 
 DEVICES = [codec.DeviceSpec(GUEST_DEVICE, GUEST_DEVICE_VERSION)]  # device sections Ferry knows
 

@@ -23,14 +23,14 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from channels.transport import parse_uri
-from engine.destination import MigrationDestination
-from engine.local import GuestConfig, _dest_main, _source_main
-from engine.params import MigrationConfig
-from engine.process import configure_worker_process
-from engine.ram import parse_size
-from engine.source import MigrationSource
-from engine.workload import Workload, WorkloadConfig
+from ferry_migrate.channels.transport import parse_uri
+from ferry_migrate.engine.destination import MigrationDestination
+from ferry_migrate.engine.local import GuestConfig, _dest_main, _source_main
+from ferry_migrate.engine.params import MigrationConfig
+from ferry_migrate.engine.process import configure_worker_process
+from ferry_migrate.engine.ram import parse_size
+from ferry_migrate.engine.source import MigrationSource
+from ferry_migrate.engine.workload import Workload, WorkloadConfig
 
 
 def _answer(conn, proc, what, timeout):

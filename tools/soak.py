@@ -62,11 +62,11 @@ if ROOT not in sys.path:
 # The workers run this checkout's engine too.
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
-from engine.control.client import ControlClient, ControlError  # noqa: E402
-from engine.control.driver import run_migration  # noqa: E402
-from engine.control.spawn import spawn_worker  # noqa: E402
-from engine.params import CAPABILITIES  # noqa: E402
-from engine.ram import parse_size  # noqa: E402
+from ferry_migrate.engine.control.client import ControlClient, ControlError  # noqa: E402
+from ferry_migrate.engine.control.driver import run_migration  # noqa: E402
+from ferry_migrate.engine.control.spawn import spawn_worker  # noqa: E402
+from ferry_migrate.engine.params import CAPABILITIES  # noqa: E402
+from ferry_migrate.engine.ram import parse_size  # noqa: E402
 from tests.faultrelay import TO_DST, TO_SRC, FaultRelay  # noqa: E402
 
 MiB = 1 << 20

@@ -25,7 +25,7 @@ class WorkerStartError(RuntimeError):
 
 def worker_command(role: str, control: str, options: list[str] | None = None) -> list[str]:
     """The command line of a worker run with this Python (works without the console script)."""
-    return [sys.executable, "-m", "engine.cli", "worker", "--role", role, "--control", control, "--json",
+    return [sys.executable, "-m", "ferry_migrate.engine.cli", "worker", "--role", role, "--control", control, "--json",
             *(options or [])]
 
 

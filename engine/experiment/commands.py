@@ -36,7 +36,7 @@ def add_experiment_parser(sub) -> None:
     r.add_argument("--json", action="store_true", help="print only a JSON summary on stdout (progress on stderr)")
     r.set_defaults(func=cmd_experiment_run)
     # --- `ferry experiment report`: engine/experiment/report.py registers it ---
-    if importlib.util.find_spec("engine.experiment.report") is not None:
+    if importlib.util.find_spec("ferry_migrate.engine.experiment.report") is not None:
         from .report import add_report_parser  # noqa: PLC0415 - optional sibling module
 
         add_report_parser(xs)

@@ -357,7 +357,7 @@ def _check_hosts(hosts: dict, err) -> None:
         elif k == "quit-after-run" and not isinstance(v, bool):
             raise err(f"[hosts] quit-after-run = {v!r}: expected true or false", k)
     if "uri" in hosts:
-        from channels.transport import parse_uri
+        from ferry_migrate.channels.transport import parse_uri
 
         try:
             parse_uri(hosts["uri"])
