@@ -33,6 +33,7 @@ from . import states as ST
 from . import stats as S
 from .channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, check_plaintext
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
+from .never_ran import NeverRanProof
 from .params import MigrationConfig
 from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
@@ -118,6 +119,7 @@ class MigrationDestination:
         self._pc_expected = 0
         self._pc_connected = threading.Condition()
         self._gen = 0  # connection generation: a recovery starts a new one
+        self._proof: NeverRanProof | None = None  # migrate-recover after a failure before RUN
         self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
 
     def _use_ram(self, ram: GuestRAM) -> None:
@@ -200,6 +202,8 @@ class MigrationDestination:
 
         Raises RuntimeError unless postcopy-paused; ValueError/OSError for the URI.
         """
+        if self.status in (ST.FAILED, ST.CANCELLED):
+            return self._prove_never_ran(uri)
         # A pause asked for by migrate-pause is visible at once; wait until the
         # incoming thread has closed that connection (and its listener).
         self._recoverable.wait(10)
@@ -219,6 +223,26 @@ class MigrationDestination:
             self._recover_cond.notify_all()
             return str(self.listener.uri)
 
+    @property
+    def never_ran(self) -> bool:
+        """Failed (or cancelled) after POSTCOPY_ADVISE and before RUN: the guest never ran here, and a
+        source that entered postcopy may be paused waiting for this side's word (engine/never_ran.py)."""
+        return (self.status in (ST.FAILED, ST.CANCELLED) and self.postcopy_advised and not self.running
+                and self._guest_lost is None)
+
+    def _prove_never_ran(self, uri: str) -> str:
+        """migrate-recover after a failure before RUN: tell the recovering source (NeverRanProof)."""
+        if not self.never_ran:
+            why = ("the guest ran here" if self.running else "postcopy was never advised, so the source's "
+                   "guest runs there already")
+            raise RuntimeError(f"migrate-recover: the migration is {self.status} and {why}; nothing to recover")
+        if self._proof is not None and self._proof._thread.is_alive():
+            raise RuntimeError(f"migrate-recover: already listening on {self._proof.uri}")
+        proof = NeverRanProof(self, uri)
+        proof.start()
+        self._proof = proof
+        return proof.uri
+
     def guest_lost(self, err: BaseException) -> None:
         """The guest itself died (its process): the migration fails; there is nothing to pause for."""
         self._guest_lost = err
@@ -228,6 +252,8 @@ class MigrationDestination:
 
     def quit(self) -> None:
         """The worker exits: end a paused incoming thread (the guest stays blocked)."""
+        if self._proof is not None:
+            self._proof.close()
         with self._recover_cond:
             self._quit = True
             self._recover_cond.notify_all()
@@ -266,6 +292,11 @@ class MigrationDestination:
             st.extra["verdict"] = self.verdict
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
+        if self.never_ran:
+            # The word a paused source needs to run its guest again (migrate-recover gives it).
+            st.extra["never-ran"] = True
+            if self._proof is not None:
+                st.extra["never-ran-told"] = self._proof.sent
         return st.to_dict()
 
     def _require_checks(self) -> bool:

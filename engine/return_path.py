@@ -16,7 +16,7 @@ from typing import Callable
 
 from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
-from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.errors import ChannelError, DestinationNeverRan, ProtocolError
 from ferry_migrate.channels.qemufile import QEMUFileReader
 
 from .callbacks import weak_callback
@@ -117,7 +117,11 @@ class SourceReturnPath:
         if t == C.MIG_RP_MSG_SHUT:
             with self.cond:
                 self.shut = msg.value
-                if msg.value != 0:
+                if msg.value == C.FERRY_SHUT_NEVER_RAN:
+                    self.error = DestinationNeverRan(
+                        "the destination failed before it ran the guest (it never processed POSTCOPY_RUN) "
+                        "and said so on the recovery connection: the guest's only copy is this one")
+                elif msg.value != 0:
                     self.error = ChannelError(f"destination reported failure (SHUT {msg.value}); "
                                               "query the destination for its error")
                 self.cond.notify_all()

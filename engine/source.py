@@ -35,7 +35,7 @@ from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
 from ferry_migrate.channels.channel import PrecopyChannel
 from ferry_migrate.channels.devices import GuestDevices
-from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.errors import ChannelError, DestinationNeverRan, ProtocolError
 from ferry_migrate.channels.qemufile import QEMUFileWriter
 from ferry_migrate.channels.transport import parse_uri
 
@@ -278,15 +278,19 @@ class MigrationSource:
     def _state_changed(self, old: str, new: str, reason: str | None) -> None:
         self.stats.status = new
         info = ST.STATES[new]
+        resumed = False
         if info.source_guest_may_run and self._guest_paused and self.workload is not None:
             self._guest_paused = False
             self.workload.resume()  # the guest goes on here, its memory untouched
+            resumed = True
         if new == ST.COMPLETED and self.workload is not None:
             self.workload.stop()  # the guest runs on the destination now
         data = {"status": new}
         if reason:
             data["reason"] = reason
         self.on_event("MIGRATION", data)
+        if resumed:
+            self.on_event("RESUME", {"reason": f"migration {new}"})  # as QEMU's vm_start after a failure
 
     def _pause_guest(self) -> None:
         if self.workload is not None and not self._guest_paused:
@@ -637,6 +641,8 @@ class MigrationSource:
                 raise
             except BaseException as e:  # noqa: BLE001
                 self._pause(e)
+                if self.status == ST.FAILED:
+                    return  # the destination never ran the guest: it runs here again
 
     def _postcopy_background(self) -> None:
         st, ch = self.stats, self.channel
@@ -849,6 +855,14 @@ class MigrationSource:
         """A fault after the point of no return: postcopy-paused, channels closed, guest kept stopped."""
         if self._fault is not None and (isinstance(err, ChannelError) and not isinstance(err, ProtocolError)):
             err = self._fault
+        if isinstance(err, DestinationNeverRan) and self.status == ST.POSTCOPY_RECOVER:
+            # The destination's word that its guest never ran (engine/never_ran.py): the one
+            # row of the table back to a state where the guest may run here.
+            self._close_connection()
+            self.stats.error = str(err)
+            self.stats.end_time = time.monotonic()
+            if self.sm.try_fire(ST.NEVER_RAN, reason=self.stats.error) is not None:
+                return
         if self.status != ST.POSTCOPY_PAUSED or not self.stats.error:
             self.stats.error = str(err)
         self.sm.try_fire(ST.FAIL, reason=self.stats.error)

@@ -310,8 +310,10 @@ class Worker:
         return {}
 
     def recover(self, args: dict) -> dict:
-        if self.migration is None or self.status != S.POSTCOPY_PAUSED:
-            raise _err(f"migrate-recover: needs a postcopy-paused incoming migration; status {self.status}")
+        never_ran = self._migration_role == "destination" and getattr(self.migration, "never_ran", False)
+        if self.migration is None or (self.status != S.POSTCOPY_PAUSED and not never_ran):
+            raise _err(f"migrate-recover: needs a postcopy-paused incoming migration (or one that failed "
+                       f"after postcopy was advised, before the guest ran here); status {self.status}")
         try:
             real = self.migration.recover(args["uri"])
         except RuntimeError as e:
