@@ -342,6 +342,26 @@ class MigrationDestination:
             self._rp.put_bytes(data)
             self._rp.flush()
 
+    def _start_keepalive(self) -> None:
+        """A Ferry source bounds the return path's silence (liveness-timeout): feed it every T/3 s."""
+        period = self.config.param("liveness-timeout") / 3
+        if period > 0 and peer_features(self.config.param("peer")).rp_keepalive:
+            threading.Thread(target=self._keepalive, args=(self._gen, period), name="rp-keepalive",
+                             daemon=True).start()
+
+    def _keepalive(self, gen: int, period: float) -> None:
+        msg = codec.encode_rp_pong(C.FERRY_PONG_KEEPALIVE)
+        while not self._done.wait(period) and not self._quit:
+            with self._rp_lock:
+                rp = self._rp
+                if gen != self._gen or rp is None:
+                    return  # a later connection has its own keepalive
+                try:
+                    rp.put_bytes(msg)
+                    rp.flush()
+                except ChannelError:
+                    return  # the loader notices the broken link
+
     def _send_request(self, blk: RAMBlock, start: int, length: int) -> None:
         """One REQ_PAGES_ID (block changed since the last request) or REQ_PAGES.
 
@@ -448,6 +468,7 @@ class MigrationDestination:
         self._last_req_block = None
         self._recoverable.clear()
         self._connected(transport, self._channel.decoder.resumed())
+        self._start_keepalive()  # after _connected: it runs for this connection's generation
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self._require_checks())
         self.sm.fire(ST.RECOVER, expect=ST.POSTCOPY_PAUSED)
 
@@ -789,6 +810,7 @@ class MigrationDestination:
         if c == C.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
                 self._rp = QEMUFileWriter(self._channel.reader.transport, name="return-path")
+                self._start_keepalive()
         elif c == C.MIG_CMD_PING:
             if self._rp is not None:
                 self._rp_send(codec.encode_rp_pong(codec.parse_ping(cmd.payload)))

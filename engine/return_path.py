@@ -58,6 +58,14 @@ class SourceReturnPath:
     def start(self) -> None:
         self._thread.start()
 
+    def bound_silence(self, seconds: float | None) -> None:
+        """Fail (PeerTimeout) when the destination says nothing for ``seconds`` (None or 0: never).
+
+        Only for a destination that sends keepalives (FERRY_PONG_KEEPALIVE); a QEMU one
+        may rightly say nothing between page requests.
+        """
+        self._reader.idle_timeout = seconds or None
+
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -127,6 +135,8 @@ class SourceReturnPath:
                 self.cond.notify_all()
             if msg.value != 0:
                 self.on_fault(self.error)
+        elif t == C.MIG_RP_MSG_PONG and msg.value == C.FERRY_PONG_KEEPALIVE:
+            pass  # only last_heard, above
         elif t == C.MIG_RP_MSG_PONG:
             with self.cond:
                 self.pongs.append(msg.value)

@@ -446,6 +446,9 @@ class MigrationSource:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
                                    weak_callback(self._accepting_requests),
                                    self._on_fault)
+        if self.peer.rp_keepalive and self.uri.scheme != "file":
+            # A Ferry destination sends a keepalive every liveness-timeout/3 s: silence is a fault.
+            self.rp.bound_silence(self.config.param("liveness-timeout"))
         self.rp.start()
 
     def _accepting_requests(self) -> bool:

@@ -42,6 +42,25 @@ async def test_black_holed_main_stream_fails_both_sides_and_the_source_guest_run
         assert st["status"] == "running"  # precopy: the guest never left the source
 
 
+async def test_black_holed_return_path_fails_the_source_within_the_liveness_timeout(spawn):  # noqa: F811
+    # The destination sends a keepalive on the return path every liveness-timeout/3 s, so
+    # the source notices a return path that went silent (one direction black-holed, the
+    # main stream still flowing) in about the timeout, not at the end of the migration.
+    opts = ["--size", "64M"]
+    src, dst = spawn("source", opts), spawn("destination", opts)
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        inc = await _incoming(s, d, {"liveness-timeout": 2, "max-bandwidth": 4 * MiB})
+        with FaultRelay(inc) as relay:
+            await s.call("migrate", {"uri": relay.uri})
+            await wait_state(s, lambda q: q["status"] == "active" and q["ram"]["transferred"] > 2 * MiB)
+            relay.blackhole(0, TO_SRC)
+            sq = await wait_final(s, timeout=120)
+        assert sq["status"] == "failed", sq
+        assert "return-path" in sq["error-desc"] and "liveness-timeout" in sq["error-desc"], sq["error-desc"]
+        assert sq["ram"]["transferred"] < 60 * MiB  # well before the end of the stream
+        assert (await s.call("query-status"))["status"] == "running"
+
+
 async def test_destination_stopped_shorter_than_the_timeout_still_completes(spawn):  # noqa: F811
     opts = ["--size", "32M"]
     src, dst = spawn("source", opts), spawn("destination", opts)
