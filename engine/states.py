@@ -165,12 +165,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (POSTCOPY_RECOVER, NEVER_RAN): FAILED,
     # The destination's guest died: no recovery can bring it back. The source
     # stays in postcopy-paused (its own table row); it never resumes the guest.
-    (SETUP, GUEST_LOST): FAILED,
-    (ACTIVE, GUEST_LOST): FAILED,
-    (DEVICE, GUEST_LOST): FAILED,
-    (POSTCOPY_ACTIVE, GUEST_LOST): FAILED,
-    (POSTCOPY_PAUSED, GUEST_LOST): FAILED,
-    (POSTCOPY_RECOVER, GUEST_LOST): FAILED,
+    **{(s, GUEST_LOST): FAILED for s in (SETUP, ACTIVE, DEVICE, POSTCOPY_ACTIVE, POSTCOPY_PAUSED, POSTCOPY_RECOVER)},
 }
 
 FINAL_STATES = tuple(n for n, s in STATES.items() if s.final)
