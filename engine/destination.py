@@ -268,7 +268,7 @@ class MigrationDestination:
             # counts what it sent before it).
             st.transferred = (self._closed_bytes + self._channel.transferred
                               + sum(c.transferred for c in self._pc_channels) - self._verdict_bytes())
-            st.channels = {"precopy": {"bytes": self._channel.transferred,
+            st.channels = {"precopy": {"bytes": self._channel.transferred - self._verdict_bytes(),
                                        "normal": r.normal, "duplicate": r.duplicate}}
             if self._assembler is not None:
                 st.channels["precopy"]["postcopy-pages-placed"] = self._assembler.pages_placed

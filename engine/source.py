@@ -136,6 +136,7 @@ class MigrationSource:
         self.channel: PrecopyChannel | None = None
         self.channels: list = []  # index = scheduler channel number
         self._closed_bytes = 0  # bytes of channels of earlier connections (recoveries)
+        self._verdict_at: int | None = None  # the main channel's bytes before the verdict went out
         self._closed_normal = 0
         self._closed_zero = 0
         self.uri = None
@@ -261,7 +262,10 @@ class MigrationSource:
         if self.channels:
             if st.status not in ST.FINAL_STATES:  # at the end: as counted when the outcome was decided
                 st.transferred = self._closed_bytes + sum(ch.transferred for ch in self.channels)
-            st.channels = {ch.name: {"bytes": ch.transferred, "normal": ch.normal_pages,
+            # The verdict is Ferry's word after the stream, not migration data: the main
+            # channel's bytes stop where it starts (as counted just before it was sent).
+            st.channels = {ch.name: {"bytes": self._verdict_at if ch is self.channel and self._verdict_at is not None
+                                     else ch.transferred, "normal": ch.normal_pages,
                                      "duplicate": ch.zero_pages} for ch in self.channels}
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
@@ -780,6 +784,7 @@ class MigrationSource:
         self.sm.fire(ST.COMPLETE)
         if self.rp is not None and self.rp.digests is not None:
             # The destination's guest may run once it read this (docs/reliability.md).
+            self._verdict_at = self.channel.transferred
             try:
                 self.channel.send_raw(codec.encode_ferry_verdict(C.FERRY_VERDICT_COMPLETED))
                 self.channel.flush()
@@ -821,6 +826,7 @@ class MigrationSource:
         bad = [n for n in ours if theirs.get(n) != ours[n]]
         extra = [n for n in theirs if n not in ours]
         if bad or extra:
+            self._verdict_at = self.channel.transferred
             try:  # the destination must not run the guest on that memory
                 self.channel.send_raw(codec.encode_ferry_verdict(C.FERRY_VERDICT_FAILED))
                 self.channel.flush()

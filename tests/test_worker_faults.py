@@ -10,6 +10,7 @@ import signal
 
 import psutil
 
+from ferry_migrate.channels.constants import FERRY_VERDICT_SIZE
 from ferry_migrate.engine.control.client import ControlClient
 
 from .faultrelay import (TO_DST, TO_SRC, FaultRelay, sigcont, signal_when, sigstop, stop_for, wait_event_state,
@@ -175,11 +176,14 @@ async def test_postcopy_preempt_through_the_relay_keeps_the_channel_order(spawn)
             await s.call("migrate-start-postcopy")
             await wait_event_state(events, "postcopy-active")
             sq, dq = await wait_final(s, timeout=120), await wait_final(d, timeout=120)
+            # The stream, then the source's verdict (Ferry's 8 bytes after it, not counted as migration data).
+            relay.wait_bytes(0, TO_DST, sq["channels"]["precopy"]["bytes"] + FERRY_VERDICT_SIZE, timeout=60)
             counters = relay.counters()
     assert sq["status"] == dq["status"] == "completed", (sq.get("error-desc"), dq.get("error-desc"))
     assert sq["digests"] == dq["digests"]
     # Every byte each side sent went through its own relayed connection.
-    assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"]
+    assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"] + FERRY_VERDICT_SIZE
+    assert dq["channels"]["precopy"]["bytes"] == sq["channels"]["precopy"]["bytes"]
     for i, name in ((1, "postcopy-1"), (2, "postcopy-2")):
         assert counters[i][TO_DST]["forwarded"] == sq["channels"][name]["bytes"]
         assert counters[i][TO_SRC]["received"] == 0  # POSTCOPY channels are one-way
