@@ -81,7 +81,8 @@ class NeverRanProof:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(READ_BACK + 1)
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(2)
 
     def _serve(self) -> None:
         deadline = time.monotonic() + PROOF_WAIT
@@ -111,14 +112,16 @@ class NeverRanProof:
             log.warning("told the source that this destination never ran the guest (it failed before "
                         "POSTCOPY_RUN); the guest runs on the source again")
             # Let the source read it before the connection goes: wait for its close.
-            t.set_recv_timeout(READ_BACK)
+            t.set_recv_timeout(0.5)  # short waits: close() is not held up
             buf = bytearray(64 << 10)
             end = time.monotonic() + READ_BACK
             while time.monotonic() < end and not self._stop.is_set():
                 try:
                     if t.recv_into(memoryview(buf)) == 0:
                         break
-                except (ChannelError, OSError, TimeoutError):
+                except (BlockingIOError, TimeoutError):
+                    continue
+                except (ChannelError, OSError):
                     break
         finally:
             t.close()

@@ -146,6 +146,7 @@ class Worker:
         (whose tracebacks make reference cycles) are freed now, not at some later collection,
         so a worker running many migrations keeps a flat RSS."""
         if self.migration is not None:
+            self.migration.quit()  # ends what it still serves (a never-ran proof listener)
             self.migration = None
             gc.collect()
 
