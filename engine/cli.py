@@ -50,6 +50,11 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backing", default="anon", choices=("anon", "memfd", "hugetlb"),
                    help="memory behind the RAM blocks (hugetlb needs reserved huge pages)")
     g.add_argument("--blocks", type=int, default=1, help="number of RAM blocks the size is split into")
+    g.add_argument("--guest", default="in-process", choices=("in-process", "process"),
+                   help="where the guest runs: in-process (threads of the worker; the default, works "
+                        "everywhere) or process (`ferry guest`, a process of its own whose memory the "
+                        "kernel faults in through userfaultfd on a destination and whose writes are tracked "
+                        "with write-protect on a source; anon backing becomes memfd; docs/uffd.md)")
     g.add_argument("--no-mem-prealloc", dest="mem_prealloc", action="store_false",
                    help="a destination worker backs its RAM when it starts (QEMU's -mem-prealloc), so "
                         "faulting fresh memory in does not slow the migration and throw off the downtime "
@@ -88,6 +93,8 @@ def guest_options(args) -> list[str]:
            "--workload-zipf-a", str(args.workload_zipf_a)]
     if args.workload_batch is not None:
         out += ["--workload-batch", str(args.workload_batch)]
+    if getattr(args, "guest", "in-process") != "in-process":
+        out += ["--guest", args.guest]
     if not args.mem_prealloc:
         out.append("--no-mem-prealloc")
     if not getattr(args, "autostart", True):
@@ -103,7 +110,7 @@ def make_guest(args):
                         workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate,
                         write_ratio=args.workload_write_ratio, hot_fraction=args.workload_hot_fraction,
                         zipf_a=args.workload_zipf_a, batch=args.workload_batch, prealloc=args.mem_prealloc,
-                        autostart=getattr(args, "autostart", True))
+                        autostart=getattr(args, "autostart", True), guest=getattr(args, "guest", "in-process"))
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -182,6 +189,7 @@ def ProgressView(console, enabled: bool):
 def cmd_worker(args) -> int:
     from .control.auth import CurveKeyError
     from .control.endpoints import EndpointError
+    from .guestproc import GuestProcessError
     from .process import configure_worker_process
     from .ram import HugePagesUnavailable
     from .worker import run_worker
@@ -202,6 +210,8 @@ def cmd_worker(args) -> int:
                           qmp=args.qmp)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
         return _error(f"worker: {e}", EXIT_USAGE)
+    except (GuestProcessError, OSError) as e:  # the guest process did not start (userfaultfd, huge pages)
+        return _error(f"worker: guest process: {type(e).__name__}: {e}", EXIT_FAILED)
 
 
 async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view):

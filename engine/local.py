@@ -32,6 +32,9 @@ class GuestConfig:
     dest_prealloc: bool = False
     # A destination starts the guest once the migration completed (QEMU without -S).
     autostart: bool = True
+    # Where the guest runs in a worker: in-process (threads of the worker) or process
+    # (`ferry guest`, demand paging through userfaultfd: engine/process_guest.py).
+    guest: str = "in-process"
 
     def make_ram(self, prealloc: bool = False) -> GuestRAM:
         return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks,
