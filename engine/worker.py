@@ -311,7 +311,7 @@ class Worker:
                            f"migration (status {self.status}); use migrate-recover")
             raise _err(f"migrate-incoming: the incoming migration has already been started "
                        f"(status {self.status})")
-        if self.workload is not None and self.workload.running:
+        if self.pguest is None and self.workload is not None and self.workload.running:
             self.workload.pause()  # a stale copy: it runs again only if a guest arrives
         self._drop_migration()
         if self.pguest is not None:
