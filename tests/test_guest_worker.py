@@ -24,6 +24,7 @@ from ferry_migrate.engine.control.spawn import spawn_worker
 from ferry_migrate.engine.process_guest import guest_check
 
 from .conftest import group_gone
+from .test_guestproc import reserved_huge_pages  # noqa: F401 - a fixture
 
 REASON = U.unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"userfaultfd unavailable: {REASON}")
@@ -34,7 +35,6 @@ DEST = ["--workload-threads", "2", "--workload-pattern", "random", "--workload-b
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 # Switch early and slow the background pages: the guest faults on pages not yet sent.
 SLOW = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 8 << 20}
-HUGE = 2 << 20
 
 
 @pytest.fixture
@@ -133,41 +133,6 @@ async def test_guest_process_migrates_back_and_forth(spawn):
             assert (await dst.call("query-status"))["guest"]["guest-pid"] == out.destination["guest-pid"]
         # Each incoming migration got a guest process that held nothing yet.
         assert len(set(pids)) == 3
-
-
-def available_huge() -> int:
-    d = "/sys/kernel/mm/hugepages/hugepages-2048kB"
-    try:
-        with open(f"{d}/free_hugepages") as f, open(f"{d}/resv_hugepages") as g:
-            return int(f.read()) - int(g.read())
-    except OSError:
-        return 0
-
-
-@pytest.fixture
-def reserved_huge_pages():
-    """Both guests' 2 MiB pages (16 MiB each, plus spares), given back after."""
-    from ferry_migrate.engine.ram import hugepage_status
-
-    need = 2 * (16 << 20) // HUGE + 2
-    path = "/proc/sys/vm/nr_hugepages"
-    _, total = hugepage_status(HUGE)
-    added = max(0, need - available_huge())
-    try:
-        if added:
-            with open(path, "w") as f:
-                f.write(str(total + added))
-    except OSError as e:
-        pytest.skip(f"cannot reserve 2 MiB huge pages: {e}")
-    try:
-        if available_huge() < need:
-            pytest.skip(f"{need} huge pages of 2 MiB could not be reserved")
-        yield
-    finally:
-        if added:
-            _, total = hugepage_status(HUGE)
-            with open(path, "w") as f:
-                f.write(str(max(0, total - added)))
 
 
 async def test_guest_process_workers_postcopy_preempt_2m(spawn, reserved_huge_pages):
