@@ -220,12 +220,43 @@ async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view)
 
     async with ControlClient(src_ep, args.curve_dir, args.timeout) as src, \
             ControlClient(dst_ep, args.curve_dir, args.timeout) as dst:
-        return await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
-                                   timeout=args.migration_timeout,
-                                   on_progress=view.on_progress if view else None,
-                                   on_event=view.on_event if view else None,
-                                   timeout_action=getattr(args, "timeout_action", "cancel"),
-                                   resume=getattr(args, "resume", False))
+        out = await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
+                                  timeout=args.migration_timeout,
+                                  on_progress=view.on_progress if view else None,
+                                  on_event=view.on_event if view else None,
+                                  timeout_action=getattr(args, "timeout_action", "cancel"),
+                                  resume=getattr(args, "resume", False))
+        out.guest_check = None
+        if out.completed and out.destination.get("guest") == "process":
+            # The destination's guest process checks what it read first against the source's memory.
+            from .control.client import CommandFailed
+            from .process_guest import guest_check
+
+            try:
+                out.guest_check = await guest_check(src, dst)
+            except CommandFailed as e:
+                out.guest_check = {"error": str(e)}
+        return out
+
+
+def _guest_check_failed(out) -> bool:
+    c = getattr(out, "guest_check", None)
+    return bool(c) and (bool(c.get("mismatches")) or "error" in c)
+
+
+def _guest_process_lines(out) -> list[str]:
+    """The report's lines about a destination guest process (kernel faults, its own check)."""
+    d, c = out.destination, getattr(out, "guest_check", None)
+    if d.get("guest") != "process":
+        return []
+    lines = [f"  guest        a process of its own (pid {d.get('guest-pid')}): {d.get('uffd-kernel-faults', 0)} "
+             f"kernel faults served through userfaultfd, {d.get('uffd-copies', 0)} UFFDIO_COPY"]
+    if c is not None and "error" in c:
+        lines.append(f"               its own check failed: {c['error']}")
+    elif c is not None:
+        lines.append(f"               its own check: {c['pages-checked']} pages read first, {c['mismatches']} "
+                     "differ from the source's")
+    return lines
 
 
 def _say(console, line: str = "") -> None:
@@ -285,9 +316,14 @@ def cmd_migrate(args) -> int:
               f"`ferry call {args.source} migrate-cancel`)", file=sys.stderr)
         return 130
     if args.json:
-        _print_json(out.to_dict())
+        doc = out.to_dict()
+        if getattr(out, "guest_check", None) is not None:
+            doc["guest-check"] = out.guest_check
+        _print_json(doc)
     else:
         _report(out, console)
+        for line in _guest_process_lines(out):
+            _say(console, line)
     if out.paused:
         if not args.json:
             why = out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
@@ -296,7 +332,7 @@ def cmd_migrate(args) -> int:
                           f"  ferry migrate --resume --source {args.source} --destination {args.destination}"
                           + (f" --uri {args.uri}" if args.uri else ""), highlight=False)
         return EXIT_PAUSED
-    return EXIT_OK if out.verified else EXIT_FAILED
+    return EXIT_OK if out.verified and not _guest_check_failed(out) else EXIT_FAILED
 
 
 def _demo_intro(console, args, workers, caps, params) -> None:
@@ -402,11 +438,16 @@ def cmd_demo(args) -> int:
         view = ProgressView(console, enabled=not args.json)
         with view:
             out = asyncio.run(_drive(workers[0].control, workers[1].control, args, caps, params, view))
-        ok = out.verified
+        ok = out.verified and not _guest_check_failed(out)
         if args.json:
-            _print_json(out.to_dict())
+            doc = out.to_dict()
+            if getattr(out, "guest_check", None) is not None:
+                doc["guest-check"] = out.guest_check
+            _print_json(doc)
         else:
             _report(out, console)
+            for line in _guest_process_lines(out):
+                _say(console, line)
             _say(console)
             _say(console, "  Try: [bold]ferry demo --precopy[/] (plain precopy), [bold]--precopy --dirty-rate 128M "
                           "--param downtime-limit=50[/] (more passes), [bold]--page-size 2M[/], [bold]--size 1G[/], "
