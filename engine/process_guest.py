@@ -23,11 +23,12 @@ Also used without the control plane by engine/guestlocal.py.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict
+import threading
+from dataclasses import asdict, replace
 
 import numpy as np
 
-from .guestproc import FAULT_ENV, GuestLink, GuestProcessError, GuestProcessWorkload, GuestSpec
+from .guestproc import FAULT_ENV, HELLO_TIMEOUT, GuestLink, GuestProcessError, GuestProcessWorkload, GuestSpec
 from .ram import format_size
 from .uffd_dest import UffdBackend
 from .wptrack import WriteProtectTracker
@@ -61,7 +62,10 @@ class ProcessGuest:
         self.backend: UffdBackend | None = None
         self.used = False  # received a migration, or its guest left: not fit for the next incoming one
         self.spawned = 0
-        self._spawn(role)
+        # The next destination guest process, started in the background once the guest left.
+        self._next: GuestLink | BaseException | None = None
+        self._next_thread: threading.Thread | None = None
+        self._adopt(self._start(role), role)
 
     @classmethod
     def from_config(cls, guest, role: str) -> "ProcessGuest":
@@ -70,10 +74,13 @@ class ProcessGuest:
         return cls(guest.size, guest.page_size, guest.backing, guest.nblocks, guest.fill, wl, role)
 
     # --- life cycle ---
-    def _spawn(self, role: str) -> None:
-        self.spec.role = role
-        self.link = GuestLink.spawn(self.spec)
+    def _start(self, role: str) -> GuestLink:
+        link = GuestLink.spawn(replace(self.spec, role=role))
         self.spawned += 1
+        return link
+
+    def _adopt(self, link: GuestLink, role: str) -> None:
+        self.link = link
         self.ram = self.link.ram
         self.workload = GuestProcessWorkload(self.link)
         self.role = role
@@ -95,8 +102,31 @@ class ProcessGuest:
         """
         if self.role == "destination" and not self.used and self.link.alive:
             return
+        nxt = self._take_next()
         self._close_link()
-        self._spawn("destination")
+        if nxt is None or not nxt.alive:
+            if nxt is not None:
+                nxt.close()
+            nxt = self._start("destination")
+        self._adopt(nxt, "destination")
+
+    def _start_next(self) -> None:
+        """Start the next destination guest process in the background (spawning takes a while)."""
+        def run():
+            try:
+                self._next = self._start("destination")
+            except BaseException as e:  # noqa: BLE001 - fresh_destination starts one itself then
+                self._next = e
+
+        self._next_thread = threading.Thread(target=run, name="guest-process-spawn", daemon=True)
+        self._next_thread.start()
+
+    def _take_next(self) -> GuestLink | None:
+        t, self._next_thread = self._next_thread, None
+        if t is not None:
+            t.join(HELLO_TIMEOUT + 10)
+        nxt, self._next = self._next, None
+        return nxt if isinstance(nxt, GuestLink) else None
 
     def attach(self, dest) -> UffdBackend:
         """Demand paging of the incoming migration ``dest`` through this process's uffd."""
@@ -139,9 +169,13 @@ class ProcessGuest:
         else:
             self.role = "destination"
             self.used = True
+            self._start_next()
 
     def close(self) -> None:
         """Stop the guest process and drop everything of it (the worker exits)."""
+        nxt = self._take_next()
+        if nxt is not None:
+            nxt.close()
         self._close_link()
 
     def _close_link(self) -> None:
