@@ -171,11 +171,16 @@ class ProcessGuest:
             self.used = True
             self._start_next()
 
-    def close(self) -> None:
-        """Stop the guest process and drop everything of it (the worker exits)."""
+    def close(self, kill: bool = False) -> None:
+        """Stop the guest process and drop everything of it (the worker exits).
+
+        ``kill``: SIGKILL it rather than ask it to stop (its threads may be
+        stopped in the kernel on pages that will never come)."""
         nxt = self._take_next()
         if nxt is not None:
             nxt.close()
+        if kill and self.link is not None and self.link.proc is not None and self.link.alive:
+            self.link.proc.kill()
         self._close_link()
 
     def _close_link(self) -> None:

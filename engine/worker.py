@@ -534,12 +534,14 @@ class Worker:
                     pass
                 m.quit()
             m.wait(SHUTDOWN_WAIT)
-        if self.workload is not None:
+        if self.pguest is not None:
+            # The guest process goes with its worker (threads stopped on missing pages cannot pause).
+            self.pguest.close(kill=True)
+        elif self.workload is not None:
             self.workload.stop()
         self.emit("SHUTDOWN", {"guest": False, "reason": reason})
         thread = getattr(m, "_thread", None)
         if self.pguest is not None:
-            self.pguest.close()  # the guest process with its memory
             return
         ram = self.ram if self.ram is not None else getattr(m, "ram", None)
         if ram is not None and (thread is None or not thread.is_alive()):
