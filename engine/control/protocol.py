@@ -138,7 +138,8 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
     Verb("x-query-guest-fingerprints",
          "Page fingerprints (uint64 little-endian, all blocks in order) of pages start.. (count of them) as "
          "this worker's memory holds them: a source's guest after it migrated, for the destination's guest "
-         "check. Not on a destination whose incoming migration is under way.",
+         "check. Not on a destination whose incoming migration is under way. Binary: for the ZeroMQ "
+         "control plane (msgpack), not QMP.",
          {"start": Arg((int,), "int", required=False), "count": Arg((int,), "int", required=False)},
          returns="{fingerprints, start, total}"),
     Verb("x-guest-check",
