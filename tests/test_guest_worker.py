@@ -215,14 +215,22 @@ async def _source_fingerprints(s: ControlClient) -> bytes:
     return (await s.call("x-query-guest-fingerprints"))["fingerprints"]
 
 
+# Slow background pages: the postcopy phase lasts while a test breaks something.
+SLOWER = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 1 << 20}
+
+
+async def _in_postcopy(s: ControlClient, d: ControlClient, dest_states=("postcopy-active",)):
+    """Start a migration; once in postcopy, return (its task, the source's memory: stopped from the switch on)."""
+    task = asyncio.ensure_future(run_migration(s, d, caps=PREEMPT, params=SLOWER, timeout=240))
+    await _until(s, ("postcopy-active", "postcopy-paused", "failed"))
+    await _until(d, dest_states)
+    return task, await _source_fingerprints(s)
+
+
 async def test_destination_guest_process_dies_mid_migration(spawn):
     src, dst = spawn("source"), spawn("destination", DEST)
-    params = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 1 << 20}
     async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
-        task = asyncio.ensure_future(run_migration(s, d, caps=PREEMPT, params=params, timeout=240))
-        await _until(d, "postcopy-active")
-        await _until(s, "postcopy-active")
-        before = await _source_fingerprints(s)  # the source's guest is stopped from the switch on
+        task, before = await _in_postcopy(s, d)
         pid = (await d.call("query-status"))["guest"]["guest-pid"]
         os.kill(pid, signal.SIGKILL)
         dq = await _until(d, ("failed",), timeout=120)
@@ -245,12 +253,9 @@ async def test_destination_guest_process_dies_mid_migration(spawn):
 async def test_uffd_closed_under_ferry(spawn):
     src = spawn("source")
     dst = spawn("destination", DEST, env={"FERRY_GUEST_FAULT": "close-uffd"})
-    params = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 1 << 20}
     async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
-        task = asyncio.ensure_future(run_migration(s, d, caps=PREEMPT, params=params, timeout=240))
-        await _until(s, ("postcopy-active", "postcopy-paused", "failed"))
-        before = await _source_fingerprints(s)
-        dq = await _until(d, ("postcopy-paused", "failed"), timeout=120)
+        task, before = await _in_postcopy(s, d, ("postcopy-paused", "failed"))
+        dq = await d.call("query-migrate")
         assert "UFFDIO_COPY" in dq["error-desc"] or "uffd" in dq["error-desc"], dq["error-desc"]
         out = await task
         assert not out.completed
