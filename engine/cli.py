@@ -349,10 +349,13 @@ def _demo_intro(console, args, workers, caps, params) -> None:
     bw = params.get("max-bandwidth", PARAMETERS["max-bandwidth"].default)
     _say(console, "[bold]Ferry demo[/]: live migration of a running guest between two worker processes")
     _say(console)
+    process = getattr(args, "guest", "in-process") == "process"
+    backing = "memfd" if process and args.backing == "anon" else args.backing
     _say(console, f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
-                  f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {args.backing} memory, "
+                  f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {backing} memory, "
                   "filled with data "
-                  f"({args.fill}); {wl}")
+                  f"({args.fill}); {wl}" + ("; the guest runs in a process of its own (--guest process: "
+                                           "userfaultfd, docs/uffd.md)" if process else ""))
     _say(console, f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
                   "the migration stream")
     _say(console, f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")

@@ -132,6 +132,9 @@ async def test_guest_process_migrates_back_and_forth(spawn):
             await role_is(dst, "source")
             await role_is(src, "destination")
             pids.append(out.destination["guest-pid"])
+            # Whichever guest process sends the guest, its writes are tracked with write-protect
+            # (after the first migration: one that was a destination and turned source).
+            assert out.source["wp-tracking"] == "wp-async" and out.source["wp-dirty-pages"] > 0
             # The guest process that received the guest is the one that sends it on.
             assert (await dst.call("query-status"))["guest"]["guest-pid"] == out.destination["guest-pid"]
         # Each incoming migration got a guest process that held nothing yet.
