@@ -28,7 +28,8 @@ from dataclasses import asdict, replace
 
 import numpy as np
 
-from .guestproc import FAULT_ENV, HELLO_TIMEOUT, GuestLink, GuestProcessError, GuestProcessWorkload, GuestSpec
+from .guestproc import (FAULT_ENV, HELLO_TIMEOUT, GuestLink, GuestProcessError, GuestProcessGone,
+                        GuestProcessWorkload, GuestSpec)
 from .ram import format_size
 from .uffd_dest import UffdBackend
 from .wptrack import WriteProtectTracker
@@ -91,7 +92,18 @@ class ProcessGuest:
 
     def _track(self) -> None:
         self.tracker = WriteProtectTracker(self.link)
-        self.ram.collect_dirty = self.tracker.collect
+        self.ram.collect_dirty = self._collect_dirty
+
+    def _collect_dirty(self) -> None:
+        """The tracker's collect; a guest process that died is named (the migration fails with it)."""
+        link = self.link
+        try:
+            self.tracker.collect()
+        except (OSError, GuestProcessError) as e:
+            if link.alive:
+                raise
+            raise GuestProcessGone(f"guest process pid {link.pid} exited (status {link.proc.poll()}): its writes "
+                                   f"can no longer be tracked ({e})") from None
 
     def fresh_destination(self) -> None:
         """Before an incoming migration: a destination guest process that holds nothing yet.

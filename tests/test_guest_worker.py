@@ -327,3 +327,21 @@ def test_ram_fingerprints_ranges_across_blocks():
             ram_fingerprints(ram, 2000, 100)
     finally:
         ram.close()
+
+
+async def test_source_guest_process_dies_mid_precopy(spawn):
+    src, dst = spawn("source"), spawn("destination", DEST)
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        await s.call("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # precopy lasts
+        task = asyncio.ensure_future(run_migration(s, d, timeout=240))
+        await _until(s, "active")
+        pid = (await s.call("query-status"))["guest"]["guest-pid"]
+        os.kill(pid, signal.SIGKILL)
+        sq = await _until(s, ("failed",), timeout=120)
+        assert "guest process" in sq["error-desc"] and str(pid) in sq["error-desc"], sq["error-desc"]
+        out = await task
+        assert not out.completed
+        # Both workers keep running; the source's worker still maps the guest's memory.
+        assert (await s.call("query-status"))["role"] == "source"
+        assert len((await s.call("x-query-guest-fingerprints"))["fingerprints"]) == (32 << 20) // 4096 * 8
+        assert (await d.call("query-migrate"))["status"] in ("failed", "cancelled")
