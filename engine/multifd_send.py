@@ -39,7 +39,11 @@ from .channel_auth import open_channel
 
 PAGE = C.TARGET_PAGE_SIZE
 PACKET = C.FERRY_MULTIFD_PACKET_PAGES
-QUEUE_PAGES = 4096  # target pages queued per channel (16 MiB) before the migration thread waits
+# Target pages queued per channel (4 MiB: two packets) before the migration thread
+# waits. Queued pages are not in the dirty bitmap any more but not sent yet: the
+# stop decision counts them as remaining (queued_pages), and a deep queue would
+# make a pass look finished long before its pages left.
+QUEUE_PAGES = 2 * PACKET
 STAGE_PAGES = 4 * PACKET  # staging ring of a sender thread (8 MiB)
 ROLE_MULTIFD = C.FERRY_HELLO_ROLE_MULTIFD
 _SYNC, _FIN = "sync", "fin"
@@ -117,6 +121,11 @@ class MultifdSender:
     def zero_pages(self) -> int:
         return sum(ch.zero_pages for ch in self.channels)
 
+    @property
+    def queued_pages(self) -> int:
+        """Target pages handed out and not yet sent: still to send, as far as the stop decision goes."""
+        return sum(ch.queued_pages for ch in self.channels)
+
     def reset_last_block(self) -> None:
         """Packets name their block each time: nothing to forget."""
 
@@ -140,6 +149,11 @@ class MultifdSender:
             ch.queue.append((block, p0, p1))
             ch.queued_pages += k
             self.cond.notify_all()
+
+    def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s until every queued page was sent (the pass's end is near)."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.error is not None or self.stopped or not self.queued_pages, timeout)
 
     def sync(self) -> None:
         """End the current pass: each channel sends a SYNC packet after every page it was given."""

@@ -476,17 +476,21 @@ class MigrationSource:
             ch.section_part(self._ram_section)
             # The switch may come due mid-iteration (postcopy-after-percent).
             loop.send_for(ITERATION_BUDGET, self._should_switch if postcopy else None)
+            if self._multifd_queued() and not any(bm.count() for bm in self.bitmaps.values()):
+                # The bitmap may be empty while the multifd channels still send the pass:
+                # wait for them rather than spin through empty sections.
+                self.multifd.drain(ITERATION_BUDGET)
             ch.send_eos()
             ch.section_footer(self._ram_section)
             ch.flush()
             self._update_bandwidth()
-            remaining = sum(bm.count() for bm in self.bitmaps.values()) * C.TARGET_PAGE_SIZE
+            remaining = (sum(bm.count() for bm in self.bitmaps.values()) + self._multifd_queued()) * C.TARGET_PAGE_SIZE
             threshold = loop.bandwidth * downtime_limit
             st.remaining = remaining
             if loop.bandwidth > 0:
                 st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
             if remaining <= threshold:
-                remaining = self._sync() * C.TARGET_PAGE_SIZE
+                remaining = (self._sync() + self._multifd_queued()) * C.TARGET_PAGE_SIZE
                 if loop.bandwidth > 0:  # the estimate the stop decision uses
                     st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
                 if remaining <= threshold and not self._should_switch():
@@ -699,6 +703,11 @@ class MigrationSource:
         ch.flush()
         st.remaining = 0
         st.extra["postcopy-bytes"] = self._postcopy_bytes()
+
+    def _multifd_queued(self) -> int:
+        """Target pages queued on multifd channels, not sent yet (0 without multifd)."""
+        mf = self.multifd
+        return mf.queued_pages if mf is not None and not mf.finished else 0
 
     def _multifd_bytes(self) -> int:
         return self.multifd.transferred if self.multifd is not None else 0
