@@ -123,6 +123,18 @@ def test_bench_json():
     assert ratio["median"] == round(d["cases"][0]["mibps"] / d["cases"][1]["mibps"], 3)
 
 
+def test_bench_json_multifd():
+    r = _tool("bench_precopy.py", "--quick", "--size", "64M", "--transports", "tcp", "--page-sizes", "2M",
+              "--no-workload", "--page-checksums", "on", "--multifd", "0,2", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [c["multifd"] for c in d["cases"]] == [0, 2]
+    for c in d["cases"]:
+        assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
+        assert c["mibps-worst"] <= c["mibps"] <= c["mibps-best"]
+    assert "multifd 2/single channel" in r.stdout
+
+
 def test_bench_pagecheck_json():
     r = _tool("bench_pagecheck.py", "--size", "32M", "--repeat", "1", "--json", timeout=240)
     assert r.returncode == 0, r.stderr
