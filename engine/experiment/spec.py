@@ -240,6 +240,8 @@ def _check_combination(settings: dict) -> str | None:
     sw = settings.get("switchover", "precopy")
     if caps.get("postcopy-preempt") and not caps.get("postcopy-ram"):
         return "postcopy-preempt needs postcopy-ram"
+    if "multifd-channels" in settings and not caps.get("multifd"):
+        return "multifd-channels needs the multifd capability"
     if sw != "precopy" and not caps.get("postcopy-ram"):
         return f"switchover {sw!r} needs the postcopy-ram capability"
     if settings.get("backing") == "hugetlb" and settings.get("page-size", 4096) == 4096:
@@ -331,7 +333,8 @@ def parse_spec(text: str, path: str = "<sweep>") -> Spec:
         problem = _check_combination(settings)
         if problem:
             swept = {k: settings[k] for k in sweep}
-            key = next((k for k in ("capabilities", "postcopy-preempt", "switchover", "backing", "guest-size")
+            key = next((k for k in ("capabilities", "postcopy-preempt", "switchover", "backing", "guest-size",
+                                    "multifd-channels")
                         if k in settings), "fixed")
             section = "sweep" if key in sweep else "fixed"
             raise err(f"impossible combination {swept}: {problem}", key, section)
