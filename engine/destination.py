@@ -156,6 +156,8 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
+        if self.config.cap("multifd") and not peer_features(self.config.param("peer")).ferry_only_capabilities:
+            raise ValueError("multifd: Ferry's multifd packets are not QEMU's; turn multifd off for peer=qemu")
         listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
         try:
             check_plaintext(self.config, listener.uri, "listening on")  # PlaintextRefused (a ValueError)

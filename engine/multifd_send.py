@@ -150,6 +150,11 @@ class MultifdSender:
             ch.queued_pages += k
             self.cond.notify_all()
 
+    def set_rate_limit(self, rate: int) -> None:
+        """max-bandwidth (bytes/s, 0 = unlimited) for all channels together: rate / N each."""
+        for ch in self.channels:
+            ch.writer.rate_limit = rate // len(self.channels)
+
     def drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` s until every queued page was sent (the pass's end is near)."""
         with self.cond:
@@ -324,13 +329,14 @@ def open_multifd(uri, cfg, n: int, page_checks: bool, guest_running, on_fault) -
                                       "multifd-channels enabled on the destination?)") from e
             if hasattr(t, "tune"):
                 t.tune(sndbuf=cfg.param("precopy-sndbuf"))
-            writers.append(QEMUFileWriter(t, rate_limit=cfg.param("max-bandwidth") // n,
-                                          name=multifd_channel_name(i + 1)))
+            writers.append(QEMUFileWriter(t, name=multifd_channel_name(i + 1)))
     except BaseException:
         for w in writers:
             w.transport.close()
         raise
-    return MultifdSender(writers, page_checks, guest_running, on_fault)
+    sender = MultifdSender(writers, page_checks, guest_running, on_fault)
+    sender.set_rate_limit(cfg.param("max-bandwidth"))
+    return sender
 
 
 def write_flush(ch, section_id: int, end: bool = False) -> None:

@@ -207,6 +207,9 @@ class MigrationSource:
         if ch is not None and not self._downtime_unlimited:
             name = "max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth"
             ch.writer.rate_limit = self.config.param(name)
+            mf = self.multifd
+            if mf is not None and not mf.finished and not self.in_postcopy:
+                mf.set_rate_limit(self.config.param("max-bandwidth"))
 
     def cancel(self) -> None:
         """migrate-cancel: stop sending, resume the guest here.
