@@ -31,6 +31,10 @@ With ``--multifd 0,1,2`` every case runs with the capability multifd off (0) and
 multifd channels; the ceiling of an N-channel case is N bare sockets at once, and the table
 adds the multifd/single-channel ratio with the spread (worst and best of the repeats).
 
+With ``--peer qemu`` each tcp 4 KiB run is followed by the same migration between two QEMU 7.2
+processes (tools/qemu_peer.py; same size, random contents, destination preallocated, the same
+multifd-channels), and the table adds the Ferry/QEMU ratio of the medians with both spreads.
+
 With ``--tls`` every case runs twice, without and with TLS on the channel
 (``tls-creds`` made by engine/certs.py in a temporary directory); the table
 adds the TLS/plain throughput ratio.
@@ -54,6 +58,9 @@ from datetime import datetime
 from ferry_migrate.engine.local import GuestConfig, run_local_migration
 from ferry_migrate.engine.ram import format_size, parse_size
 from ferry_migrate.engine.workload import WorkloadConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemu_peer  # noqa: E402 - tools/qemu_peer.py, next to this file
 
 TARGET_4K = 0.40  # share of the ceiling to reach with 4 KiB host pages
 TARGET_HUGE = 0.70  # with 2 MiB (or 1 GiB) host pages
@@ -195,7 +202,8 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
     """One migration plus its ceiling, repeated; returns all figures (``checks``: capability page-checksums;
     ``tls``: a tls-creds dir, '' = plain; ``multifd``: multifd-channels, 0 = capability multifd off, and the
     ceiling then uses as many parallel sockets)."""
-    runs = []
+    runs, qemu_runs = [], []
+    qemu_blob = getattr(args, "qemu_blob", None) if transport == "tcp" and page_size == 4096 else None
     for _ in range(args.repeat):
         wait_idle(args.wait_idle)
         busy0, own0, t0 = _busy_cpu(), _own_cpu(), time.monotonic()
@@ -218,6 +226,10 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
         # CPU used meanwhile by processes not ours, in % of all CPUs: a noise indicator.
         foreign = max(0.0, (_busy_cpu() - busy0) - (_own_cpu() - own0))
         foreign_pct = 100 * foreign / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        if args.peer == "qemu" and qemu_blob:
+            # The same guest on QEMU 7.2, right after (interleaved with) Ferry's run.
+            qr = qemu_peer.run_qemu(args.size, qemu_blob, multifd, args.downtime_limit, tmpdir, args.timeout)
+            qemu_runs.append(qr)
         runs.append({
             "transferred": nbytes, "transfer-time-ms": src["transfer-time"],
             "verify-time-ms": src["verify-time"], "total-time-ms": src["total-time"],
@@ -233,7 +245,15 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
     ceiling = med(r["ceiling-mibps"] for r in runs)
     target = TARGET_4K if page_size == 4096 else TARGET_HUGE
     ratio = mibps / ceiling
+    qemu = {}
+    if qemu_runs:
+        q = [r["mibps"] for r in qemu_runs]
+        qemu = {"qemu-mibps": round(med(q), 1), "qemu-mibps-worst": round(min(q), 1),
+                "qemu-mibps-best": round(max(q), 1), "ferry-qemu-ratio": round(mibps / med(q), 3),
+                "qemu-runs": [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+                              for r in qemu_runs]}
     return {
+        **qemu,
         "transport": transport, "page-size": page_size, "workload": workload, "page-checksums": checks,
         "tls": bool(tls), "multifd": multifd,
         "mibps": round(mibps, 1), "mibps-best": round(max(r["mibps"] for r in runs), 1),
@@ -288,6 +308,12 @@ def print_table(cases: list[dict], args) -> None:
             print(f"multifd {c['multifd']}/single channel, {c['transport']} {format_size(c['page-size'])} "
                   f"checks {'on' if c['page-checksums'] else 'off'}: {c['mibps'] / b['mibps']:.2f} (median; "
                   f"{c['mibps-worst']:.0f}-{c['mibps-best']:.0f} against {b['mibps-worst']:.0f}-{b['mibps-best']:.0f} MiB/s)")
+    for c in cases:
+        if "qemu-mibps" in c:
+            print(f"Ferry/QEMU 7.2, {c['transport']} {format_size(c['page-size'])} multifd {c.get('multifd', 0)} "
+                  f"checks {'on' if c['page-checksums'] else 'off'}: {c['ferry-qemu-ratio']:.2f} (medians "
+                  f"{c['mibps']:.0f} / {c['qemu-mibps']:.0f} MiB/s; Ferry {c['mibps-worst']:.0f}-{c['mibps-best']:.0f}, "
+                  f"QEMU {c['qemu-mibps-worst']:.0f}-{c['qemu-mibps-best']:.0f})")
     for on, off in checksum_pairs(cases):
         page = format_size(on["page-size"])
         print(f"page-checksums on/off, {on['transport']} {page} {'dirtying' if on['workload'] else 'paused'}: "
@@ -327,6 +353,10 @@ def parse_args(argv=None):
     p.add_argument("--multifd", default="0", metavar="N[,M...]",
                    help="comma list of multifd-channels to run each case with; 0 = capability multifd off "
                         "(default 0; e.g. 0,1,2 compares the single channel with 1 and 2 multifd channels)")
+    p.add_argument("--peer", default="ferry", choices=("ferry", "qemu"),
+                   help="qemu: after each Ferry run of a tcp 4K case, the same migration between two QEMU 7.2 "
+                        "processes (paused guest of random bytes, destination preallocated, same multifd-channels); "
+                        "the table adds the Ferry/QEMU ratio of the medians (tools/qemu_peer.py)")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
     p.add_argument("--tls", action="store_true", help="run every case also over TLS (tcp only) and report the ratio")
     a = p.parse_args(argv)
@@ -366,6 +396,13 @@ def main(argv=None) -> int:
         creds = os.path.join(tmpdir, "tls")
         make_certs(creds)
     cases = []
+    if args.peer == "qemu":
+        why = qemu_peer.available()
+        if why:
+            print(f"bench_precopy: --peer qemu: {why}", file=sys.stderr)
+            return 1
+        print("... writing the QEMU guest's random contents", file=sys.stderr, flush=True)
+        args.qemu_blob = qemu_peer.random_blob(os.path.join(tmpdir, "qemu-guest.bin"), args.size - 2 * MIB)
     try:
         for transport in args.transports:
             for ps in args.page_sizes:
