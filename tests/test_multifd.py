@@ -84,6 +84,20 @@ async def test_precopy_multifd_with_a_delayed_channel(spawn, n):  # noqa: F811
         assert dq["ram"]["normal"] == sq["ram"]["normal"] and dq["ram"]["duplicate"] == sq["ram"]["duplicate"]
 
 
+async def test_precopy_multifd_on_hugetlb_pages(spawn, hugepages):  # noqa: F811
+    hugepages(32)  # 2 x 32 MiB of 2 MiB huge pages (source and destination)
+    guest = [*GUEST, "--backing", "hugetlb"]
+    src, dst = spawn("source", guest), spawn("destination", guest)
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        inc = await _configure(s, d, {"multifd": True}, {**PRECOPY_PARAMS, "multifd-channels": 2})
+        with FaultRelay(inc) as relay:
+            _stall_channel(relay, 1)
+            await s.call("migrate", {"uri": relay.uri})
+            sq, dq = await wait_final(s, timeout=WAIT), await wait_final(d, timeout=WAIT)
+        _check_multifd(sq, dq, 2)
+        assert (await s.call("query-status"))["guest"]["blocks"][0]["backing"] == "hugetlb"
+
+
 PC_CAPS = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
 PC_PARAMS = {"postcopy-after-passes": 3, "downtime-limit": 1, "max-bandwidth": 24 * MiB, "max-postcopy-bandwidth": 8 * MiB,
              "postcopy-channels": 1}
