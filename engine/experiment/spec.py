@@ -114,6 +114,7 @@ SETTINGS = {
     "fill": _choice(("zero", "pattern", "random", "mixed")),
     "transport": _choice(("tcp", "unix")),
     "link-rate": _rate,  # bits/s of the netns link (tbf): 1gbit, 100mbit, or an integer
+    "link-flow-rate": _rate,  # bits/s of each flow on the netns link (fq maxrate): per connection
     "capabilities": _caps,
     "switchover": _switchover,
     "workload-threads": _typed(int, 0, 64),
@@ -318,9 +319,12 @@ def parse_spec(text: str, path: str = "<sweep>") -> Spec:
             raise err(f"{k!r} changes the guest, which link 'hosts' cannot: the guests are those of the "
                       "workers already running at [hosts] (start them with the guest options you want, "
                       "or use link = \"loopback\" or \"netns\")", k, section)
-        if k == "link-rate" and link != "netns":
-            raise err(f"link-rate shapes the link of a netns testbed; this sweep's link is {link!r} "
+        if k in ("link-rate", "link-flow-rate") and link != "netns":
+            raise err(f"{k} shapes the link of a netns testbed; this sweep's link is {link!r} "
                       "(use link = \"netns\")", k, section)
+        if k == "link-flow-rate" and "link-rate" in list(fixed) + list(sweep):
+            raise err("link-flow-rate (fq, per connection) and link-rate (tbf, the whole link) cannot be "
+                      "combined: the link has one qdisc", k, section)
         if k == "transport" and link != "loopback" and "unix" in ([fixed[k]] if k in fixed else sweep[k]):
             raise err(f"transport 'unix' is a socket file on one host: with link {link!r} the stream "
                       "must cross the link (use tcp)", k, section)
