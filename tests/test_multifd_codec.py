@@ -62,6 +62,8 @@ def decode_all(data: bytes, cuts: list[int]):
     dec = M.MultifdDecoder(BLOCKS, "multifd-1")
     got, buf, fed = [], bytearray(), 0
     for end in sorted(set(cuts)) + [len(data)]:
+        if dec.done:
+            break
         buf += data[fed:end]
         fed = max(fed, end)
         while True:
