@@ -132,6 +132,11 @@ def encode_ram_mem_size(blocks, postcopy: bool = False) -> bytes:
     return bytes(out)
 
 
+def encode_multifd_flush() -> bytes:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH: be64 0x200 inside a RAM section (capability multifd)."""
+    return _be64.pack(C.RAM_SAVE_FLAG_MULTIFD_FLUSH)
+
+
 def encode_eos() -> bytes:
     return _be64.pack(C.RAM_SAVE_FLAG_EOS)
 
@@ -378,6 +383,12 @@ class RamEOS:
 
 
 @dataclass
+class MultifdFlush:
+    """RAM_SAVE_FLAG_MULTIFD_FLUSH on the main stream: every multifd channel must reach its SYNC
+    of the current pass before anything after this record is loaded (channels/multifd_codec.py)."""
+
+
+@dataclass
 class PageChecks:
     """A FERRY_PAGE_CHECKS record: check values for the next ``count`` page records.
 
@@ -476,6 +487,8 @@ class StreamDecoder:
         # Check values of FERRY_PAGE_CHECKS not yet handed out with page records.
         self._checks: np.ndarray | None = None
         self._checks_at = 0
+        # Capability multifd: RAM_SAVE_FLAG_MULTIFD_FLUSH records are accepted (event MultifdFlush).
+        self.multifd = False
 
     def _err(self, msg: str) -> ProtocolError:
         return ProtocolError(f"{msg} (channel {self.channel_name}, stream offset {self.offset})")
@@ -495,6 +508,7 @@ class StreamDecoder:
         d.sections = dict(self.sections)
         d.ram_section_id = self.ram_section_id
         d.postcopy_advised = self.postcopy_advised
+        d.multifd = self.multifd
         return d
 
     def expecting(self) -> str:
@@ -813,6 +827,8 @@ class StreamDecoder:
         offset = v & ~C.RAM_SAVE_FLAG_MASK
         if flags & _CHECKS:
             return self._page_checks(buf, v)
+        if v == C.RAM_SAVE_FLAG_MULTIFD_FLUSH and self.multifd and self.mode != "pages":
+            return MultifdFlush(), 8
         if flags & _UNSUPPORTED_RAM_FLAGS:
             raise self._err(f"RAM record: unsupported flags {_flag_names(flags & _UNSUPPORTED_RAM_FLAGS)} in 0x{v:016x}")
         if flags & ~_KNOWN_RAM_FLAGS:

@@ -205,7 +205,9 @@ FERRY_HELLO_REPLY_MAGIC = b"FERRY\x00OK"
 FERRY_WIRE_VERSION = 1
 FERRY_HELLO_ROLE_MAIN = 0  # the main channel (PRECOPY channel and return path)
 FERRY_HELLO_ROLE_POSTCOPY = 1  # a POSTCOPY channel, index 1..postcopy-channels
-FERRY_HELLO_ROLE_NAMES = {FERRY_HELLO_ROLE_MAIN: "main", FERRY_HELLO_ROLE_POSTCOPY: "postcopy"}
+FERRY_HELLO_ROLE_MULTIFD = 2  # a multifd channel, index 1..multifd-channels
+FERRY_HELLO_ROLE_NAMES = {FERRY_HELLO_ROLE_MAIN: "main", FERRY_HELLO_ROLE_POSTCOPY: "postcopy",
+                          FERRY_HELLO_ROLE_MULTIFD: "multifd"}
 FERRY_HELLO_ID_SIZE = 16
 FERRY_HELLO_NONCE_SIZE = 16
 FERRY_HELLO_MAC_SIZE = 32  # HMAC-SHA256
@@ -214,3 +216,30 @@ FERRY_HELLO_MAX_FEATURES = 4096  # bytes of the features text
 FERRY_HELLO_OK = 0
 FERRY_HELLO_MISMATCH = 1  # wire version or format-changing features differ: the message says which
 FERRY_HELLO_MAX_MESSAGE = 4096
+
+# --- multifd (capability multifd, parameter multifd-channels) ---
+# Ferry's own packet format on the multifd channels (docs/protocol.md,
+# "Multifd channels"); QEMU's MultiFDPacket_t (migration/multifd.h) is the
+# model but not the format: a QEMU peer never gets multifd channels from Ferry.
+# Every integer big-endian. A channel opens with the init record, then carries
+# packets until one with FERRY_MULTIFD_FLAG_FIN.
+#   init:   be32 magic, be32 version, u8 channel id (1..N), u8 channels (N), be16 0, be32 0
+#   packet: be32 magic, be16 flags, be16 idstr length, be32 normal pages,
+#           be32 zero pages, be64 packet number, be32 pass, be32 0,
+#           idstr, (normal + zero) x be64 offset (normal pages first),
+#           [(normal + zero) x be64 check value, with FLAG_CHECKS],
+#           normal x 4096 bytes of page data
+FERRY_MULTIFD_MAGIC = 0x464D4644  # "FMFD" (QEMU's MULTIFD_MAGIC is 0x11223344)
+FERRY_MULTIFD_VERSION = 1
+FERRY_MULTIFD_INIT_SIZE = 16
+FERRY_MULTIFD_HEADER_SIZE = 32
+# The channel finished every page of pass ``pass`` it was given; its next
+# packet belongs to pass + 1 and is read only once every channel reached this
+# point (QEMU: MULTIFD_FLAG_SYNC, answered by RAM_SAVE_FLAG_MULTIFD_FLUSH on
+# the main channel).
+FERRY_MULTIFD_FLAG_SYNC = 0x1  # QEMU's MULTIFD_FLAG_SYNC
+FERRY_MULTIFD_FLAG_FIN = 0x2  # Ferry: the channel's last packet; the connection ends after it
+FERRY_MULTIFD_FLAG_CHECKS = 0x4  # Ferry: check values (page-checksums) follow the offsets
+FERRY_MULTIFD_FLAGS = FERRY_MULTIFD_FLAG_SYNC | FERRY_MULTIFD_FLAG_FIN | FERRY_MULTIFD_FLAG_CHECKS
+# Most pages in one packet: 2 MiB, one 2 MiB host page (QEMU: MULTIFD_PACKET_SIZE, 512 KiB).
+FERRY_MULTIFD_PACKET_PAGES = 512

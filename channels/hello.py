@@ -156,7 +156,7 @@ def verify_hello(secret: str, head: bytes, feats: bytes, mac: bytes) -> Hello:
         raise HelloRefused("hello HMAC does not verify: the connecting side does not hold this migration's "
                            "migration-secret")
     if role not in C.FERRY_HELLO_ROLE_NAMES:
-        raise HelloRefused(f"hello role {role}: expected 0 (main) or 1 (postcopy)")
+        raise HelloRefused(f"hello role {role}: expected 0 (main), 1 (postcopy) or 2 (multifd)")
     return Hello(version, role, index, mid, nonce, parse_features(feats), bytes(mac))
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger("ferry.channels")
 HELLO_TIMEOUT = 30.0  # s a handshake may take when liveness-timeout is 0 (off)
 ROLE_MAIN = C.FERRY_HELLO_ROLE_MAIN
 ROLE_POSTCOPY = C.FERRY_HELLO_ROLE_POSTCOPY
+ROLE_MULTIFD = C.FERRY_HELLO_ROLE_MULTIFD
 
 
 class PlaintextRefused(ValueError):
@@ -62,6 +63,8 @@ def wire_features(cfg) -> dict:
     for name in ("page-checksums", "multifd"):  # where this build has them
         if name in cfg.caps:
             f[name] = cfg.cap(name)
+    if cfg.caps.get("multifd"):
+        f["multifd-channels"] = cfg.param("multifd-channels")
     return f
 
 

@@ -31,7 +31,8 @@ from ferry_migrate.channels.transport import Listener
 
 from . import states as ST
 from . import stats as S
-from .channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, check_plaintext
+from .channel_auth import ROLE_MAIN, ROLE_MULTIFD, ROLE_POSTCOPY, ChannelGate, check_plaintext, handshake_timeout
+from .multifd_recv import MultifdReceiver
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .never_ran import NeverRanProof
 from .params import MigrationConfig
@@ -121,6 +122,7 @@ class MigrationDestination:
         self._gen = 0  # connection generation: a recovery starts a new one
         self._proof: NeverRanProof | None = None  # migrate-recover after a failure before RUN
         self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
+        self._multifd: MultifdReceiver | None = None  # capability multifd (engine/multifd_recv.py)
 
     def _use_ram(self, ram: GuestRAM) -> None:
         self.ram = ram
@@ -156,6 +158,8 @@ class MigrationDestination:
 
     def listen(self, uri: str) -> str:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
+        if self.config.cap("multifd") and not peer_features(self.config.param("peer")).ferry_only_capabilities:
+            raise ValueError("multifd: Ferry's multifd packets are not QEMU's; turn multifd off for peer=qemu")
         listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
         try:
             check_plaintext(self.config, listener.uri, "listening on")  # PlaintextRefused (a ValueError)
@@ -300,7 +304,25 @@ class MigrationDestination:
             st.extra["never-ran"] = True
             if self._proof is not None:
                 st.extra["never-ran-told"] = self._proof.sent
-        return st.to_dict()
+        if self._multifd is None:
+            return st.to_dict()
+        return self._multifd_query(st)
+
+    def _multifd_query(self, st) -> dict:
+        """query-migrate with the multifd channels: their bytes and pages, and when LISTEN closed them."""
+        mf = self._multifd
+        st.extra["multifd"] = {"channels": mf.n, "listen-ms": None if mf.closed_at is None
+                               else round((mf.closed_at - mf.created) * 1000, 3)}
+        d = st.to_dict()
+        d.setdefault("channels", {}).update(mf.stats())
+        r = d["ram"]
+        r["transferred"] += mf.transferred
+        if self.listening or st.status in (ST.SETUP, ST.ACTIVE):
+            r["precopy-bytes"] += mf.transferred  # every multifd byte arrives before LISTEN
+        r["normal"] += sum(c.normal_pages for c in mf.channels)
+        r["duplicate"] += sum(c.zero_pages for c in mf.channels)
+        r["normal-bytes"] = r["normal"] * C.TARGET_PAGE_SIZE
+        return d
 
     def _require_checks(self) -> bool:
         """Ferry's page check values are required (capability page-checksums) from a Ferry source; a
@@ -324,6 +346,8 @@ class MigrationDestination:
         for ch in [self._channel, *self._pc_channels]:
             if ch is not None:
                 ch.shutdown()
+        if self._multifd is not None:
+            self._multifd.shutdown()
 
     def _accept(self, role: int = ROLE_MAIN, index: int = 0):
         """The next connection that proved it is channel (role, index) (engine/channel_auth.py)."""
@@ -400,9 +424,14 @@ class MigrationDestination:
                 if hasattr(transport, "tune"):
                     transport.tune(rcvbuf=cfg.param("precopy-rcvbuf"))
                 self._pc_expected = cfg.param("postcopy-channels") if cfg.cap("postcopy-preempt") else 0
+                if cfg.cap("multifd"):
+                    self._multifd = MultifdReceiver(cfg.param("multifd-channels"), self._layout_ram,
+                                                    lambda: self.received, self._require_checks,
+                                                    self._multifd_failed, handshake_timeout(cfg))
                 self._connected(transport, StreamDecoder(
                     self.ram.infos() if self.ram is not None else [], devices=_DEVICES,
                     learn_blocks=self.ram is None, opaque_devices=True))
+                self._channel.decoder.multifd = self._multifd is not None
                 self.sm.fire(ST.CONNECTED)
                 self._load(self._channel, transport)
                 self._join_channels()
@@ -437,7 +466,7 @@ class MigrationDestination:
             self._gen += 1
             self._pc_threads, self._pc_channels, self._pc_assemblers = [], [], []
             self._pc_error = None
-        if self._pc_expected:
+        if self._pc_expected or (self._multifd is not None and self._multifd.accepting):
             threading.Thread(target=self._accept_channels, args=(self._gen,), name="incoming-channels",
                              daemon=True).start()
         else:
@@ -549,6 +578,8 @@ class MigrationDestination:
 
     def _close_connection(self) -> None:
         self._shutdown_channels()
+        if self._multifd is not None:
+            self._multifd.close()
         for t in self._pc_threads:
             t.join(5)
         for c in [self._channel, *self._pc_channels]:
@@ -607,14 +638,28 @@ class MigrationDestination:
                 self.listener.close()
                 self.listener = None
 
+    def _accept_order(self) -> list[tuple[int, int]]:
+        """(role, index) of the connections after the main one, in the order a source opens them:
+        POSTCOPY channels opened at setup, then multifd channels (first connection only), then
+        POSTCOPY channels opened at the switch (preempt-dialect qemu-8.0)."""
+        pc = [(ROLE_POSTCOPY, i + 1) for i in range(self._pc_expected)]
+        mf = ([(ROLE_MULTIFD, i + 1) for i in range(self._multifd.n)]
+              if self._multifd is not None and self._multifd.accepting else [])
+        at_setup = self.config.param("preempt-dialect") == "qemu-7.2"
+        return pc + mf if at_setup else mf + pc
+
     def _accept_channels(self, gen: int) -> None:
-        """Accept the POSTCOPY channels: the connections after the main one, in order."""
+        """Accept the POSTCOPY and multifd channels: the connections after the main one, in order."""
         try:
-            for i in range(self._pc_expected):
-                t = self._accept(ROLE_POSTCOPY, i + 1)
+            for role, index in self._accept_order():
+                t = self._accept(role, index)
                 if gen != self._gen:
                     t.close()
                     return
+                if role == ROLE_MULTIFD:
+                    self._multifd.add(t, index)
+                    continue
+                i = index - 1
                 self._wait_layout()  # a QEMU 7.2 source connects it before MEM_SIZE
                 name = postcopy_channel_name(i)
                 dec = StreamDecoder(self.ram.infos(), mode="pages", channel_name=name)
@@ -675,6 +720,23 @@ class MigrationDestination:
         # error surfaces at RUN (a pause) or at the end of precopy (a failure).
         if self._channel is not None and self.running:
             self._channel.shutdown()  # pause the whole migration, with this error
+
+    def _layout_ram(self) -> GuestRAM:
+        """The guest RAM, once MEM_SIZE gave the layout (multifd receivers wait for it)."""
+        self._wait_layout()
+        return self.ram
+
+    def _multifd_failed(self, e: BaseException) -> None:
+        """A multifd receiver failed. In precopy the migration fails (the main loader is stopped
+        with this error); after LISTEN every multifd page is already placed: only recorded."""
+        if self.listening:
+            self.stats.extra["multifd-error"] = str(e)
+            return
+        with self._pc_connected:
+            if self._pc_error is None:
+                self._pc_error = e
+        if self._channel is not None:
+            self._channel.shutdown()
 
     def _all_placed(self) -> bool:
         """Every page is here and no channel is inside a host page."""
@@ -774,6 +836,8 @@ class MigrationDestination:
             check_machine_type(ev.name, self.layout)
             self.devices.configuration = ev.raw
             self.stats.extra["machine-type"] = ev.name
+        elif isinstance(ev, codec.MultifdFlush):
+            self._multifd.sync_main()  # every page of the pass is placed before anything after this
         elif isinstance(ev, codec.SectionStart) and ev.idstr == C.RAM_SECTION_IDSTR:
             self.devices.ram_section_id = ev.section_id
         elif isinstance(ev, codec.DeviceState):
@@ -931,6 +995,8 @@ class MigrationDestination:
             raise ProtocolError("POSTCOPY_LISTEN: postcopy was not advised")
         if self.listening:
             raise ProtocolError("POSTCOPY_LISTEN: received twice")
+        if self._multifd is not None:
+            self._multifd.close_placement()  # the source flushed them before the switch (docs/protocol.md)
         # What memory holds now is what precopy delivered (the guest has not run here).
         self.received.snapshot_fingerprints()
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self._require_checks())

@@ -29,7 +29,9 @@ CAPABILITIES: dict[str, tuple[bool, bool, str]] = {
                                    "for a QEMU peer"),
     "xbzrle": (False, False, "delta-compress repeated pages"),
     "auto-converge": (False, False, "throttle the guest until precopy converges"),
-    "multifd": (False, False, "several parallel precopy channels"),
+    "multifd": (False, True, "precopy pages travel on multifd-channels further connections, each with its "
+                             "own sender and receiver thread; the main channel keeps sections and commands. "
+                             "Ferry's own packets: both sides Ferry (docs/protocol.md)"),
     "zero-blocks": (False, False, "skip zero blocks of block devices"),
     "events": (True, True, "emit MIGRATION events (always on in Ferry)"),
     "pause-before-switchover": (False, False, "pause before the switchover"),
@@ -144,8 +146,9 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               bool, applies="both sides, at migrate / migrate-incoming / migrate-recover"),
     ParamSpec("announce-initial", 50, 0, 100_000, "milliseconds", False, "not used by Ferry",
               applies="not implemented"),
-    ParamSpec("multifd-channels", 2, 1, 255, "channels", False, "parallel precopy channels",
-              applies="not implemented"),
+    ParamSpec("multifd-channels", 2, 1, 255, "channels", True,
+              "connections carrying precopy pages with capability multifd (QEMU's default is 2 too)",
+              applies="both sides, at migrate / migrate-incoming (the hello compares them)"),
     ParamSpec("xbzrle-cache-size", 64 << 20, 4096, _MAX_U64, "bytes", False, "XBZRLE cache",
               applies="not implemented"),
     ParamSpec("cpu-throttle-initial", 20, 1, 99, "percent", False, "auto-converge start",

@@ -47,6 +47,9 @@ class SendLoop:
         self.lock = lock
         self.stopping = weak_callback(stopping)  # the owner's bound method: no cycle
         self.channels: list = []
+        # Capability multifd: until it finished, pages for the PRECOPY channel go to
+        # the multifd channels instead (engine/multifd_send.py, same send_range).
+        self.multifd = None
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread
         self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
@@ -64,6 +67,8 @@ class SendLoop:
         blk = self.ram.blocks[order.block]
         bm = self.bitmaps[blk.idstr]
         ch = self.channels[order.channel]
+        if order.channel == PRECOPY and self.multifd is not None and not self.multifd.finished:
+            ch = self.multifd
         sched = self.sched
         if order.switched:
             ch.reset_last_block()
@@ -156,7 +161,9 @@ class SendLoop:
     # --- figures ---
     def pages_sent(self) -> int:
         """Target pages sent so far, on all channels (each channel counts its own)."""
-        return sum(c.normal_pages + c.zero_pages for c in self.channels)
+        mf = self.multifd
+        return (sum(c.normal_pages + c.zero_pages for c in self.channels)
+                + (mf.normal_pages + mf.zero_pages if mf is not None else 0))
 
     def reset_bandwidth(self, now: float) -> None:
         self.bandwidth = 0.0
@@ -174,7 +181,7 @@ class SendLoop:
         dt = now - self._bw_t
         if dt < BANDWIDTH_WINDOW and not force:
             return
-        total = self.channels[0].transferred
+        total = self.channels[0].transferred + (self.multifd.transferred if self.multifd is not None else 0)
         sent = total - self._bw_bytes
         pages = self.pages_sent() - self._bw_pages
         if dt > 0 and sent > 0:

@@ -43,6 +43,7 @@ from . import states as ST
 from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
+from . import multifd_send as MF
 from .callbacks import weak_callback
 from .channel_auth import ROLE_MAIN, check_plaintext, open_channel
 from .params import MigrationConfig
@@ -135,6 +136,7 @@ class MigrationSource:
         self.rp: SourceReturnPath | None = None
         self.channel: PrecopyChannel | None = None
         self.channels: list = []  # index = scheduler channel number
+        self.multifd: MF.MultifdSender | None = None  # capability multifd: precopy pages (engine/multifd_send.py)
         self._closed_bytes = 0  # bytes of channels of earlier connections (recoveries)
         self._verdict_at: int | None = None  # the main channel's bytes before the verdict went out
         self._closed_normal = 0
@@ -170,6 +172,11 @@ class MigrationSource:
                 raise ValueError("postcopy-ram needs the return-path capability")
         if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
             raise ValueError("postcopy-preempt needs the postcopy-ram capability")
+        if self.config.cap("multifd"):
+            if u.scheme == "file":
+                raise ValueError("multifd needs a live destination: not possible with a file: uri")
+            if not self.peer.ferry_only_capabilities:
+                raise ValueError("multifd: Ferry's multifd packets are not QEMU's; turn multifd off for peer=qemu")
         check_plaintext(self.config, u, "connecting to")  # PlaintextRefused (a ValueError)
         self.uri = u
         self.sm.fire(ST.START)
@@ -201,6 +208,9 @@ class MigrationSource:
         if ch is not None and not self._downtime_unlimited:
             name = "max-postcopy-bandwidth" if self.in_postcopy else "max-bandwidth"
             ch.writer.rate_limit = self.config.param(name)
+            mf = self.multifd
+            if mf is not None and not mf.finished and not self.in_postcopy:
+                mf.set_rate_limit(self.config.param("max-bandwidth"))
 
     def cancel(self) -> None:
         """migrate-cancel: stop sending, resume the guest here.
@@ -267,6 +277,10 @@ class MigrationSource:
             st.channels = {ch.name: {"bytes": self._verdict_at if ch is self.channel and self._verdict_at is not None
                                      else ch.transferred, "normal": ch.normal_pages,
                                      "duplicate": ch.zero_pages} for ch in self.channels}
+            if self.multifd is not None:
+                st.channels.update(self.multifd.stats())
+                if st.status not in ST.FINAL_STATES:
+                    st.transferred += self.multifd.transferred
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
             if st.downtime_end is not None and st.status == ST.POSTCOPY_ACTIVE:
@@ -310,6 +324,8 @@ class MigrationSource:
     def _shutdown_channels(self) -> None:
         for ch in list(self.channels):
             ch.shutdown()
+        if self.multifd is not None:
+            self.multifd.shutdown()
 
     def _stopping(self) -> bool:
         return self._cancel or self._fault is not None
@@ -329,7 +345,7 @@ class MigrationSource:
             try:
                 self._setup()
                 switch = self._precopy()
-                st.ram.precopy_bytes = self.channel.transferred
+                st.ram.precopy_bytes = self.channel.transferred + self._multifd_bytes()
                 self._check()
                 st.downtime_start = time.monotonic()
                 self._pause_guest()
@@ -388,6 +404,10 @@ class MigrationSource:
         ch.flush()
         if self._preempt_at_setup():
             self._connect_postcopy_channels(nchannels)
+        if cfg.cap("multifd"):  # after the POSTCOPY channels of setup: the order the destination accepts
+            self.multifd = MF.open_multifd(self.uri, cfg, cfg.param("multifd-channels"), on_fault=self._on_fault,
+                                           **self._channel_checks())
+            self.loop.multifd = self.multifd
         self._ram_section = ram_section_id(ch, self.devices)
         ch.ram_start(self._ram_section, self.ram.blocks, postcopy=postcopy)
         if postcopy and use_rp:
@@ -470,17 +490,21 @@ class MigrationSource:
             ch.section_part(self._ram_section)
             # The switch may come due mid-iteration (postcopy-after-percent).
             loop.send_for(ITERATION_BUDGET, self._should_switch if postcopy else None)
+            if self._multifd_queued() and not any(bm.count() for bm in self.bitmaps.values()):
+                # The bitmap may be empty while the multifd channels still send the pass:
+                # wait for them rather than spin through empty sections.
+                self.multifd.drain(ITERATION_BUDGET)
             ch.send_eos()
             ch.section_footer(self._ram_section)
             ch.flush()
             self._update_bandwidth()
-            remaining = sum(bm.count() for bm in self.bitmaps.values()) * C.TARGET_PAGE_SIZE
+            remaining = (sum(bm.count() for bm in self.bitmaps.values()) + self._multifd_queued()) * C.TARGET_PAGE_SIZE
             threshold = loop.bandwidth * downtime_limit
             st.remaining = remaining
             if loop.bandwidth > 0:
                 st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
             if remaining <= threshold:
-                remaining = self._sync() * C.TARGET_PAGE_SIZE
+                remaining = (self._sync() + self._multifd_queued()) * C.TARGET_PAGE_SIZE
                 if loop.bandwidth > 0:  # the estimate the stop decision uses
                     st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
                 if remaining <= threshold and not self._should_switch():
@@ -510,6 +534,10 @@ class MigrationSource:
     def _sync(self, guest_running: bool = True) -> int:
         """Move the guest's dirty log into the migration bitmaps. Returns dirty pages."""
         now = time.monotonic()
+        if self.multifd is not None and not self.multifd.finished:
+            # The pass ends: no page sent from here on may overtake one sent before (multifd_send.py).
+            self.multifd.sync()
+            MF.write_flush(self.channel, self._ram_section)
         self.ram.collect_dirty()  # writes tracked outside this process (a guest process)
         with self.ram.dirty_lock:
             newly = 0
@@ -545,6 +573,9 @@ class MigrationSource:
         r = self.stats.ram
         r.normal = sum(c.normal_pages for c in self.channels) + self._closed_normal
         r.duplicate = sum(c.zero_pages for c in self.channels) + self._closed_zero
+        if self.multifd is not None:
+            r.normal += self.multifd.normal_pages
+            r.duplicate += self.multifd.zero_pages
 
     # --- stop-and-copy ---
     def _stop_and_copy(self) -> None:
@@ -558,6 +589,7 @@ class MigrationSource:
         t_synced = time.monotonic()
         ch.section_part(self._ram_section, end=True)
         self.loop.send_for(None)
+        self._end_multifd(in_section=True)
         ch.send_eos()
         ch.section_footer(self._ram_section)
         if carries_devices(self.devices):
@@ -579,7 +611,7 @@ class MigrationSource:
             SW.end_postcopy_channels(self.channels, self._lock, eos=self._preempt_at_setup())
             ch.send_eof(SW.vm_description(self.ram, state_size))
         ch.flush()
-        st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        st.ram.downtime_bytes = ch.transferred + self._multifd_bytes() - st.ram.precopy_bytes
         # Where the downtime goes (ms); "confirm" (the destination draining and
         # loading what is still in flight) is added when it answers.
         st.extra["downtime-phases"] = {"pause": st._ms(st.downtime_start, t_paused),
@@ -596,6 +628,7 @@ class MigrationSource:
         self._downtime_unlimited = True
         ch.writer.rate_limit = 0
         self._sync(guest_running=False)
+        self._end_multifd()  # postcopy pages go on the PRECOPY and POSTCOPY channels (docs/protocol.md)
         SW.widen_to_host_pages(self.ram, self.bitmaps)
         SW.send_discards(ch, self.ram, self.bitmaps)
         if not self._preempt_at_setup():  # QEMU 8.0+: at the switch
@@ -614,8 +647,18 @@ class MigrationSource:
         ch.flush()
         self.sched.postcopy = True
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
-        st.ram.downtime_bytes = ch.transferred - st.ram.precopy_bytes
+        st.ram.downtime_bytes = ch.transferred + self._multifd_bytes() - st.ram.precopy_bytes
         self._postcopy_tuning()
+
+    def _end_multifd(self, in_section: bool = False) -> None:
+        """The last pass on the multifd channels: a sync point (unless ``_sync`` just made one), FIN, closed."""
+        mf = self.multifd
+        if mf is None or mf.finished:
+            return
+        if in_section:
+            mf.sync()
+            MF.write_flush(self.channel, self._ram_section, end=True)
+        mf.finish(CONFIRM_TIMEOUT)  # from here the send loop uses the PRECOPY channel again
 
     def _postcopy_tuning(self) -> None:
         """Rate limit, flush size and pacing of the PRECOPY channel in postcopy."""
@@ -677,11 +720,19 @@ class MigrationSource:
         st.remaining = 0
         st.extra["postcopy-bytes"] = self._postcopy_bytes()
 
+    def _multifd_queued(self) -> int:
+        """Target pages queued on multifd channels, not sent yet (0 without multifd)."""
+        mf = self.multifd
+        return mf.queued_pages if mf is not None and not mf.finished else 0
+
+    def _multifd_bytes(self) -> int:
+        return self.multifd.transferred if self.multifd is not None else 0
+
     def _postcopy_bytes(self) -> int:
         """Bytes sent after the switch to postcopy, on every channel (background and requested pages)."""
         st = self.stats
-        return (self._closed_bytes + sum(c.transferred for c in self.channels) - st.ram.precopy_bytes
-                - st.ram.downtime_bytes)
+        return (self._closed_bytes + sum(c.transferred for c in self.channels) + self._multifd_bytes()
+                - st.ram.precopy_bytes - st.ram.downtime_bytes)
 
     def _pacing_rate(self) -> int:
         """Pacing of background pages once in postcopy with preemption (0 = none).
@@ -780,7 +831,7 @@ class MigrationSource:
             # The postcopy phase: the switch's end -> the destination confirmed every page.
             st.extra["postcopy-time"] = st._ms(st.downtime_end, self._confirmed_at or st.end_time)
         self._update_bandwidth(force=True)
-        st.transferred = self._closed_bytes + sum(c.transferred for c in self.channels)
+        st.transferred = self._closed_bytes + sum(c.transferred for c in self.channels) + self._multifd_bytes()
         self.sm.fire(ST.COMPLETE)
         if self.rp is not None and self.rp.digests is not None:
             # The destination's guest may run once it read this (docs/reliability.md).
@@ -851,7 +902,7 @@ class MigrationSource:
             if self._fault is not None:
                 err = self._fault
         if self.channels:
-            st.transferred = self._closed_bytes + sum(c.transferred for c in self.channels)
+            st.transferred = self._closed_bytes + sum(c.transferred for c in self.channels) + self._multifd_bytes()
         if self._cancel and (err is None or isinstance(err, ChannelError)):
             self.sm.try_fire(ST.CANCEL)
             self.sm.try_fire(ST.CANCEL_DONE)
@@ -894,6 +945,10 @@ class MigrationSource:
                 c.writer.transport.close()
             except OSError:
                 pass
+        if self.multifd is not None and not self.multifd.finished:
+            self.multifd.shutdown()
+            self.multifd.join()
+            self.multifd.close()
 
     def _await_resume(self) -> None:
         """Block in postcopy-paused until resume() gives a URI; then recover (engine/recovery.py)."""

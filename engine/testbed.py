@@ -75,11 +75,21 @@ def parse_rate(rate: int | float | str) -> int:
 
 @dataclass
 class LinkShape:
-    """tbf on one direction of a link. See the module docstring for what they mean."""
+    """tbf on one direction of a link. See the module docstring for what they mean.
+
+    ``per_flow``: instead of one tbf, each flow (each TCP connection) is held
+    to ``rate`` on its own, so N connections get N times the rate, as a
+    per-flow policer or a long path's window would give: an HTB class of that
+    rate per bucket of a u32 hash on the low byte of the TCP source port (256
+    buckets; fq's ``maxrate`` does this directly where sch_fq exists). Two
+    connections whose source ports share that byte share a bucket (about 1 in
+    256 per pair).
+    """
 
     rate: int | str = "1gbit"  # bits/s
     burst: int = 0  # bytes; 0 = the larger of 32 KiB and 0.5 ms at the rate
     latency: float = 0.010  # s a packet may wait in the queue (bounds the queue's bytes)
+    per_flow: bool = False
 
     @property
     def rate_bps(self) -> int:
@@ -93,6 +103,21 @@ class LinkShape:
     def queue_bytes(self) -> int:
         """About how many bytes the queue holds at most."""
         return int(self.rate_bps / 8 * self.latency) + self.burst_bytes
+
+    def tc_batch(self, ifname: str) -> list[str]:
+        """``tc -batch`` lines of the per-flow shaping (``per_flow``) on ``ifname``."""
+        out = [f"qdisc replace dev {ifname} root handle 1: htb default 1000 r2q 100",
+               f"class add dev {ifname} parent 1: classid 1:1000 htb rate 100gbit",  # not TCP: unshaped
+               f"filter add dev {ifname} parent 1: prio 1 handle 2: protocol ip u32 divisor 256",
+               # the TCP header right after a 20-byte IP header: source port's low byte
+               f"filter add dev {ifname} parent 1: prio 1 protocol ip u32 ht 800:: match ip protocol 6 0xff "
+               "hashkey mask 0x00ff0000 at 20 link 2:"]
+        for i in range(256):
+            out.append(f"class add dev {ifname} parent 1: classid 1:{i + 1:x} htb rate {self.rate_bps}bit "
+                       f"burst {self.burst_bytes}")
+            out.append(f"filter add dev {ifname} parent 1: prio 1 protocol ip u32 ht 2:{i:x}: match u8 0 0 "
+                       f"flowid 1:{i + 1:x}")
+        return out
 
     def tc_args(self) -> list[str]:
         return ["tbf", "rate", f"{self.rate_bps}bit", "burst", str(self.burst_bytes),
@@ -121,9 +146,9 @@ class Link:
         raise KeyError(f"host {host!r} is not on link {self.a}-{self.b}")
 
 
-def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+def _run(args: list[str], check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
     try:
-        r = subprocess.run(args, capture_output=True, text=True, timeout=30)
+        r = subprocess.run(args, capture_output=True, text=True, timeout=30, input=input)
     except FileNotFoundError as e:
         hint = ": install iproute2" if args[0] in ("ip", "tc") else ""
         raise TestbedUnavailable(f"{args[0]!r} not found{hint}") from e
@@ -280,7 +305,12 @@ class Testbed:
                     n = self.ns[host]
                     _run(["ip", "-n", n, "addr", "add", f"{lk.address(host)}/24", "dev", lk.ifname])
                     _run(["ip", "-n", n, "link", "set", lk.ifname, "up"])
-                    if shape is not None:
+                    if shape is not None and shape.per_flow:
+                        r = _run(["tc", "-n", n, "-force", "-batch", "-"], check=False,
+                                 input="\n".join(shape.tc_batch(lk.ifname)) + "\n")
+                        if r.returncode != 0:
+                            raise TestbedUnavailable(f"tc htb/u32 per-flow shaping not available: {r.stderr.strip()}")
+                    elif shape is not None:
                         r = _run(["tc", "-n", n, "qdisc", "replace", "dev", lk.ifname, "root", *shape.tc_args()],
                                  check=False)
                         if r.returncode != 0:

@@ -344,6 +344,7 @@ BAD_FILES = [
     ("bad value", '[sweep]\npage-size = ["4K", "3M"]\n', "bad.toml:2", "page-size"),
     ("impossible", '[sweep]\npostcopy-preempt = [false, true]\n', "bad.toml:2", "postcopy-preempt needs postcopy-ram"),
     ("switchover", '[fixed]\nswitchover = "postcopy-after-passes:1"\n', "bad.toml:2", "needs the postcopy-ram"),
+    ("multifd", '[sweep]\nmultifd-channels = [1, 2]\n', "bad.toml:2", "multifd-channels needs the multifd"),
     ("hosts guest", 'link = "hosts"\n[hosts]\nsource = "ipc:///tmp/s"\ndestination = "ipc:///tmp/d"\n'
                     '[sweep]\nworkload-dirty-rate = ["8M", "16M"]\n', "bad.toml:6", "changes the guest"),
     ("hosts key", 'link = "hosts"\n[hosts]\nsource = "ipc:///tmp/s"\ndestination = "ipc:///tmp/d"\n'

@@ -139,6 +139,24 @@ def test_postcopy_preempt_migration_across_namespaces(bed, no_child_processes):
     assert sent >= 32 << 20
 
 
+def test_per_flow_shaping_holds_each_connection_and_multifd_crosses_it(no_child_processes):
+    if (why := _unavailable()) is not None:
+        pytest.skip(f"network namespaces unavailable: {why}")
+    with Testbed(shape=LinkShape("400mbit", per_flow=True)) as bed:
+        q = bed.qdisc_stats("a", "b")
+        assert "htb" in q and "tbf" not in q
+        classes = bed.exec("a", "tc", "class", "show", "dev", bed.link("a", "b").ifname).stdout
+        assert classes.count("rate 400Mbit") == 256
+        r = testbed.probe_link(bed.ns["a"], bed.ns["b"], bed.address("b"), pings=50, seconds=0.5)
+        assert 0 < r["rate-Bps"] * 8 < 1.05 * 400e6, r  # one flow: never above its own rate
+        guest = GuestConfig(size=32 << 20, fill="random", workload=None)
+        src, dst = run_local_migration(guest=guest, caps={"multifd": True}, params={"multifd-channels": 3},
+                                       timeout=120, netns=(bed.ns["a"], bed.ns["b"]))
+        assert src["status"] == "completed", src.get("error-desc")
+        assert src["digests"] == dst["digests"]
+        assert all(src["channels"][f"multifd-{i}"]["bytes"] > 8 << 20 for i in (1, 2, 3))
+
+
 def test_teardown_removes_everything():
     if (why := _unavailable()) is not None:
         pytest.skip(f"network namespaces unavailable: {why}")

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from .qemu_vm import require_qemu
+
 from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
 from ferry_migrate.engine.ram import GuestRAM
@@ -121,6 +123,30 @@ def test_bench_json():
         assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
     (ratio,) = d["page-checksums-ratio"]
     assert ratio["median"] == round(d["cases"][0]["mibps"] / d["cases"][1]["mibps"], 3)
+
+
+def test_bench_json_multifd():
+    r = _tool("bench_precopy.py", "--quick", "--size", "64M", "--transports", "tcp", "--page-sizes", "2M",
+              "--no-workload", "--page-checksums", "on", "--multifd", "0,2", "--json", timeout=240)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [c["multifd"] for c in d["cases"]] == [0, 2]
+    for c in d["cases"]:
+        assert c["transferred"] >= 64 << 20 and c["mibps"] > 0 and c["ceiling-mibps"] > 0
+        assert c["mibps-worst"] <= c["mibps"] <= c["mibps-best"]
+    assert "multifd 2/single channel" in r.stdout
+
+
+def test_bench_json_qemu_peer():
+    require_qemu()
+    r = _tool("bench_precopy.py", "--size", "64M", "--transports", "tcp", "--page-sizes", "4K", "--no-workload",
+              "--page-checksums", "off", "--multifd", "0,2", "--peer", "qemu", "--json", timeout=400)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout.strip().splitlines()[-1])
+    for c in d["cases"]:
+        assert c["qemu-mibps"] > 0 and c["qemu-runs"][0]["transferred"] >= 60 << 20
+        assert c["ferry-qemu-ratio"] == round(c["mibps"] / c["qemu-mibps"], 3)
+    assert "Ferry/QEMU 7.2, tcp 4 KiB multifd 2" in r.stdout
 
 
 def test_bench_pagecheck_json():

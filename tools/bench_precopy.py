@@ -27,6 +27,14 @@ other, and the table ends with the throughput ratio on/off per case.
     python tools/bench_precopy.py --page-checksums on   # only with checks
     python tools/bench_precopy.py --tls --transports tcp --repeat 3   # each case plain and over TLS
 
+With ``--multifd 0,1,2`` every case runs with the capability multifd off (0) and with 1 and 2
+multifd channels; the ceiling of an N-channel case is N bare sockets at once, and the table
+adds the multifd/single-channel ratio with the spread (worst and best of the repeats).
+
+With ``--peer qemu`` each tcp 4 KiB run is followed by the same migration between two QEMU 7.2
+processes (tools/qemu_peer.py; same size, random contents, destination preallocated, the same
+multifd-channels), and the table adds the Ferry/QEMU ratio of the medians with both spreads.
+
 With ``--tls`` every case runs twice, without and with TLS on the channel
 (``tls-creds`` made by engine/certs.py in a temporary directory); the table
 adds the TLS/plain throughput ratio.
@@ -50,6 +58,9 @@ from datetime import datetime
 from ferry_migrate.engine.local import GuestConfig, run_local_migration
 from ferry_migrate.engine.ram import format_size, parse_size
 from ferry_migrate.engine.workload import WorkloadConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import qemu_peer  # noqa: E402 - tools/qemu_peer.py, next to this file
 
 TARGET_4K = 0.40  # share of the ceiling to reach with 4 KiB host pages
 TARGET_HUGE = 0.70  # with 2 MiB (or 1 GiB) host pages
@@ -148,23 +159,30 @@ def _wait(conn, proc, what: str, timeout: float):
     return val
 
 
-def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0) -> float:
-    """Seconds to push nbytes through a bare socket between two processes."""
+def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0, conns: int = 1) -> float:
+    """Seconds to push nbytes through ``conns`` bare sockets (nbytes / conns each, a sender and a
+    receiver process per socket, all at once): the slowest sender's time."""
     ctx = mp.get_context("spawn")
-    path = os.path.join(tmpdir, "raw.sock")
+    paths = [os.path.join(tmpdir, f"raw{i}.sock") for i in range(conns)]
+    share = -(-nbytes // conns)
     procs = []
     try:
-        rp, rc = ctx.Pipe()
-        recv = ctx.Process(target=_raw_receiver, args=(rc, family, path, nbytes), daemon=True)
-        recv.start()
-        procs.append(recv)
-        addr = _wait(rp, recv, "raw receiver", 60)
-        sp, sc = ctx.Pipe()
-        send = ctx.Process(target=_raw_sender, args=(sc, family, addr, nbytes), daemon=True)
-        send.start()
-        procs.append(send)
-        dt = _wait(sp, send, "raw sender", timeout)
-        _wait(rp, recv, "raw receiver", 10)
+        receivers, senders = [], []
+        for path in paths:
+            rp, rc = ctx.Pipe()
+            recv = ctx.Process(target=_raw_receiver, args=(rc, family, path, share), daemon=True)
+            recv.start()
+            procs.append(recv)
+            receivers.append((rp, recv, _wait(rp, recv, "raw receiver", 60)))
+        for _, _, addr in receivers:
+            sp, sc = ctx.Pipe()
+            send = ctx.Process(target=_raw_sender, args=(sc, family, addr, share), daemon=True)
+            send.start()
+            procs.append(send)
+            senders.append((sp, send))
+        dt = max(_wait(sp, send, "raw sender", timeout) for sp, send in senders)
+        for rp, recv, _ in receivers:
+            _wait(rp, recv, "raw receiver", 10)
         return dt
     finally:
         for p in procs:
@@ -172,17 +190,20 @@ def raw_ceiling(family: str, nbytes: int, tmpdir: str, timeout: float = 300.0) -
             if p.is_alive():
                 p.kill()
                 p.join(5)
-        if os.path.exists(path):
-            os.unlink(path)
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 # --- one case -------------------------------------------------------------------
 
 def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, checks: bool = True,
-             tls: str = "") -> dict:
+             tls: str = "", multifd: int = 0) -> dict:
     """One migration plus its ceiling, repeated; returns all figures (``checks``: capability page-checksums;
-    ``tls``: a tls-creds dir, '' = plain)."""
-    runs = []
+    ``tls``: a tls-creds dir, '' = plain; ``multifd``: multifd-channels, 0 = capability multifd off, and the
+    ceiling then uses as many parallel sockets)."""
+    runs, qemu_runs = [], []
+    qemu_blob = getattr(args, "qemu_blob", None) if transport == "tcp" and page_size == 4096 else None
     for _ in range(args.repeat):
         wait_idle(args.wait_idle)
         busy0, own0, t0 = _busy_cpu(), _own_cpu(), time.monotonic()
@@ -191,8 +212,9 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
         guest = GuestConfig(size=args.size, page_size=page_size, fill=args.fill, workload=wl,
                             dest_prealloc=args.prealloc)
         src, dst = run_local_migration(uri, guest, timeout=args.timeout, warm=0.5 if workload else 0.0,
-                                       caps={"page-checksums": checks},
+                                       caps={"page-checksums": checks, **({"multifd": True} if multifd else {})},
                                        params={"downtime-limit": args.downtime_limit,
+                                               **({"multifd-channels": multifd} if multifd else {}),
                                                **({"tls-creds": tls} if tls else {})})
         if src.get("status") != "completed" or dst.get("status") != "completed":
             raise RuntimeError(f"migration {transport}/{format_size(page_size)}: source "
@@ -200,10 +222,14 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
                                f"{dst.get('status')} ({dst.get('error-desc', '')})")
         nbytes = src["ram"]["transferred"]
         t_mig = src["transfer-time"] / 1000
-        t_raw = raw_ceiling(transport, nbytes, tmpdir, args.timeout)
+        t_raw = raw_ceiling(transport, nbytes, tmpdir, args.timeout, max(1, multifd))
         # CPU used meanwhile by processes not ours, in % of all CPUs: a noise indicator.
         foreign = max(0.0, (_busy_cpu() - busy0) - (_own_cpu() - own0))
         foreign_pct = 100 * foreign / ((time.monotonic() - t0) * (os.cpu_count() or 1))
+        if args.peer == "qemu" and qemu_blob:
+            # The same guest on QEMU 7.2, right after (interleaved with) Ferry's run.
+            qr = qemu_peer.run_qemu(args.size, qemu_blob, multifd, args.downtime_limit, tmpdir, args.timeout)
+            qemu_runs.append(qr)
         runs.append({
             "transferred": nbytes, "transfer-time-ms": src["transfer-time"],
             "verify-time-ms": src["verify-time"], "total-time-ms": src["total-time"],
@@ -219,10 +245,19 @@ def run_case(transport: str, page_size: int, workload: bool, args, tmpdir: str, 
     ceiling = med(r["ceiling-mibps"] for r in runs)
     target = TARGET_4K if page_size == 4096 else TARGET_HUGE
     ratio = mibps / ceiling
+    qemu = {}
+    if qemu_runs:
+        q = [r["mibps"] for r in qemu_runs]
+        qemu = {"qemu-mibps": round(med(q), 1), "qemu-mibps-worst": round(min(q), 1),
+                "qemu-mibps-best": round(max(q), 1), "ferry-qemu-ratio": round(mibps / med(q), 3),
+                "qemu-runs": [{k: round(v, 1) if isinstance(v, float) else v for k, v in r.items()}
+                              for r in qemu_runs]}
     return {
+        **qemu,
         "transport": transport, "page-size": page_size, "workload": workload, "page-checksums": checks,
-        "tls": bool(tls),
+        "tls": bool(tls), "multifd": multifd,
         "mibps": round(mibps, 1), "mibps-best": round(max(r["mibps"] for r in runs), 1),
+        "mibps-worst": round(min(r["mibps"] for r in runs), 1),
         "ceiling-mibps": round(ceiling, 1), "ratio": round(ratio, 3), "target": target,
         "pass": ratio >= target,
         "downtime-ms": statistics.median_low(r["downtime-ms"] for r in runs),
@@ -241,7 +276,8 @@ def print_table(cases: list[dict], args) -> None:
           f"guest {format_size(args.size)} fill={args.fill}, "
           f"workload {args.pattern} {args.dirty_rate // MIB} MiB/s when dirtying, "
           f"median of {args.repeat}{', destination RAM preallocated' if args.prealloc else ''}")
-    head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'checks':<6} {'MiB/s':>7} {'best':>7} {'ceiling':>8} "
+    head = (f"{'transport':<9} {'page':>4} {'guest':<8} {'checks':<6} {'mfd':>3} {'MiB/s':>7} {'worst':>7} "
+            f"{'best':>7} {'ceiling':>8} "
             f"{'ratio':>6} {'target':>6} {'':4} {'downtime':>9} {'passes':>6} {'sent MiB':>8} {'other CPU':>9}")
     print(head)
     print("-" * len(head))
@@ -249,20 +285,35 @@ def print_table(cases: list[dict], args) -> None:
         page = "4K" if c["page-size"] == 4096 else format_size(c["page-size"]).replace(" MiB", "M").replace(" GiB", "G")
         print(f"{c['transport'] + ('+tls' if c.get('tls') else ''):<9} {page:>4} "
               f"{'dirtying' if c['workload'] else 'paused':<8} "
-              f"{'on' if c['page-checksums'] else 'off':<6} "
-              f"{c['mibps']:>7.0f} {c['mibps-best']:>7.0f} {c['ceiling-mibps']:>8.0f} "
+              f"{'on' if c['page-checksums'] else 'off':<6} {c.get('multifd', 0):>3} "
+              f"{c['mibps']:>7.0f} {c['mibps-worst']:>7.0f} {c['mibps-best']:>7.0f} {c['ceiling-mibps']:>8.0f} "
               f"{c['ratio'] * 100:>5.0f}% {c['target'] * 100:>5.0f}% {'PASS' if c['pass'] else 'MISS':4} "
               f"{c['downtime-ms']:>6} ms {c['passes']:>6} {c['transferred'] / MIB:>8.0f} {c['foreign-cpu-pct']:>8.0f}%")
-    plain = {(c["transport"], c["page-size"], c["workload"], c["page-checksums"]): c
+    plain = {(c["transport"], c["page-size"], c["workload"], c["page-checksums"], c.get("multifd")): c
              for c in cases if not c.get("tls")}
     for c in cases:
-        base = plain.get((c["transport"], c["page-size"], c["workload"], c["page-checksums"]))
+        base = plain.get((c["transport"], c["page-size"], c["workload"], c["page-checksums"], c.get("multifd")))
         if c.get("tls") and base:
             print(f"TLS/plain {c['transport']} {format_size(c['page-size'])} "
                   f"{'dirtying' if c['workload'] else 'paused'}: {c['mibps'] / base['mibps']:.2f} "
                   f"({c['mibps']:.0f} / {base['mibps']:.0f} MiB/s)")
     print("MiB/s = bytes sent / (start -> destination's confirmation); ceiling = same bytes through "
-          "a bare socket between two processes; other CPU = most CPU used by processes not ours during a run.")
+          "a bare socket between two processes (mfd N: N sockets at once, N pairs of processes); "
+          "mfd = multifd-channels (0: multifd off); other CPU = most CPU used by processes not ours during a run.")
+    base = {(c["transport"], c["page-size"], c["workload"], c["page-checksums"], c.get("tls")): c
+            for c in cases if not c.get("multifd")}
+    for c in cases:
+        b = base.get((c["transport"], c["page-size"], c["workload"], c["page-checksums"], c.get("tls")))
+        if c.get("multifd") and b:
+            print(f"multifd {c['multifd']}/single channel, {c['transport']} {format_size(c['page-size'])} "
+                  f"checks {'on' if c['page-checksums'] else 'off'}: {c['mibps'] / b['mibps']:.2f} (median; "
+                  f"{c['mibps-worst']:.0f}-{c['mibps-best']:.0f} against {b['mibps-worst']:.0f}-{b['mibps-best']:.0f} MiB/s)")
+    for c in cases:
+        if "qemu-mibps" in c:
+            print(f"Ferry/QEMU 7.2, {c['transport']} {format_size(c['page-size'])} multifd {c.get('multifd', 0)} "
+                  f"checks {'on' if c['page-checksums'] else 'off'}: {c['ferry-qemu-ratio']:.2f} (medians "
+                  f"{c['mibps']:.0f} / {c['qemu-mibps']:.0f} MiB/s; Ferry {c['mibps-worst']:.0f}-{c['mibps-best']:.0f}, "
+                  f"QEMU {c['qemu-mibps-worst']:.0f}-{c['qemu-mibps-best']:.0f})")
     for on, off in checksum_pairs(cases):
         page = format_size(on["page-size"])
         print(f"page-checksums on/off, {on['transport']} {page} {'dirtying' if on['workload'] else 'paused'}: "
@@ -271,7 +322,7 @@ def print_table(cases: list[dict], args) -> None:
 
 def checksum_pairs(cases: list[dict]) -> list[tuple[dict, dict]]:
     """(on, off) pairs of the same case measured with and without page-checksums."""
-    key = lambda c: (c["transport"], c["page-size"], c["workload"])  # noqa: E731
+    key = lambda c: (c["transport"], c["page-size"], c["workload"], c.get("multifd"))  # noqa: E731
     off = {key(c): c for c in cases if not c["page-checksums"] and not c.get("tls")}
     return [(c, off[key(c)]) for c in cases if c["page-checksums"] and not c.get("tls") and key(c) in off]
 
@@ -299,6 +350,13 @@ def parse_args(argv=None):
     p.add_argument("--page-checksums", default="on,off", metavar="on,off",
                    help="run each case with the capability page-checksums on and/or off (default both, "
                         "one after the other)")
+    p.add_argument("--multifd", default="0", metavar="N[,M...]",
+                   help="comma list of multifd-channels to run each case with; 0 = capability multifd off "
+                        "(default 0; e.g. 0,1,2 compares the single channel with 1 and 2 multifd channels)")
+    p.add_argument("--peer", default="ferry", choices=("ferry", "qemu"),
+                   help="qemu: after each Ferry run of a tcp 4K case, the same migration between two QEMU 7.2 "
+                        "processes (paused guest of random bytes, destination preallocated, same multifd-channels); "
+                        "the table adds the Ferry/QEMU ratio of the medians (tools/qemu_peer.py)")
     p.add_argument("--json", action="store_true", help="print all figures as one JSON object, last line")
     p.add_argument("--tls", action="store_true", help="run every case also over TLS (tcp only) and report the ratio")
     a = p.parse_args(argv)
@@ -306,6 +364,12 @@ def parse_args(argv=None):
     if not a.page_checksums or any(v not in ("on", "off") for v in a.page_checksums):
         p.error(f"--page-checksums: {a.page_checksums}; expected on and/or off")
     a.page_checksums = [v == "on" for v in a.page_checksums]
+    try:
+        a.multifd = [int(v) for v in a.multifd.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--multifd: {a.multifd!r}; expected a comma list of channel counts (0 = off)")
+    if not a.multifd or any(not 0 <= v <= 255 for v in a.multifd):
+        p.error(f"--multifd: {a.multifd}; expected counts from 0 (off) to 255")
     a.size = parse_size(a.size or ("256M" if a.quick else "1G"))
     a.dirty_rate = parse_size(a.dirty_rate)
     a.transports = [t.strip() for t in a.transports.split(",") if t.strip()]
@@ -332,18 +396,28 @@ def main(argv=None) -> int:
         creds = os.path.join(tmpdir, "tls")
         make_certs(creds)
     cases = []
+    if args.peer == "qemu":
+        why = qemu_peer.available()
+        if why:
+            print(f"bench_precopy: --peer qemu: {why}", file=sys.stderr)
+            return 1
+        print("... writing the QEMU guest's random contents", file=sys.stderr, flush=True)
+        args.qemu_blob = qemu_peer.random_blob(os.path.join(tmpdir, "qemu-guest.bin"), args.size - 2 * MIB)
     try:
         for transport in args.transports:
             for ps in args.page_sizes:
                 for wl in modes:
                     for checks in args.page_checksums:
-                        print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'} "
-                              f"page-checksums {'on' if checks else 'off'}", file=sys.stderr, flush=True)
-                        cases.append(run_case(transport, ps, wl, args, tmpdir, checks))
-                        if args.tls and transport == "tcp":
-                            print(f"... {transport}+tls {format_size(ps)} {'dirtying' if wl else 'paused'}",
+                        for mfd in args.multifd:
+                            print(f"... {transport} {format_size(ps)} {'dirtying' if wl else 'paused'} "
+                                  f"page-checksums {'on' if checks else 'off'} multifd {mfd}",
                                   file=sys.stderr, flush=True)
-                            cases.append(run_case(transport, ps, wl, args, tmpdir, checks, tls=creds))
+                            cases.append(run_case(transport, ps, wl, args, tmpdir, checks, multifd=mfd))
+                            if args.tls and transport == "tcp":
+                                print(f"... {transport}+tls {format_size(ps)} {'dirtying' if wl else 'paused'}",
+                                      file=sys.stderr, flush=True)
+                                cases.append(run_case(transport, ps, wl, args, tmpdir, checks, tls=creds,
+                                                      multifd=mfd))
     except (RuntimeError, ValueError, OSError) as e:
         print(f"bench_precopy: {e}", file=sys.stderr)
         return 1

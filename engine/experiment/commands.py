@@ -61,7 +61,7 @@ def _fmt_value(key: str, v) -> str:
     """A setting as a sweep file would write it: 4K, 64M, 100mbit, on/off."""
     if isinstance(v, bool):
         return "on" if v else "off"
-    if key == "link-rate":
+    if key in ("link-rate", "link-flow-rate"):
         return f"{v / 1e9:g}gbit" if v % 10**9 == 0 else f"{v / 1e6:g}mbit"  # bits/s, decimal
     if isinstance(v, int) and v and _is_size(key):
         for suffix, sh in (("G", 30), ("M", 20), ("K", 10)):

@@ -39,7 +39,7 @@ PASS_KEYS = ("pass", "transferred", "time")
 # Settings whose values are sizes: shown as 2 MiB, 64 MiB/s, 100M bit/s.
 _BYTE_SETTINGS = {"guest-size", "page-size"}
 _RATE_SETTINGS = {"workload-dirty-rate", "dest-workload-dirty-rate"}
-_BIT_RATE_SETTINGS = {"link-rate"}
+_BIT_RATE_SETTINGS = {"link-rate", "link-flow-rate"}
 
 
 class ReportError(ValueError):

@@ -199,10 +199,11 @@ def _link_text(exp: Experiment) -> str:
     for r in exp.runs:
         link = r.data.get("link") or {}
         if link.get("rate-bps") is not None or link.get("probe"):
-            seen.setdefault(link.get("rate-bps"), link.get("probe") or {})
+            seen.setdefault((link.get("rate-bps"), bool(link.get("per-flow"))), link.get("probe") or {})
     parts = []
-    for rate, probe in seen.items():
-        text = f"shaped to {format_setting('link-rate', rate)}" if rate else "not shaped"
+    for (rate, per_flow), probe in seen.items():
+        text = (f"shaped to {format_setting('link-rate', rate)}{' per flow' if per_flow else ''}"
+                if rate else "not shaped")
         measured = []
         if isinstance(probe.get("rate-Bps"), (int, float)):
             measured.append(f"{probe['rate-Bps'] * 8 / 1e6:.4g} Mbit/s")

@@ -229,19 +229,22 @@ class NetnsLink(LoopbackLink):
         super().__init__(workdir, logdir)
         self.testbed = None
         self.rate: int | None = None
+        self.per_flow = False  # link-flow-rate: fq maxrate per connection instead of tbf
         self.probe: dict | None = None
         self.on_status = on_status or (lambda s: None)
 
-    def _ensure(self, rate: int | None) -> None:
+    def _ensure(self, rate: int | None, per_flow: bool = False) -> None:
         from ..testbed import LinkShape, Testbed, probe_link
 
-        if self.testbed is not None and self.rate == rate:
+        if self.testbed is not None and self.rate == rate and self.per_flow == per_flow:
             return
         self.close()
-        self.on_status(f"creating namespaces (link {'unshaped' if rate is None else f'{rate} bit/s'})")
-        tb = Testbed(hosts=("src", "dst"), links=[("src", "dst")], shape=LinkShape(rate) if rate else None)
+        what = "unshaped" if rate is None else f"{rate} bit/s{' per flow' if per_flow else ''}"
+        self.on_status(f"creating namespaces (link {what})")
+        tb = Testbed(hosts=("src", "dst"), links=[("src", "dst")],
+                     shape=LinkShape(rate, per_flow=per_flow) if rate else None)
         tb.setup()
-        self.testbed, self.rate = tb, rate
+        self.testbed, self.rate, self.per_flow = tb, rate, per_flow
         self.on_status("probing the link")
         try:
             self.probe = probe_link(tb.ns["src"], tb.ns["dst"], tb.address("dst"), **PROBE)
@@ -256,8 +259,9 @@ class NetnsLink(LoopbackLink):
         return f"tcp:{self.testbed.address('dst')}:0"
 
     def link_info(self, run: PlannedRun) -> dict:
-        self._ensure(run.settings.get("link-rate"))
-        return {"kind": self.kind, "rate-bps": self.rate, "probe": self.probe,
+        flow = run.settings.get("link-flow-rate")
+        self._ensure(flow or run.settings.get("link-rate"), per_flow=flow is not None)
+        return {"kind": self.kind, "rate-bps": self.rate, "per-flow": self.per_flow, "probe": self.probe,
                 "namespaces": self.testbed.namespaces(),
                 "addresses": {"source": self.testbed.address("src"), "destination": self.testbed.address("dst")}}
 
@@ -603,7 +607,7 @@ class SweepRunner:
         if self.spec.link == "netns":
             from ..testbed import TestbedUnavailable, check_available, cleanup_stale
 
-            shaping = "link-rate" in self.spec.fixed or "link-rate" in self.spec.sweep
+            shaping = any(k in self.spec.fixed or k in self.spec.sweep for k in ("link-rate", "link-flow-rate"))
             try:
                 check_available(shaping)
             except TestbedUnavailable as e:

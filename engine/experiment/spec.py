@@ -116,6 +116,7 @@ SETTINGS = {
     "fill": _choice(("zero", "pattern", "random", "mixed")),
     "transport": _choice(("tcp", "unix")),
     "link-rate": _rate,  # bits/s of the netns link (tbf): 1gbit, 100mbit, or an integer
+    "link-flow-rate": _rate,  # bits/s of each flow on the netns link (fq maxrate): per connection
     "capabilities": _caps,
     "switchover": _switchover,
     "workload-threads": _typed(int, 0, 64),
@@ -242,6 +243,8 @@ def _check_combination(settings: dict) -> str | None:
     sw = settings.get("switchover", "precopy")
     if caps.get("postcopy-preempt") and not caps.get("postcopy-ram"):
         return "postcopy-preempt needs postcopy-ram"
+    if "multifd-channels" in settings and not caps.get("multifd"):
+        return "multifd-channels needs the multifd capability"
     if sw != "precopy" and not caps.get("postcopy-ram"):
         return f"switchover {sw!r} needs the postcopy-ram capability"
     if settings.get("backing") == "hugetlb" and settings.get("page-size", 4096) == 4096:
@@ -318,9 +321,12 @@ def parse_spec(text: str, path: str = "<sweep>") -> Spec:
             raise err(f"{k!r} changes the guest, which link 'hosts' cannot: the guests are those of the "
                       "workers already running at [hosts] (start them with the guest options you want, "
                       "or use link = \"loopback\" or \"netns\")", k, section)
-        if k == "link-rate" and link != "netns":
-            raise err(f"link-rate shapes the link of a netns testbed; this sweep's link is {link!r} "
+        if k in ("link-rate", "link-flow-rate") and link != "netns":
+            raise err(f"{k} shapes the link of a netns testbed; this sweep's link is {link!r} "
                       "(use link = \"netns\")", k, section)
+        if k == "link-flow-rate" and "link-rate" in list(fixed) + list(sweep):
+            raise err("link-flow-rate (fq, per connection) and link-rate (tbf, the whole link) cannot be "
+                      "combined: the link has one qdisc", k, section)
         if k == "transport" and link != "loopback" and "unix" in ([fixed[k]] if k in fixed else sweep[k]):
             raise err(f"transport 'unix' is a socket file on one host: with link {link!r} the stream "
                       "must cross the link (use tcp)", k, section)
@@ -333,7 +339,8 @@ def parse_spec(text: str, path: str = "<sweep>") -> Spec:
         problem = _check_combination(settings)
         if problem:
             swept = {k: settings[k] for k in sweep}
-            key = next((k for k in ("capabilities", "postcopy-preempt", "switchover", "backing", "guest-size")
+            key = next((k for k in ("capabilities", "postcopy-preempt", "switchover", "backing", "guest-size",
+                                    "multifd-channels")
                         if k in settings), "fixed")
             section = "sweep" if key in sweep else "fixed"
             raise err(f"impossible combination {swept}: {problem}", key, section)

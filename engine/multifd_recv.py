@@ -1,0 +1,245 @@
+"""Destination side of multifd: one receiver thread per multifd channel, and the sync point.
+
+Each receiver reads its channel's init record, then packets
+(channels/multifd_codec.py), checks each packet's pages against their check
+values (page-checksums) and writes them into guest RAM in bulk: the packet's
+data pages are a view of the reader's window, copied into guest RAM with one
+numpy assignment; ``recv_into`` and the copies release the GIL, so N
+receivers work in parallel.
+
+Passes: after its SYNC packet of pass k a receiver stops reading. The main
+loader, at RAM_SAVE_FLAG_MULTIFD_FLUSH on the main stream, calls
+:meth:`MultifdReceiver.sync_main`: it waits until every channel reached its
+SYNC of pass k, then opens pass k+1 and releases them (QEMU:
+multifd_recv_sync_main and the receivers' sem_sync in migration/multifd.c).
+So no page of pass k+1 is placed before every page of pass k, whatever the
+channels' relative speed.
+
+Placement ends at POSTCOPY_LISTEN (:meth:`close_placement`): the source
+flushes and closes its multifd channels before the switch, and a page on a
+multifd channel after LISTEN is an error, never placed.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import multifd_codec as M
+from ferry_migrate.channels.codec import RamRun
+from ferry_migrate.channels.errors import ChannelError
+from ferry_migrate.channels.pagecheck import PageChecker
+from ferry_migrate.channels.qemufile import QEMUFileReader
+
+from .multifd_send import multifd_channel_name
+
+READ_BUFFER = 4 << 20  # bytes: two whole packets of 2 MiB
+
+
+class MultifdRecvChannel:
+    """One multifd channel of the destination: reader, decoder, checker, figures."""
+
+    def __init__(self, index: int, reader: QEMUFileReader):
+        self.index = index  # order of acceptance (the hello's index when there is one)
+        self.id: int | None = None  # from its init record
+        self.name = multifd_channel_name(index)
+        self.reader = reader
+        self.decoder: M.MultifdDecoder | None = None
+        self.reached = 0  # the last pass whose SYNC this channel read
+        self.done = False  # FIN read
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self.last_placed: float | None = None  # monotonic time of its last placement
+        self.thread: threading.Thread | None = None
+
+    @property
+    def transferred(self) -> int:
+        return self.reader.transferred
+
+
+class MultifdReceiver:
+    """The destination's N multifd channels.
+
+    ``channels``: multifd-channels; ``ram()``: the GuestRAM, waiting until
+    the layout is known; ``received``: engine/postcopy.ReceivedPages (bits
+    set as pages are placed); ``require_checks``: page-checksums;
+    ``on_error(err)``: called once with the first receiver's error;
+    ``connect_timeout``: seconds :meth:`sync_main` waits for a channel that
+    has not connected before MultifdChannelMissing.
+    """
+
+    def __init__(self, channels: int, ram: Callable, received: Callable, require_checks: Callable[[], bool],
+                 on_error: Callable[[BaseException], None], connect_timeout: float = 30.0):
+        self.n = channels
+        self._ram = ram
+        self._received = received
+        self._require_checks = require_checks
+        self.on_error = on_error
+        self.connect_timeout = connect_timeout
+        self.channels: list[MultifdRecvChannel] = []
+        self.by_id: dict[int, MultifdRecvChannel] = {}
+        self.cond = threading.Condition()
+        self.pass_ = 1  # the open pass
+        self.error: BaseException | None = None
+        self.stopped = False
+        self.placement_closed = False  # POSTCOPY_LISTEN came
+        self.closed_at: float | None = None
+        self.created = time.monotonic()
+
+    @property
+    def accepting(self) -> bool:
+        return len(self.channels) < self.n
+
+    @property
+    def transferred(self) -> int:
+        return sum(c.transferred for c in self.channels)
+
+    def add(self, transport, index: int) -> MultifdRecvChannel:
+        """A multifd connection was accepted (channel_auth verified it when a gate is up): read it."""
+        ch = MultifdRecvChannel(index, QEMUFileReader(transport, bufsize=READ_BUFFER, name=multifd_channel_name(index)))
+        ch.thread = threading.Thread(target=self._run, args=(ch,), name=f"load-{ch.name}", daemon=True)
+        with self.cond:
+            self.channels.append(ch)
+            ch.thread.start()  # started before a pause can join it
+            self.cond.notify_all()
+        return ch
+
+    # --- the main loader's side ---
+    def sync_main(self) -> None:
+        """MULTIFD_FLUSH: wait until every channel reached its SYNC of the open pass, then release them.
+
+        Raises a receiver's error, MultifdChannelMissing (a channel never
+        connected within ``connect_timeout``, or ended before its FIN), or
+        ChannelError once stopped.
+        """
+        deadline = time.monotonic() + self.connect_timeout
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.stopped:
+                    raise ChannelError("multifd channels stopped")
+                if len(self.by_id) == self.n and all(c.reached >= self.pass_ for c in self.channels):
+                    break
+                if len(self.by_id) < self.n and time.monotonic() > deadline:
+                    have = sorted(self.by_id)
+                    missing = [i for i in range(1, self.n + 1) if i not in self.by_id]
+                    raise M.MultifdChannelMissing(
+                        f"multifd channel(s) {missing} of {self.n} never connected in {self.connect_timeout:g} s "
+                        f"(connected: {have}); enable multifd with the same multifd-channels on both sides")
+                self.cond.wait(0.1)
+            self.pass_ += 1
+            self.cond.notify_all()
+
+    def close_placement(self) -> None:
+        """POSTCOPY_LISTEN: no multifd page may be placed from now on."""
+        with self.cond:
+            self.placement_closed = True
+            self.closed_at = time.monotonic()
+
+    def shutdown(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        for c in self.channels:
+            c.reader.shutdown()
+
+    def close(self, join: float = 5.0) -> None:
+        self.shutdown()
+        for c in self.channels:
+            if c.thread is not None and c.thread is not threading.current_thread():
+                c.thread.join(join)
+            try:
+                c.reader.transport.close()
+            except OSError:
+                pass
+
+    def stats(self) -> dict:
+        """Per-channel figures (query-migrate ``channels``); ``last-placed-ms`` counts from this object's creation."""
+        out = {}
+        for c in self.channels:
+            out[c.name] = {"bytes": c.transferred, "normal": c.normal_pages, "duplicate": c.zero_pages,
+                           "done": c.done,
+                           "last-placed-ms": None if c.last_placed is None
+                           else round((c.last_placed - self.created) * 1000, 3)}
+        return out
+
+    # --- receiver threads ---
+    def _run(self, ch: MultifdRecvChannel) -> None:
+        try:
+            self._receive(ch)
+        except BaseException as e:  # noqa: BLE001 - reported, never lost
+            with self.cond:
+                if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
+                    return  # our own shutdown
+                first = self.error is None
+                if first:
+                    self.error = e
+                self.cond.notify_all()
+            if first:
+                self.on_error(e)
+
+    def _receive(self, ch: MultifdRecvChannel) -> None:
+        r = ch.reader
+        if not r.fill(C.FERRY_MULTIFD_INIT_SIZE):
+            raise M.MultifdChannelMissing(f"multifd channel {ch.name}: connection ended before its init record")
+        cid = M.parse_init(r.view()[:C.FERRY_MULTIFD_INIT_SIZE], self.n, ch.name)
+        r.consume(C.FERRY_MULTIFD_INIT_SIZE)
+        with self.cond:
+            if cid in self.by_id:
+                raise M.MultifdChannelTwice(f"multifd channel id {cid} connected twice (connections "
+                                            f"{self.by_id[cid].index} and {ch.index})")
+            ch.id = cid
+            self.by_id[cid] = ch
+            self.cond.notify_all()
+        ram = self._ram()
+        received = self._received()
+        ch.decoder = dec = M.MultifdDecoder(ram.infos(), ch.name)
+        checker = PageChecker(ch.name, self._require_checks())
+        while True:
+            pkt, n = dec.next_packet(r.view())
+            if pkt is M.NEED_DATA:
+                if not r.fill(n):
+                    raise M.MultifdChannelMissing(
+                        f"multifd channel {ch.name}: connection ended before its FIN (after {r.transferred} bytes, "
+                        f"packet {dec.packet_num}, pass {dec.pass_})")
+                continue
+            if len(pkt.pages):
+                self._place(ch, ram, received, checker, pkt)
+            r.consume(n)
+            if pkt.fin:
+                ch.done = True
+                return
+            if pkt.sync:
+                with self.cond:
+                    ch.reached = pkt.pass_
+                    self.cond.notify_all()
+                    while self.pass_ <= pkt.pass_:
+                        if self.stopped or self.error is not None:
+                            return
+                        self.cond.wait(0.1)
+                dec.advance()
+
+    def _place(self, ch: MultifdRecvChannel, ram, received, checker: PageChecker, pkt: M.MultifdPacket) -> None:
+        """Check a packet's pages, then write them into guest RAM and mark them received."""
+        if self.placement_closed:
+            raise M.MultifdError(f"multifd channel {ch.name}: {len(pkt.pages)} pages of block "
+                                 f"{pkt.block.idstr!r} after POSTCOPY_LISTEN; not placed")
+        k = pkt.nnormal
+        checks = pkt.checks
+        runs = []
+        if k:
+            runs.append(RamRun(pkt.block, pkt.pages[:k], pkt.data, None if checks is None else checks[:k]))
+        if k < len(pkt.pages):
+            runs.append(RamRun(pkt.block, pkt.pages[k:], None, None if checks is None else checks[k:]))
+        for run in runs:
+            checker.check(run)  # PageIntegrityError / UnverifiedStreamError before anything is written
+            blk = ram.blocks[run.block.index]
+            blk.write_pages(run.pages, run.data)
+            received.bitmaps[blk.idstr].bits[run.pages] = True
+        ch.normal_pages += k
+        ch.zero_pages += len(pkt.pages) - k
+        ch.last_placed = time.monotonic()
