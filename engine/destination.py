@@ -38,6 +38,7 @@ from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
 from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
+from .urgent import UrgentThreads
 from .workload import Workload
 
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
@@ -119,6 +120,7 @@ class MigrationDestination:
         self._pc_connected = threading.Condition()
         self._gen = 0  # connection generation: a recovery starts a new one
         self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
+        self.urgent = UrgentThreads(self.config)  # engine/urgent.py: POSTCOPY loaders' and fault thread's priority
 
     def _use_ram(self, ram: GuestRAM) -> None:
         self.ram = ram
@@ -251,6 +253,7 @@ class MigrationDestination:
                                        "host-pages-placed": a.host_pages_placed}
         if st.status not in S.FINAL_STATES and self.ram is not None:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
+        st.extra.update(self.urgent.metrics())
         if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
             if st.status in S.FINAL_STATES:  # engine/reqtrace.py: stage times of each request
@@ -586,6 +589,7 @@ class MigrationDestination:
 
     def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int) -> None:
         """Loader of one POSTCOPY channel: bare page records until EOS."""
+        self.urgent.enter()
         try:
             while True:
                 ev = ch.next_event()

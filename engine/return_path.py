@@ -30,16 +30,19 @@ class SourceReturnPath:
     REQ_PAGES(_ID) in postcopy. ``accepting_requests()``: whether requests are
     allowed now (postcopy, not completed). ``on_fault(err)``: called once when
     the return path fails (not after a clean close following SHUT).
+    ``on_thread_start()``: called first in the thread (engine/urgent.py gives
+    it the urgent path's priority); None = nothing.
     """
 
     def __init__(self, transport, block_infos: dict, on_request: Callable, accepting_requests: Callable[[], bool],
-                 on_fault: Callable[[BaseException], None]):
+                 on_fault: Callable[[BaseException], None], on_thread_start: Callable[[], None] | None = None):
         self.transport = transport
         self.block_infos = block_infos
         # The owner's bound methods, held weakly: no source <-> return path cycle.
         self.on_request = weak_callback(on_request)
         self.accepting_requests = accepting_requests
         self.on_fault = weak_callback(on_fault)
+        self.on_thread_start = on_thread_start
         self.cond = threading.Condition()
         self.shut: int | None = None
         self.digests: dict | None = None
@@ -80,6 +83,8 @@ class SourceReturnPath:
 
     # --- the thread ---
     def _loop(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         block_pages = {n: b.length // C.TARGET_PAGE_SIZE for n, b in self.block_infos.items()}
         dec = codec.ReturnPathDecoder(block_pages)
         reader = self._reader

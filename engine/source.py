@@ -54,6 +54,7 @@ from .reqtrace import RequestTrace
 from .return_path import SourceReturnPath
 from .scheduler import PageScheduler, SchedBlock
 from .send_loop import SendLoop
+from .urgent import UrgentThreads
 from .workload import Workload
 
 # Re-exported names other modules import from here.
@@ -146,6 +147,7 @@ class MigrationSource:
         self._ram_section = 0
         self._confirmed_at: float | None = None
         self.req_trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
+        self.urgent = UrgentThreads(self.config)  # engine/urgent.py: the return-path thread's priority
         self._pace_probe: list | None = None  # the rate automatic pacing waits for: _pace_from_probe
         self.recoveries = 0
         self.passes = []  # per-pass figures (MIGRATION_PASS)
@@ -269,6 +271,7 @@ class MigrationSource:
                 st.extra["postcopy-bytes"] = self._postcopy_bytes()
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
+        st.extra.update(self.urgent.metrics())
         if st.status in ST.FINAL_STATES and self.in_postcopy:  # engine/reqtrace.py
             st.extra["postcopy-request-trace"] = self.req_trace.to_dict()
         self._count_pages()
@@ -441,7 +444,7 @@ class MigrationSource:
     def _start_return_path(self, transport) -> None:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
                                    weak_callback(self._accepting_requests),
-                                   self._on_fault)
+                                   self._on_fault, on_thread_start=self.urgent.enter)
         self.rp.start()
 
     def _accepting_requests(self) -> bool:

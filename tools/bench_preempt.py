@@ -11,6 +11,10 @@ pass started). Cases, on each host page size and link:
                    preempt-pace-background (PRECOPY paced at 90 % of the precopy bandwidth)
   preempt-rp       urgent-pages-from=return-path (QEMU 8.0+)
   preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
+  preempt-rp-nice  preempt-rp with urgent-thread-nice -10: the urgent path's threads (the
+                   source's return-path thread, the destination's POSTCOPY loader and uffd
+                   fault thread) at nice -10 (engine/urgent.py)
+  preempt-rp-fifo  preempt-rp with urgent-thread-rt-priority 10: those threads SCHED_FIFO
 
 With --tls every case runs a second time with every channel over TLS (``case+tls``;
 tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
@@ -76,6 +80,8 @@ PACE_SHARE = 0.9
 TLS_NAME = "ferry-bench-destination"  # the name in the destination's certificate, checked via tls-hostname
 VANILLA = {"postcopy-ram": True}
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
+URGENT_NICE = -10  # preempt-rp-nice
+URGENT_RT = 10  # preempt-rp-fifo: SCHED_FIFO priority
 
 
 def case_table(args) -> list[tuple[str, dict, dict, bool]]:
@@ -87,6 +93,9 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         ("preempt", PREEMPT, {}, False),
         ("preempt-rp", PREEMPT, rp, False),
         ("preempt-nobreak", PREEMPT, {"preempt-break-huge": False}, True),
+        # The urgent path's threads given CPU priority (engine/urgent.py): a documented option each.
+        ("preempt-rp-nice", PREEMPT, {**rp, "urgent-thread-nice": URGENT_NICE}, False),
+        ("preempt-rp-fifo", PREEMPT, {**rp, "urgent-thread-rt-priority": URGENT_RT}, False),
     ]
     if args.knobs:
         cases += [
@@ -109,7 +118,7 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
                              + ("" if args.knobs else " (knob cases need --knobs)"))
         cases = [c for c in cases if c[0] in args.cases]
     elif args.quick:
-        cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp")
+        cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp", "preempt-rp-fifo")
                  or (args.knobs and c[0] in ("preempt-rp-nohold", "preempt-nopace"))]
     return cases
 
