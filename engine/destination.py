@@ -38,6 +38,7 @@ from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
 from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
+from .rxstamp import stamp_receives
 from .urgent import UrgentThreads
 from .workload import Workload
 
@@ -566,7 +567,8 @@ class MigrationDestination:
                 reader.idle_timeout = None  # idle while the guest faults on nothing
                 ch = RamRecvChannel(reader, dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name, self._require_checks())
-                th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen), name=f"load-{name}",
+                rx = stamp_receives(t)  # the request trace's "arrived" (engine/rxstamp.py)
+                th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen, rx), name=f"load-{name}",
                                       daemon=True)
                 with self._pc_connected:
                     if gen != self._gen:
@@ -587,9 +589,10 @@ class MigrationDestination:
             if gen == self._gen:
                 self._close_listener()  # beyond the expected number: refused
 
-    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int) -> None:
+    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int, rx=None) -> None:
         """Loader of one POSTCOPY channel: bare page records until EOS."""
         self.urgent.enter()
+        trace = self.faults.trace
         try:
             while True:
                 ev = ch.next_event()
@@ -601,7 +604,11 @@ class MigrationDestination:
                     return
                 if not self.listening:
                     raise ProtocolError(f"channel {ch.name}: page record before POSTCOPY_LISTEN")
-                asm.add(ev)
+                done = asm.add(ev)
+                if rx is not None and rx.last is not None:
+                    for b, hp in done:
+                        if trace.has(b, hp):
+                            trace.mark(b, hp, "arrived", rx.last)
         except Exception as e:  # noqa: BLE001
             if self._pages_complete:
                 return  # every page is placed: what comes after on this channel does not matter

@@ -20,6 +20,7 @@ from ferry_migrate.channels.errors import ChannelError, ProtocolError
 from ferry_migrate.channels.qemufile import QEMUFileReader
 
 from .callbacks import weak_callback
+from .rxstamp import stamp_receives
 
 
 class SourceReturnPath:
@@ -49,6 +50,9 @@ class SourceReturnPath:
         self.error: BaseException | None = None
         self.pongs: list[int] = []
         self.last_heard = time.monotonic()  # s, monotonic: last message of any kind
+        # When the kernel received the bytes of the last read (engine/rxstamp.py; None: not known).
+        self._rx = stamp_receives(transport)
+        self.last_arrived: float | None = None
         self.bitmaps: dict[str, object] = {}  # idstr -> bool array (RECV_BITMAP during a recovery)
         self.resume_ack = False
         self.closed = False
@@ -101,6 +105,8 @@ class SourceReturnPath:
                     continue
                 reader.consume(n)
                 self.last_heard = time.monotonic()
+                if self._rx is not None:
+                    self.last_arrived = self._rx.last
                 self._handle(msg)
         except (ChannelError, ProtocolError, OSError) as e:
             err = e if isinstance(e, (ChannelError, ProtocolError)) else ChannelError(f"return path: {e}")

@@ -726,6 +726,8 @@ class MigrationSource:
             return  # a recovery is under way: the destination asks again after RESUME
         host_page = msg.start >> C.TARGET_PAGE_BITS
         self.req_trace.mark(blk.index, host_page, "request-read", self.rp.last_heard)
+        if self.rp.last_arrived is not None:
+            self.req_trace.mark(blk.index, host_page, "request-arrived", self.rp.last_arrived)
         if self._rp_sends:
             self._send_urgent(blk.index, host_page)
         else:

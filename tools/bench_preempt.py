@@ -190,13 +190,13 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
         print(f"link {name}: RTT p50 {pr['rtt-us']['p50']:.0f} us p99 {pr['rtt-us']['p99']:.0f} us, goodput "
               f"{pr['rate-Bps'] * 8 / 1e9:.2f} Gbit/s, RTT beside a bulk flow p50 "
               f"{fmt_us(pr['loaded-rtt-us'].get('p50'))} p99 {fmt_us(pr['loaded-rtt-us'].get('p99'))}{extra}")
-    head = (f"{'link':<8} {'page':>4} {'case':<17} {'count':>6} {'avg':>9} {'p50':>9} {'p99':>9} "
+    head = (f"{'link':<8} {'page':>4} {'case':<22} {'count':>6} {'avg':>9} {'p50':>9} {'p99':>9} "
             f"{'floor':>9} {'van/p99':>7} {'p99/flr':>7} {'total':>7}  status")
     print(head)
     print("-" * len(head))
     for c in cases:
         lat = c.get("latency-us")
-        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17}"
+        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22}"
         if not lat:
             print(f"{pre} ERROR {c.get('error')}")
             continue
@@ -210,7 +210,7 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
           "the link's goodput. van/p99 = vanilla p99 / case p99; p99/flr = case p99 / floor.")
     for c in cases:
         if c.get("uffd/inproc-p50") is not None or c.get("uffd/inproc-p99") is not None:
-            print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} uffd/in-process p50 "
+            print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} uffd/in-process p50 "
                   f"{c.get('uffd/inproc-p50')}x p99 {c.get('uffd/inproc-p99')}x")
     print_trace(cases)
     if tg:
@@ -225,15 +225,17 @@ def print_trace(cases: list[dict]) -> None:
     rows = [c for c in cases if c.get("trace-us")]
     if not rows:
         return
-    short = [s.replace("request-", "req-") for s in STEPS]
-    print("request trace, per step p50/p99 (both workers on this host: CLOCK_MONOTONIC compares across them):")
-    head = f"{'link':<8} {'page':>4} {'case':<17} " + " ".join(f"{s:>21}" for s in short)
+    short = [s.replace("request-", "req-").replace("arrived", "arr") for s in STEPS]
+    w = max(15, *(len(s) for s in short))
+    print("request trace, per step p50/p99 (both workers on this host: CLOCK_MONOTONIC compares across them; "
+          "req-arr / arr: the kernel received the request / the page's last bytes, SO_TIMESTAMPNS):")
+    head = f"{'link':<8} {'page':>4} {'case':<22} " + " ".join(f"{s:>{w}}" for s in short)
     print(head)
     for c in rows:
         t = c["trace-us"]
-        cells = " ".join(f"{fmt_us(t[s]['p50']) + '/' + fmt_us(t[s]['p99']):>21}" if t[s]["count"] else f"{'-':>21}"
-                         for s in STEPS)
-        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} {cells}")
+        cells = " ".join(f"{fmt_us(t[s]['p50']) + '/' + fmt_us(t[s]['p99']):>{w}}"
+                         if t.get(s, {}).get("count") else f"{'-':>{w}}" for s in STEPS)
+        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} {cells}")
 
 
 @contextlib.contextmanager
