@@ -40,6 +40,7 @@ from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
 from .rxstamp import stamp_receives
 from .urgent import UrgentThreads
+from .urgent_receiver import start_receiver
 from .workload import Workload
 
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
@@ -568,8 +569,10 @@ class MigrationDestination:
                 ch = RamRecvChannel(reader, dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name, self._require_checks())
                 rx = stamp_receives(t)  # the request trace's "arrived" (engine/rxstamp.py)
-                th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen, rx), name=f"load-{name}",
-                                      daemon=True)
+                # postcopy-receiver=process: a process of its own reads and places this channel.
+                proc = start_receiver(self, t, name)
+                th = threading.Thread(target=self._channel_loop if proc is None else proc.serve,
+                                      args=(ch, asm, gen, rx), name=f"load-{name}", daemon=True)
                 with self._pc_connected:
                     if gen != self._gen:
                         t.close()

@@ -88,6 +88,11 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "Ferry: SCHED_FIFO priority of the urgent path's threads (as urgent-thread-nice); 0 = no "
               "real-time scheduling (engine/urgent.py)",
               applies="both sides, as each of those threads starts"),
+    ParamSpec("postcopy-receiver", "thread", None, None, "", True,
+              "Ferry: what reads and places the pages of a POSTCOPY channel: a thread of the worker, or a "
+              "process of its own that places them with UFFDIO_COPY outside the worker's GIL (needs the "
+              "guest in its own process and a plain socket; otherwise a thread; engine/urgent_receiver.py)",
+              str, ("thread", "process"), applies="destination, as each POSTCOPY channel is accepted"),
     ParamSpec("preempt-break-huge", True, None, None, "", True,
               "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool,
               applies="source, at migrate"),

@@ -266,6 +266,9 @@ class UffdBackend:
         self.server = UffdFaultServer(link, dest.faults, self.placer, self._guest_gone,
                                       on_thread_start=urgent.enter if urgent is not None else None)
         self.server.start()
+        if dest.config.param("postcopy-receiver") == "process":
+            from .urgent_receiver import prestart
+            prestart(self.placer)  # engine/urgent_receiver.py: imports done before the channel comes
 
     def _guest_gone(self, err: GuestProcessGone) -> None:
         d = self.dest
@@ -277,3 +280,5 @@ class UffdBackend:
 
     def close(self) -> None:
         self.server.stop()
+        from .urgent_receiver import stop_spare
+        stop_spare(self.placer)

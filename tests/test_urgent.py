@@ -171,3 +171,104 @@ async def test_pause_and_recovery_with_urgent_priority(spawn):  # noqa: F811 - t
         assert out.source["urgent-threads"] == {"return-path": "nice -5, fifo 5"}
         assert out.destination["urgent-threads"] == {"load-postcopy-1": "nice -5, fifo 5"}
         assert out.destination["postcopy-requests"] > 0
+
+
+# --- postcopy-receiver=process (engine/urgent_receiver.py): a guest in its own process ---
+
+UFFD_REASON = U.unavailable_reason()
+needs_uffd = pytest.mark.skipif(UFFD_REASON is not None, reason=f"userfaultfd unavailable: {UFFD_REASON}")
+PROC = {"urgent-pages-from": "return-path", "postcopy-receiver": "process"}
+
+
+@needs_uffd
+@pytest.mark.parametrize("page_size", [4096, 2 << 20])
+def test_receiver_process_places_requested_pages(page_size):
+    from ferry_migrate.engine.guestlocal import GuestProcessConfig, run_guest_process_migration
+    src, dst, chk = run_guest_process_migration(
+        guest=GuestProcessConfig(size=32 << 20, page_size=page_size), caps=PREEMPT,
+        params={"postcopy-after-percent": 5, "max-postcopy-bandwidth": 16 << 20, **PROC}, timeout=180)
+    check(src, dst)
+    assert dst["postcopy-requests"] > 0
+    assert dst["postcopy-faults"] == dst["uffd-kernel-faults"]
+    assert dst["uffd-errors"] == [] and dst["uffd-fault-errors"] == []
+    assert "error" not in chk and chk["mismatches"] == 0, chk
+    info = dst["postcopy-receiver"]
+    assert info["mode"] == "process"
+    ch = info["channels"]["postcopy-1"]
+    assert ch["pages-placed"] > 0 and ch["exit-status"] == 0
+    assert dst["channels"]["postcopy-1"]["pages-placed"] == ch["pages-placed"]
+    assert dst["channels"]["postcopy-1"]["bytes"] == src["channels"]["postcopy-1"]["bytes"]
+    # The trace still has the placement of pages the process placed.
+    rows = dst["postcopy-request-trace"]["rows"]
+    placed = [r for r in rows if r[2 + 9] is not None]
+    assert placed
+
+
+def test_receiver_process_without_a_guest_process_falls_back_to_a_thread():
+    g = GuestConfig(size=32 << 20, page_size=4096, fill="pattern", workload=None,
+                    dest_workload=WorkloadConfig(threads=1, pattern="random", dirty_rate=4 << 20, batch=1))
+    src, dst = run_local_migration("tcp:127.0.0.1:0", g, caps=PREEMPT,
+                                   params={"postcopy-after-percent": 5, "max-postcopy-bandwidth": 16 << 20, **PROC},
+                                   timeout=120)
+    check(src, dst)
+    assert dst["postcopy-receiver"]["mode"] == "thread"
+    assert "guest in its own process" in dst["postcopy-receiver"]["why"]
+
+
+@needs_uffd
+def test_receiver_process_through_pause_and_recovery():
+    """Pause after the switch, recover over new connections: a new receiver process takes the
+    new POSTCOPY channel; digests equal at the end."""
+    from ferry_migrate.engine import states as ST
+    from ferry_migrate.engine.destination import MigrationDestination
+    from ferry_migrate.engine.guestproc import GuestLink, GuestProcessWorkload, GuestSpec
+    from ferry_migrate.engine.ram import GuestRAM
+    from ferry_migrate.engine.source import MigrationSource
+    from ferry_migrate.engine.uffd_dest import UffdBackend
+
+    size = 32 << 20
+
+    def cfg():
+        c = MigrationConfig()
+        c.set_capabilities(PREEMPT)
+        c.set_parameters({"postcopy-after-percent": 5, "max-postcopy-bandwidth": 4 << 20, **PROC})
+        return c
+
+    link = GuestLink.spawn(GuestSpec(size, 4096, "memfd", role="destination",
+                                     workload={"threads": 1, "pattern": "random", "dirty_rate": 2 << 20,
+                                               "batch": 1}))
+    backend = s = d = None
+    try:
+        d = MigrationDestination(link.ram, cfg(), workload=GuestProcessWorkload(link))
+        backend = UffdBackend(d, link)
+        s_ram = GuestRAM.create(size, 4096)
+        assert [b.idstr for b in s_ram.blocks] == [b.idstr for b in link.ram.blocks]
+        s_ram.fill("random")
+        s = MigrationSource(s_ram, None, cfg())
+        s.start(d.listen("tcp:127.0.0.1:0"))
+        d.start()
+        for m in (s, d):
+            assert m.sm.wait_for(ST.POSTCOPY_ACTIVE, 60) == ST.POSTCOPY_ACTIVE, (m.status, m.stats.error)
+        deadline = time.monotonic() + 60
+        while d.query().get("postcopy-requests", 0) == 0:
+            assert time.monotonic() < deadline, "no request before the pause"
+            time.sleep(0.05)
+        first_pid = d.stats.extra["postcopy-receiver"]["channels"]["postcopy-1"]["pid"]
+        s.pause()
+        for m in (s, d):
+            assert m.sm.wait_for(ST.POSTCOPY_PAUSED, 60) == ST.POSTCOPY_PAUSED, (m.status, m.stats.error)
+        s.resume(d.recover("tcp:127.0.0.1:0"))
+        assert s.wait(120) == "completed", (s.status, s.stats.error, d.status, d.stats.error)
+        assert d.wait(60) == "completed", (d.status, d.stats.error)
+        assert s.stats.digests and s.stats.digests == d.stats.digests
+        q = d.query()
+        assert q["postcopy-recoveries"] == 1
+        ch = q["postcopy-receiver"]["channels"]["postcopy-1"]
+        assert ch["pid"] != first_pid and ch["exit-status"] == 0
+    finally:
+        for m in (s, d):
+            if m is not None:
+                m.quit()
+        if backend is not None:
+            backend.close()
+        link.close()

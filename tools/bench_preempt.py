@@ -15,6 +15,10 @@ pass started). Cases, on each host page size and link:
                    source's return-path thread, the destination's POSTCOPY loader and uffd
                    fault thread) at nice -10 (engine/urgent.py)
   preempt-rp-fifo  preempt-rp with urgent-thread-rt-priority 10: those threads SCHED_FIFO
+  preempt-rp-proc  preempt-rp with postcopy-receiver=process: the destination's POSTCOPY
+                   channel read and placed by a process of its own (engine/urgent_receiver.py);
+                   needs the guest in its own process, so it runs only as '+uffd' (with --uffd)
+  preempt-rp-proc-fifo  preempt-rp-proc, its process and the urgent threads SCHED_FIFO
 
 With --tls every case runs a second time with every channel over TLS (``case+tls``;
 tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
@@ -96,6 +100,10 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         # The urgent path's threads given CPU priority (engine/urgent.py): a documented option each.
         ("preempt-rp-nice", PREEMPT, {**rp, "urgent-thread-nice": URGENT_NICE}, False),
         ("preempt-rp-fifo", PREEMPT, {**rp, "urgent-thread-rt-priority": URGENT_RT}, False),
+        # The destination's POSTCOPY channel in a process of its own (guest process only: +uffd).
+        ("preempt-rp-proc", PREEMPT, {**rp, "postcopy-receiver": "process"}, False),
+        ("preempt-rp-proc-fifo", PREEMPT, {**rp, "postcopy-receiver": "process",
+                                           "urgent-thread-rt-priority": URGENT_RT}, False),
     ]
     if args.knobs:
         cases += [
@@ -148,7 +156,7 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
         c["case/floor-p99"] = round(lat["p99"] / c["floor-us"], 2) if ok and c["floor-us"] else None
         if uffd:
             # The same case in-process, same link and page size: uffd / in-process (< 1: uffd faster).
-            base = next((v for v in cases if v["case"] == c["case"][:-5] and (v["link"], v["page-size"]) == key),
+            base = next((v for v in cases if v["case"] == c["case"][:-5].replace("-proc", "") and (v["link"], v["page-size"]) == key),
                         None)
             blat = (base or {}).get("latency-us") or {}
             for q in ("p50", "p99"):
@@ -358,14 +366,19 @@ def main(argv=None) -> int:
                     for name, caps, params, huge_only in plan:
                         if huge_only and ps == C.TARGET_PAGE_SIZE:
                             continue
-                        print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
                         if params.get("precopy-pacing-rate") == PACE:
                             params = {**params,
                                       "precopy-pacing-rate": int(probes[link_name]["rate-Bps"] * PACE_SHARE)}
-                        with cpu_hogs(args.cpu_hog):
-                            runs = [run_case(link, args.size, ps, caps, params, args, name)
-                                    for _ in range(args.repeat)]
-                        cases.append(merge_runs(runs))
+                        uffd_only = params.get("postcopy-receiver") == "process"
+                        if uffd_only and not args.uffd:
+                            print(f"... {link_name} {page_label(ps)} {name}: skipped, needs --uffd", file=sys.stderr)
+                            continue
+                        if not uffd_only:
+                            print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
+                            with cpu_hogs(args.cpu_hog):
+                                runs = [run_case(link, args.size, ps, caps, params, args, name)
+                                        for _ in range(args.repeat)]
+                            cases.append(merge_runs(runs))
                         if args.tls:
                             # Same case, same link, right after, every channel over TLS.
                             print(f"... {link_name} {page_label(ps)} {name}+tls", file=sys.stderr, flush=True)
@@ -375,7 +388,7 @@ def main(argv=None) -> int:
                         if args.uffd:
                             # Same case, same link, right after: the guest in its own process.
                             print(f"... {link_name} {page_label(ps)} {name}+uffd", file=sys.stderr, flush=True)
-                            with uffd_backing(args, ps) as runner:
+                            with uffd_backing(args, ps) as runner, cpu_hogs(args.cpu_hog):
                                 runs = [run_case(link, args.size, ps, caps, params, args, f"{name}+uffd",
                                                  runner=runner) for _ in range(args.repeat)]
                             cases.append(merge_runs(runs))
