@@ -4,6 +4,7 @@ between real worker processes (in-process guest and a guest process with userfau
 through a pause and a recovery, and refused without the privilege (never fatal)."""
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -216,9 +217,11 @@ def test_receiver_process_without_a_guest_process_falls_back_to_a_thread():
 
 
 @needs_uffd
-def test_receiver_process_through_pause_and_recovery():
-    """Pause after the switch, recover over new connections: a new receiver process takes the
-    new POSTCOPY channel; digests equal at the end."""
+@pytest.mark.parametrize("cut", ["pause", "kill-receiver"])
+def test_receiver_process_through_pause_and_recovery(cut):
+    """Pause after the switch (migrate-pause, or the receiver process killed: the migration
+    pauses naming it), recover over new connections: a new receiver process takes the new
+    POSTCOPY channel; digests equal at the end."""
     from ferry_migrate.engine import states as ST
     from ferry_migrate.engine.destination import MigrationDestination
     from ferry_migrate.engine.guestproc import GuestLink, GuestProcessWorkload, GuestSpec
@@ -254,9 +257,14 @@ def test_receiver_process_through_pause_and_recovery():
             assert time.monotonic() < deadline, "no request before the pause"
             time.sleep(0.05)
         first_pid = d.stats.extra["postcopy-receiver"]["channels"]["postcopy-1"]["pid"]
-        s.pause()
+        if cut == "pause":
+            s.pause()
+        else:
+            os.kill(first_pid, signal.SIGKILL)
         for m in (s, d):
             assert m.sm.wait_for(ST.POSTCOPY_PAUSED, 60) == ST.POSTCOPY_PAUSED, (m.status, m.stats.error)
+        if cut == "kill-receiver":
+            assert f"receiver process pid {first_pid} ended" in d.stats.error, d.stats.error
         s.resume(d.recover("tcp:127.0.0.1:0"))
         assert s.wait(120) == "completed", (s.status, s.stats.error, d.status, d.stats.error)
         assert d.wait(60) == "completed", (d.status, d.stats.error)
