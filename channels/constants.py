@@ -166,6 +166,15 @@ MIG_RP_MSG_ARGS_LEN = {
     MIG_RP_MSG_FERRY_DIGESTS: -1,
 }
 RAMBLOCK_RECV_BITMAP_ENDING = 0x0123456789ABCDEF
+# A PONG value of Ferry's own, only between Ferry workers: the destination's
+# keepalive on the return path, every liveness-timeout/3 s, so the source's
+# return-path reader can bound its silence (docs/reliability.md, "Liveness").
+FERRY_PONG_KEEPALIVE = 0x464B414C  # "FKAL"
+# A SHUT value of Ferry's own, only between Ferry workers: a destination that
+# failed before it processed POSTCOPY_RUN says so on a recovery connection (its
+# guest never ran, so the source's copy is the only one; docs/reliability.md).
+# QEMU sends SHUT 0 (done) or 1 (failed) only.
+FERRY_SHUT_NEVER_RAN = 0x464E5652  # "FNVR"
 MIGRATION_RESUME_ACK_VALUE = 1
 
 # Ferry's own verdict, source -> destination on the main channel after the end

@@ -70,3 +70,12 @@ class PageIntegrityError(ProtocolError):
 class UnverifiedStreamError(ProtocolError):
     """The stream lacks what verifies it (page check values, the guest section's digests)
     although the receiver requires them (capability page-checksums)."""
+
+
+class DestinationNeverRan(ChannelError):
+    """The destination says, on a recovery connection, that it failed before POSTCOPY_RUN.
+
+    Its guest never ran, so the source's copy is the only one: a source in
+    ``postcopy-recover`` fails the migration and runs its guest again (event
+    ``never-ran`` of engine/states.py). ``detail`` is the destination's error.
+    """

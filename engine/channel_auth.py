@@ -57,6 +57,8 @@ def wire_features(cfg) -> dict:
     if cfg.cap("postcopy-preempt"):
         f["postcopy-channels"] = cfg.param("postcopy-channels")
         f["preempt-dialect"] = cfg.param("preempt-dialect")
+    if peer_features(cfg.param("peer")).rp_keepalive:
+        f["rp-keepalive"] = True  # the source bounds the return path's silence (docs/reliability.md)
     for name in ("page-checksums", "multifd"):  # where this build has them
         if name in cfg.caps:
             f[name] = cfg.cap(name)

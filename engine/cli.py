@@ -279,12 +279,19 @@ def cmd_migrate(args) -> int:
     else:
         _report(out, console)
     if out.paused:
-        if not args.json:
+        resume = (f"  ferry migrate --resume --source {args.source} --destination {args.destination}"
+                  + (f" --uri {args.uri}" if args.uri else ""))
+        if not args.json and out.dest_never_ran:
+            why = out.destination.get("error-desc") or "a fault"
+            console.print(f"\n[bold yellow]postcopy-paused[/] on the source; the destination failed before it ran "
+                          f"the guest ({why}). The guest's only copy is on the source, stopped: nothing is lost. "
+                          "Let it run there again (the destination proves it never ran it) with:\n" + resume,
+                          highlight=False)
+        elif not args.json:
             why = out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
             console.print(f"\n[bold yellow]postcopy-paused[/] on both sides ({why}). The guest waits on the "
-                          "destination; nothing is lost. When the link is back, recover with:\n"
-                          f"  ferry migrate --resume --source {args.source} --destination {args.destination}"
-                          + (f" --uri {args.uri}" if args.uri else ""), highlight=False)
+                          "destination; nothing is lost. When the link is back, recover with:\n" + resume,
+                          highlight=False)
         return EXIT_PAUSED
     return EXIT_OK if out.verified else EXIT_FAILED
 

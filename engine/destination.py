@@ -33,6 +33,7 @@ from . import states as ST
 from . import stats as S
 from .channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, check_plaintext
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
+from .never_ran import NeverRanProof
 from .params import MigrationConfig
 from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
@@ -121,6 +122,7 @@ class MigrationDestination:
         self._pc_expected = 0
         self._pc_connected = threading.Condition()
         self._gen = 0  # connection generation: a recovery starts a new one
+        self._proof: NeverRanProof | None = None  # migrate-recover after a failure before RUN
         self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
         self.urgent = UrgentThreads(self.config)  # engine/urgent.py: POSTCOPY loaders' and fault thread's priority
 
@@ -204,6 +206,8 @@ class MigrationDestination:
 
         Raises RuntimeError unless postcopy-paused; ValueError/OSError for the URI.
         """
+        if self.status in (ST.FAILED, ST.CANCELLED):
+            return self._prove_never_ran(uri)
         # A pause asked for by migrate-pause is visible at once; wait until the
         # incoming thread has closed that connection (and its listener).
         self._recoverable.wait(10)
@@ -223,6 +227,26 @@ class MigrationDestination:
             self._recover_cond.notify_all()
             return str(self.listener.uri)
 
+    @property
+    def never_ran(self) -> bool:
+        """Failed (or cancelled) after POSTCOPY_ADVISE and before RUN: the guest never ran here, and a
+        source that entered postcopy may be paused waiting for this side's word (engine/never_ran.py)."""
+        return (self.status in (ST.FAILED, ST.CANCELLED) and self.postcopy_advised and not self.running
+                and self._guest_lost is None)
+
+    def _prove_never_ran(self, uri: str) -> str:
+        """migrate-recover after a failure before RUN: tell the recovering source (NeverRanProof)."""
+        if not self.never_ran:
+            why = ("the guest ran here" if self.running else "postcopy was never advised, so the source's "
+                   "guest runs there already")
+            raise RuntimeError(f"migrate-recover: the migration is {self.status} and {why}; nothing to recover")
+        if self._proof is not None and self._proof._thread.is_alive():
+            raise RuntimeError(f"migrate-recover: already listening on {self._proof.uri}")
+        proof = NeverRanProof(self, uri)
+        proof.start()
+        self._proof = proof
+        return proof.uri
+
     def guest_lost(self, err: BaseException) -> None:
         """The guest itself died (its process): the migration fails; there is nothing to pause for."""
         self._guest_lost = err
@@ -232,6 +256,8 @@ class MigrationDestination:
 
     def quit(self) -> None:
         """The worker exits: end a paused incoming thread (the guest stays blocked)."""
+        if self._proof is not None:
+            self._proof.close()
         with self._recover_cond:
             self._quit = True
             self._recover_cond.notify_all()
@@ -246,7 +272,7 @@ class MigrationDestination:
             # counts what it sent before it).
             st.transferred = (self._closed_bytes + self._channel.transferred
                               + sum(c.transferred for c in self._pc_channels) - self._verdict_bytes())
-            st.channels = {"precopy": {"bytes": self._channel.transferred,
+            st.channels = {"precopy": {"bytes": self._channel.transferred - self._verdict_bytes(),
                                        "normal": r.normal, "duplicate": r.duplicate}}
             if self._assembler is not None:
                 st.channels["precopy"]["postcopy-pages-placed"] = self._assembler.pages_placed
@@ -271,6 +297,11 @@ class MigrationDestination:
             st.extra["verdict"] = self.verdict
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
+        if self.never_ran:
+            # The word a paused source needs to run its guest again (migrate-recover gives it).
+            st.extra["never-ran"] = True
+            if self._proof is not None:
+                st.extra["never-ran-told"] = self._proof.sent
         return st.to_dict()
 
     def _require_checks(self) -> bool:
@@ -315,6 +346,26 @@ class MigrationDestination:
         with self._rp_lock:
             self._rp.put_bytes(data)
             self._rp.flush()
+
+    def _start_keepalive(self) -> None:
+        """A Ferry source bounds the return path's silence (liveness-timeout): feed it every T/3 s."""
+        period = self.config.param("liveness-timeout") / 3
+        if period > 0 and peer_features(self.config.param("peer")).rp_keepalive:
+            threading.Thread(target=self._keepalive, args=(self._gen, period), name="rp-keepalive",
+                             daemon=True).start()
+
+    def _keepalive(self, gen: int, period: float) -> None:
+        msg = codec.encode_rp_pong(C.FERRY_PONG_KEEPALIVE)
+        while not self._done.wait(period) and not self._quit:
+            with self._rp_lock:
+                rp = self._rp
+                if gen != self._gen or rp is None:
+                    return  # a later connection has its own keepalive
+                try:
+                    rp.put_bytes(msg)
+                    rp.flush()
+                except ChannelError:
+                    return  # the loader notices the broken link
 
     def _send_request(self, blk: RAMBlock, start: int, length: int) -> None:
         """One REQ_PAGES_ID (block changed since the last request) or REQ_PAGES.
@@ -422,6 +473,7 @@ class MigrationDestination:
         self._last_req_block = None
         self._recoverable.clear()
         self._connected(transport, self._channel.decoder.resumed())
+        self._start_keepalive()  # after _connected: it runs for this connection's generation
         self._assembler = HostPageAssembler(self.ram, self.received, "precopy", self._require_checks())
         self.sm.fire(ST.RECOVER, expect=ST.POSTCOPY_PAUSED)
 
@@ -772,6 +824,7 @@ class MigrationDestination:
         if c == C.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
                 self._rp = QEMUFileWriter(self._channel.reader.transport, name="return-path")
+                self._start_keepalive()
         elif c == C.MIG_CMD_PING:
             if self._rp is not None:
                 self._rp_send(codec.encode_rp_pong(codec.parse_ping(cmd.payload)))

@@ -44,11 +44,13 @@ class PeerFeatures:
     completion: str  # COMPLETION_DIGESTS or COMPLETION_SHUT
     ferry_only_capabilities: bool  # capabilities in FERRY_ONLY_CAPABILITIES may be on
     channel_hello: bool = False  # each connection opens with the channel hello (channels/hello.py)
+    rp_keepalive: bool = False  # the destination sends FERRY_PONG_KEEPALIVE on the return path
 
 
 _FEATURES = {
     PEER_FERRY: PeerFeatures(PEER_FERRY, digests=True, guest_device=True, configuration=False,
-                             completion=COMPLETION_DIGESTS, ferry_only_capabilities=True, channel_hello=True),
+                             completion=COMPLETION_DIGESTS, ferry_only_capabilities=True, channel_hello=True,
+                             rp_keepalive=True),
     PEER_QEMU: PeerFeatures(PEER_QEMU, digests=False, guest_device=False, configuration=True,
                             completion=COMPLETION_SHUT, ferry_only_capabilities=False),
 }

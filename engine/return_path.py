@@ -16,7 +16,7 @@ from typing import Callable
 
 from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
-from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.errors import ChannelError, DestinationNeverRan, ProtocolError
 from ferry_migrate.channels.qemufile import QEMUFileReader
 
 from .callbacks import weak_callback
@@ -64,6 +64,14 @@ class SourceReturnPath:
 
     def start(self) -> None:
         self._thread.start()
+
+    def bound_silence(self, seconds: float | None) -> None:
+        """Fail (PeerTimeout) when the destination says nothing for ``seconds`` (None or 0: never).
+
+        Only for a destination that sends keepalives (FERRY_PONG_KEEPALIVE); a QEMU one
+        may rightly say nothing between page requests.
+        """
+        self._reader.idle_timeout = seconds or None
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -128,12 +136,18 @@ class SourceReturnPath:
         if t == C.MIG_RP_MSG_SHUT:
             with self.cond:
                 self.shut = msg.value
-                if msg.value != 0:
+                if msg.value == C.FERRY_SHUT_NEVER_RAN:
+                    self.error = DestinationNeverRan(
+                        "the destination failed before it ran the guest (it never processed POSTCOPY_RUN) "
+                        "and said so on the recovery connection: the guest's only copy is this one")
+                elif msg.value != 0:
                     self.error = ChannelError(f"destination reported failure (SHUT {msg.value}); "
                                               "query the destination for its error")
                 self.cond.notify_all()
             if msg.value != 0:
                 self.on_fault(self.error)
+        elif t == C.MIG_RP_MSG_PONG and msg.value == C.FERRY_PONG_KEEPALIVE:
+            pass  # only last_heard, above
         elif t == C.MIG_RP_MSG_PONG:
             with self.cond:
                 self.pongs.append(msg.value)

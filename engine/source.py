@@ -35,7 +35,7 @@ from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
 from ferry_migrate.channels.channel import PrecopyChannel
 from ferry_migrate.channels.devices import GuestDevices
-from ferry_migrate.channels.errors import ChannelError, ProtocolError
+from ferry_migrate.channels.errors import ChannelError, DestinationNeverRan, ProtocolError
 from ferry_migrate.channels.qemufile import QEMUFileWriter
 from ferry_migrate.channels.transport import parse_uri
 
@@ -137,6 +137,7 @@ class MigrationSource:
         self.channel: PrecopyChannel | None = None
         self.channels: list = []  # index = scheduler channel number
         self._closed_bytes = 0  # bytes of channels of earlier connections (recoveries)
+        self._verdict_at: int | None = None  # the main channel's bytes before the verdict went out
         self._closed_normal = 0
         self._closed_zero = 0
         self.uri = None
@@ -263,7 +264,10 @@ class MigrationSource:
         if self.channels:
             if st.status not in ST.FINAL_STATES:  # at the end: as counted when the outcome was decided
                 st.transferred = self._closed_bytes + sum(ch.transferred for ch in self.channels)
-            st.channels = {ch.name: {"bytes": ch.transferred, "normal": ch.normal_pages,
+            # The verdict is Ferry's word after the stream, not migration data: the main
+            # channel's bytes stop where it starts (as counted just before it was sent).
+            st.channels = {ch.name: {"bytes": self._verdict_at if ch is self.channel and self._verdict_at is not None
+                                     else ch.transferred, "normal": ch.normal_pages,
                                      "duplicate": ch.zero_pages} for ch in self.channels}
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
@@ -281,15 +285,19 @@ class MigrationSource:
     def _state_changed(self, old: str, new: str, reason: str | None) -> None:
         self.stats.status = new
         info = ST.STATES[new]
+        resumed = False
         if info.source_guest_may_run and self._guest_paused and self.workload is not None:
             self._guest_paused = False
             self.workload.resume()  # the guest goes on here, its memory untouched
+            resumed = True
         if new == ST.COMPLETED and self.workload is not None:
             self.workload.stop()  # the guest runs on the destination now
         data = {"status": new}
         if reason:
             data["reason"] = reason
         self.on_event("MIGRATION", data)
+        if resumed:
+            self.on_event("RESUME", {"reason": f"migration {new}"})  # as QEMU's vm_start after a failure
 
     def _pause_guest(self) -> None:
         if self.workload is not None and not self._guest_paused:
@@ -445,6 +453,9 @@ class MigrationSource:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
                                    weak_callback(self._accepting_requests),
                                    self._on_fault, on_thread_start=self.urgent.enter)
+        if self.peer.rp_keepalive and self.uri.scheme != "file":
+            # A Ferry destination sends a keepalive every liveness-timeout/3 s: silence is a fault.
+            self.rp.bound_silence(self.config.param("liveness-timeout"))
         self.rp.start()
 
     def _accepting_requests(self) -> bool:
@@ -640,6 +651,8 @@ class MigrationSource:
                 raise
             except BaseException as e:  # noqa: BLE001
                 self._pause(e)
+                if self.status == ST.FAILED:
+                    return  # the destination never ran the guest: it runs here again
 
     def _postcopy_background(self) -> None:
         st, ch = self.stats, self.channel
@@ -776,6 +789,7 @@ class MigrationSource:
         self.sm.fire(ST.COMPLETE)
         if self.rp is not None and self.rp.digests is not None:
             # The destination's guest may run once it read this (docs/reliability.md).
+            self._verdict_at = self.channel.transferred
             try:
                 self.channel.send_raw(codec.encode_ferry_verdict(C.FERRY_VERDICT_COMPLETED))
                 self.channel.flush()
@@ -817,6 +831,7 @@ class MigrationSource:
         bad = [n for n in ours if theirs.get(n) != ours[n]]
         extra = [n for n in theirs if n not in ours]
         if bad or extra:
+            self._verdict_at = self.channel.transferred
             try:  # the destination must not run the guest on that memory
                 self.channel.send_raw(codec.encode_ferry_verdict(C.FERRY_VERDICT_FAILED))
                 self.channel.flush()
@@ -854,6 +869,14 @@ class MigrationSource:
         """A fault after the point of no return: postcopy-paused, channels closed, guest kept stopped."""
         if self._fault is not None and (isinstance(err, ChannelError) and not isinstance(err, ProtocolError)):
             err = self._fault
+        if isinstance(err, DestinationNeverRan) and self.status == ST.POSTCOPY_RECOVER:
+            # The destination's word that its guest never ran (engine/never_ran.py): the one
+            # row of the table back to a state where the guest may run here.
+            self._close_connection()
+            self.stats.error = str(err)
+            self.stats.end_time = time.monotonic()
+            if self.sm.try_fire(ST.NEVER_RAN, reason=self.stats.error) is not None:
+                return
         if self.status != ST.POSTCOPY_PAUSED or not self.stats.error:
             self.stats.error = str(err)
         self.sm.try_fire(ST.FAIL, reason=self.stats.error)

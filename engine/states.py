@@ -17,9 +17,11 @@ no row for the current state is a :class:`StateError` naming both.
 
 The point of no return: once the package carrying POSTCOPY_RUN may have
 reached the destination, the source enters ``postcopy-active`` and from then on
-no row leads to a state where the source's guest may run. A failure there is
-the FAIL event like any other: the table sends it to ``postcopy-paused`` instead
-of ``failed`` (see docs/reliability.md).
+no row leads to a state where the source's guest may run, but one: the
+destination's own word, during a recovery, that it failed before it processed
+RUN (event ``never-ran``). A failure there is the FAIL event like any other: the
+table sends it to ``postcopy-paused`` instead of ``failed`` (see
+docs/reliability.md).
 """
 from __future__ import annotations
 
@@ -55,6 +57,7 @@ PAUSE = "pause"                  # migrate-pause (a fault the user asks for)
 RECOVER = "recover"              # a new main channel of a recovery is connected
 RESUMED = "resumed"              # POSTCOPY_RESUME / RESUME_ACK exchanged
 GUEST_LOST = "guest-lost"        # destination: the guest itself died (its process); nothing to recover
+NEVER_RAN = "never-ran"          # source, recovering: the destination proved it failed before RUN
 
 
 class StateError(RuntimeError):
@@ -156,14 +159,13 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (POSTCOPY_RECOVER, RESUMED): POSTCOPY_ACTIVE,
     (POSTCOPY_RECOVER, FAIL): POSTCOPY_PAUSED,
     (POSTCOPY_RECOVER, PAUSE): POSTCOPY_PAUSED,
+    # The one way back for the source's guest after the point of no return: the
+    # destination answered a recovery with the word that it failed before it
+    # processed RUN (the package never arrived), so its guest never ran.
+    (POSTCOPY_RECOVER, NEVER_RAN): FAILED,
     # The destination's guest died: no recovery can bring it back. The source
     # stays in postcopy-paused (its own table row); it never resumes the guest.
-    (SETUP, GUEST_LOST): FAILED,
-    (ACTIVE, GUEST_LOST): FAILED,
-    (DEVICE, GUEST_LOST): FAILED,
-    (POSTCOPY_ACTIVE, GUEST_LOST): FAILED,
-    (POSTCOPY_PAUSED, GUEST_LOST): FAILED,
-    (POSTCOPY_RECOVER, GUEST_LOST): FAILED,
+    **{(s, GUEST_LOST): FAILED for s in (SETUP, ACTIVE, DEVICE, POSTCOPY_ACTIVE, POSTCOPY_PAUSED, POSTCOPY_RECOVER)},
 }
 
 FINAL_STATES = tuple(n for n, s in STATES.items() if s.final)

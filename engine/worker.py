@@ -146,6 +146,7 @@ class Worker:
         (whose tracebacks make reference cycles) are freed now, not at some later collection,
         so a worker running many migrations keeps a flat RSS."""
         if self.migration is not None:
+            self.migration.quit()  # ends what it still serves (a never-ran proof listener)
             self.migration = None
             gc.collect()
 
@@ -310,8 +311,10 @@ class Worker:
         return {}
 
     def recover(self, args: dict) -> dict:
-        if self.migration is None or self.status != S.POSTCOPY_PAUSED:
-            raise _err(f"migrate-recover: needs a postcopy-paused incoming migration; status {self.status}")
+        never_ran = self._migration_role == "destination" and getattr(self.migration, "never_ran", False)
+        if self.migration is None or (self.status != S.POSTCOPY_PAUSED and not never_ran):
+            raise _err(f"migrate-recover: needs a postcopy-paused incoming migration (or one that failed "
+                       f"after postcopy was advised, before the guest ran here); status {self.status}")
         try:
             real = self.migration.recover(args["uri"])
         except RuntimeError as e:

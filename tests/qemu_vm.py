@@ -23,6 +23,9 @@ LOAD_SIZE = 4 << 20
 BIOS = "/usr/share/qemu/bios-256k.bin"
 
 
+LAST_KNOWN_PAGE = LOAD_ADDR + LOAD_SIZE - 4096  # guest-physical: the last page of the known bytes
+
+
 def require_qemu():
     if QEMU is None:
         pytest.skip("qemu-system-x86_64 not installed (apt install qemu-system-x86; CI installs it)")
@@ -126,3 +129,26 @@ class QemuVM:
             self.proc.wait(10)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def vms(tmp_path):
+    """``make(name, **QemuVM kwargs)``: QEMU guests for one test, all closed at its end."""
+    require_qemu()
+    made = []
+
+    def make(name, **kw):
+        vm = QemuVM(str(tmp_path), name, **kw)
+        made.append(vm)
+        return vm
+
+    yield make
+    for vm in made:
+        vm.close()
+
+
+def assert_reads_known_page(vm: "QemuVM", known: bytes) -> None:
+    """QEMU's monitor reads the last known page's first 16 bytes (in postcopy: a page request)."""
+    out = vm.hmp(f"xp /4wx 0x{LAST_KNOWN_PAGE:x}")
+    words = [int(w, 16) for w in out.split(":")[1].split()]
+    assert words == np.frombuffer(known[-4096:-4080], "<u4").tolist()

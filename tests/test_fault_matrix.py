@@ -250,6 +250,40 @@ async def test_cut_during_recovery_pauses_again_then_the_next_recovery_verifies(
         assert not _resumed(s_events)
 
 
+# --- (c2) the link dies at the point of no return -------------------------------------------
+
+async def test_link_dies_as_the_switch_starts_the_destination_proves_it_never_ran(spawn):  # noqa: F811
+    """The source enters postcopy-active, and everything it sends from then on is lost: the
+    destination fails before RUN (liveness), the source pauses (the package may have left).
+    A resume reaches the failed destination, which proves its guest never ran: both end
+    failed and the guest runs on the source again, whole (a new migration of it verifies)."""
+    guest = ["--size", "64M", "--page-size", "2M"]
+    src, dst = spawn("source", guest), spawn("destination", [*guest, *DEST_WORKLOAD])
+    params = {"max-bandwidth": 8 * MiB, "postcopy-channels": 1, "liveness-timeout": LIVENESS,
+              "migration-secret": "5e" * 32}
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        await _configure(s, d, POSTCOPY_CAPS, params)
+        inc = await _incoming(d)
+        async with _recording(s) as s_events:
+            with FaultRelay(inc) as relay:
+                await s.call("migrate", {"uri": relay.uri})
+                relay.wait_bytes(0, TO_DST, 4 * MiB, timeout=WAIT)
+                relay.blackhole(0, TO_DST)  # from here on nothing of the main stream arrives
+                await s.call("migrate-start-postcopy")
+                sq = await wait_state(s, "postcopy-paused", WAIT)
+                dq = await wait_final(d, timeout=WAIT)
+            assert dq["status"] == "failed" and dq.get("never-ran") is True, dq
+            assert "postcopy-active" in [e["data"]["status"] for e in s_events if e.get("event") == "MIGRATION"]
+            assert not (await s.call("query-status"))["running"] and not (await d.call("query-status"))["running"]
+            out = await run_migration(s, d, resume=True, timeout=WAIT)
+        assert out.source["status"] == "failed" and "never processed POSTCOPY_RUN" in out.source["error-desc"], \
+            out.source
+        assert out.destination["status"] == "failed" and out.destination.get("never-ran-told") == 1, out.destination
+        assert _resumed(s_events), "the source's guest runs again"
+        assert not (await d.call("query-status"))["running"]
+        await _source_guest_intact(s, d)
+
+
 # --- (d) a worker SIGKILLed in postcopy ------------------------------------------------------
 
 @pytest.mark.parametrize("victim", ["destination", "source"])

@@ -18,7 +18,8 @@ from ferry_migrate.engine.destination import MigrationDestination
 from ferry_migrate.engine.params import MigrationConfig
 from ferry_migrate.engine.source import MigrationSource
 
-from .qemu_vm import LOAD_ADDR, LOAD_SIZE, QemuVM, free_port, known_bytes, require_qemu
+from .qemu_vm import (LAST_KNOWN_PAGE, LOAD_ADDR, LOAD_SIZE, assert_reads_known_page, free_port,  # noqa: F401
+                      known_bytes, vms)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -30,22 +31,6 @@ MODES = {
     "postcopy-preempt": {"postcopy-ram": True, "postcopy-preempt": True},
 }
 KNOWN = known_bytes()
-LAST_KNOWN_PAGE = LOAD_ADDR + LOAD_SIZE - 4096
-
-
-@pytest.fixture
-def vms(tmp_path):
-    require_qemu()
-    made = []
-
-    def make(name, **kw):
-        vm = QemuVM(str(tmp_path), name, **kw)
-        made.append(vm)
-        return vm
-
-    yield make
-    for vm in made:
-        vm.close()
 
 
 def config(caps=None, params=None) -> MigrationConfig:
@@ -196,9 +181,7 @@ def test_ferry_source_to_qemu_destination(vms, saved_guest, mode):
     if caps:
         b.wait_migration(want=("postcopy-active", "completed"))
         # QEMU's monitor reads guest memory: the page is requested over the return path.
-        out = b.hmp(f"xp /4wx 0x{LAST_KNOWN_PAGE:x}")
-        words = [int(w, 16) for w in out.split(":")[1].split()]
-        assert words == np.frombuffer(KNOWN[-4096:-4080], "<u4").tolist()
+        assert_reads_known_page(b, KNOWN)
     assert s.wait(120) == "completed", s.query().get("error-desc")
     b.wait_migration()
     sq = s.query()

@@ -10,9 +10,8 @@ from ferry_migrate.engine.certs import make_certs
 from ferry_migrate.engine.destination import MigrationDestination
 from ferry_migrate.engine.source import MigrationSource
 
-from .qemu_vm import free_port
-from .test_qemu_interop import (KNOWN, LAST_KNOWN_PAGE, MODES, check_ram_equals_qemu, config,  # noqa: F401
-                                saved_guest, vms, wait_status)
+from .qemu_vm import LAST_KNOWN_PAGE, assert_reads_known_page, free_port, vms  # noqa: F401
+from .test_qemu_interop import KNOWN, MODES, check_ram_equals_qemu, config, saved_guest, wait_status  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
 TLS_MODES = ("precopy", "postcopy-preempt")
@@ -75,9 +74,7 @@ def test_ferry_source_to_qemu_destination_over_tls(vms, saved_guest, creds, mode
     s.start(f"tcp:127.0.0.1:{port}")
     if caps:
         b.wait_migration(want=("postcopy-active", "completed"))
-        out = b.hmp(f"xp /4wx 0x{LAST_KNOWN_PAGE:x}")
-        words = [int(w, 16) for w in out.split(":")[1].split()]
-        assert words == np.frombuffer(KNOWN[-4096:-4080], "<u4").tolist()
+        assert_reads_known_page(b, KNOWN)
     assert s.wait(120) == "completed", s.query().get("error-desc")
     b.wait_migration()
     assert isinstance(s.channel.writer.transport, TLSTransport)

@@ -209,3 +209,89 @@ def test_resume_ack_value_and_verdict_are_checked():
     with pytest.raises(Exception, match="outcome 7"):
         codec.parse_ferry_verdict(codec.encode_ferry_verdict(0)[:4] + (7).to_bytes(4, "big"))
     assert codec.parse_ferry_verdict(codec.encode_ferry_verdict(C.FERRY_VERDICT_COMPLETED)) == 0
+
+
+def _cut_at_the_point_of_no_return(secret: str | None):
+    """A migration whose main channel dies on the destination the moment the source enters
+    postcopy-active, before the package with RUN can arrive: the source pauses (the
+    package may have left), the destination fails before RUN (its guest never ran)."""
+    s_ram = GuestRAM.create(SIZE, 2 << 20)
+    s_ram.fill("random")
+    wl = WorkloadConfig(threads=1, pattern="random", dirty_rate=8 << 20, batch=1)
+    s_wl = Workload(s_ram, wl)
+    s_wl.start()
+    d_ram = GuestRAM.create(SIZE, 2 << 20)
+    d_wl = Workload(d_ram, wl)
+    cfgs = [_config(), _config()]
+    if secret:
+        for c in cfgs:
+            c.set_parameters({"migration-secret": secret})
+    d = MigrationDestination(d_ram, cfgs[0], workload=d_wl)
+    uri = d.listen("tcp:127.0.0.1:0")
+    d.start()
+    s = MigrationSource(s_ram, s_wl, cfgs[1])
+
+    def cut(old, new, reason, orig=s.sm._on_change):
+        if new == ST.POSTCOPY_ACTIVE and d.status != ST.FAILED:
+            d._shutdown_channels()  # before the source writes the package's first byte
+        orig(old, new, reason)
+
+    s.sm._on_change = cut
+    s.start(uri)
+    assert s.sm.wait_for(ST.POSTCOPY_PAUSED, WAIT) == ST.POSTCOPY_PAUSED, (s.status, s.stats.error)
+    assert d.wait(WAIT) == ST.FAILED, (d.status, d.stats.error)
+    assert not d.running and not d_wl.running and not s_wl.running
+    return s, d, s_wl, d_wl
+
+
+def test_destination_that_failed_before_run_gives_the_paused_source_its_guest_back():
+    s, d, s_wl, d_wl = _cut_at_the_point_of_no_return(secret="a" * 32)
+    try:
+        assert d.query().get("never-ran") is True
+        uri = d.recover("tcp:127.0.0.1:0")  # accepted in failed: it serves the proof
+        with pytest.raises(RuntimeError, match="already listening"):
+            d.recover("tcp:127.0.0.1:0")
+        s.resume(uri)
+        assert s.wait(WAIT) == ST.FAILED, (s.status, s.stats.error)
+        assert "never processed POSTCOPY_RUN" in s.stats.error
+        hist = [(o, n) for _, o, n in s.sm.history]
+        assert (ST.POSTCOPY_RECOVER, ST.FAILED) in hist, hist
+        assert s_wl.running, "the guest runs on the source again: its only copy"
+        assert d.status == ST.FAILED and not d.running and not d_wl.running
+        deadline = time.monotonic() + WAIT
+        while d.query().get("never-ran-told") != 1:
+            assert time.monotonic() < deadline, d.query()
+            time.sleep(0.02)
+    finally:
+        for m in (s, d):
+            m.quit()
+        s_wl.stop()
+        d_wl.stop()
+
+
+def test_no_proof_without_a_migration_secret_and_none_after_the_guest_ran():
+    from ferry_migrate.engine.never_ran import NeverRanRefused
+    s, d, s_wl, d_wl = _cut_at_the_point_of_no_return(secret=None)
+    try:
+        with pytest.raises(NeverRanRefused, match="migration-secret"):
+            d.recover("tcp:127.0.0.1:0")
+        assert s.status == ST.POSTCOPY_PAUSED and not s_wl.running
+    finally:
+        for m in (s, d):
+            m.quit()
+        s_wl.stop()
+        d_wl.stop()
+    # A destination whose guest ran and then died (guest lost) has nothing to prove.
+    s, d, s_wl, d_wl = _pair()
+    try:
+        _both(s, d, ST.POSTCOPY_ACTIVE)
+        d.guest_lost(RuntimeError("guest process died"))
+        assert d.wait(WAIT) == ST.FAILED
+        assert not d.never_ran and "never-ran" not in d.query()
+        with pytest.raises(RuntimeError, match="the guest ran here"):
+            d.recover("tcp:127.0.0.1:0")
+    finally:
+        for m in (s, d):
+            m.quit()
+        s_wl.stop()
+        d_wl.stop()

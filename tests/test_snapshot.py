@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 
 from ferry_migrate.engine.ram import GuestRAM
@@ -19,26 +18,11 @@ from ferry_migrate.engine.snapshot import SnapshotError, load_image, write_image
 from ferry_migrate.engine.snapshot_cli import run_load, run_save
 from ferry_migrate.channels.devices import GuestDevices
 
-from .qemu_vm import LOAD_ADDR, LOAD_SIZE, QemuVM, free_port, known_bytes, require_qemu
+from .qemu_vm import LOAD_ADDR, LOAD_SIZE, assert_reads_known_page, free_port, known_bytes, vms  # noqa: F401
 
 pytestmark = pytest.mark.timeout(240)
 KNOWN = known_bytes()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def vms(tmp_path):
-    require_qemu()
-    made = []
-
-    def make(name, **kw):
-        vm = QemuVM(str(tmp_path), name, **kw)
-        made.append(vm)
-        return vm
-
-    yield make
-    for vm in made:
-        vm.close()
 
 
 def listening_qemu(vms, caps):
@@ -83,9 +67,7 @@ def test_saved_stream_loaded_into_qemu_postcopy_preempt(vms, tmp_path):
         params={"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 1 << 20})))
     t.start()
     b.wait_migration(want=("postcopy-active", "completed"))
-    last = LOAD_ADDR + LOAD_SIZE - 4096
-    out = b.hmp(f"xp /4wx 0x{last:x}")
-    assert [int(w, 16) for w in out.split(":")[1].split()] == np.frombuffer(KNOWN[-4096:-4080], "<u4").tolist()
+    assert_reads_known_page(b, KNOWN)
     t.join(120)
     assert result["status"] == "completed", result.get("error")
     assert result["file-kind"] == "stream" and result["postcopy-requests"] >= 1

@@ -10,6 +10,7 @@ import signal
 
 import psutil
 
+from ferry_migrate.channels.constants import FERRY_VERDICT_SIZE
 from ferry_migrate.engine.control.client import ControlClient
 
 from .faultrelay import (TO_DST, TO_SRC, FaultRelay, sigcont, signal_when, sigstop, stop_for, wait_event_state,
@@ -40,6 +41,25 @@ async def test_black_holed_main_stream_fails_both_sides_and_the_source_guest_run
         assert sq["status"] == "failed", sq
         st = await s.call("query-status")
         assert st["status"] == "running"  # precopy: the guest never left the source
+
+
+async def test_black_holed_return_path_fails_the_source_within_the_liveness_timeout(spawn):  # noqa: F811
+    # The destination sends a keepalive on the return path every liveness-timeout/3 s, so
+    # the source notices a return path that went silent (one direction black-holed, the
+    # main stream still flowing) in about the timeout, not at the end of the migration.
+    opts = ["--size", "64M"]
+    src, dst = spawn("source", opts), spawn("destination", opts)
+    async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
+        inc = await _incoming(s, d, {"liveness-timeout": 2, "max-bandwidth": 4 * MiB})
+        with FaultRelay(inc) as relay:
+            await s.call("migrate", {"uri": relay.uri})
+            await wait_state(s, lambda q: q["status"] == "active" and q["ram"]["transferred"] > 2 * MiB)
+            relay.blackhole(0, TO_SRC)
+            sq = await wait_final(s, timeout=120)
+        assert sq["status"] == "failed", sq
+        assert "return-path" in sq["error-desc"] and "liveness-timeout" in sq["error-desc"], sq["error-desc"]
+        assert sq["ram"]["transferred"] < 60 * MiB  # well before the end of the stream
+        assert (await s.call("query-status"))["status"] == "running"
 
 
 async def test_destination_stopped_shorter_than_the_timeout_still_completes(spawn):  # noqa: F811
@@ -156,11 +176,14 @@ async def test_postcopy_preempt_through_the_relay_keeps_the_channel_order(spawn)
             await s.call("migrate-start-postcopy")
             await wait_event_state(events, "postcopy-active")
             sq, dq = await wait_final(s, timeout=120), await wait_final(d, timeout=120)
+            # The stream, then the source's verdict (Ferry's 8 bytes after it, not counted as migration data).
+            relay.wait_bytes(0, TO_DST, sq["channels"]["precopy"]["bytes"] + FERRY_VERDICT_SIZE, timeout=60)
             counters = relay.counters()
     assert sq["status"] == dq["status"] == "completed", (sq.get("error-desc"), dq.get("error-desc"))
     assert sq["digests"] == dq["digests"]
     # Every byte each side sent went through its own relayed connection.
-    assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"]
+    assert counters[0][TO_DST]["forwarded"] == sq["channels"]["precopy"]["bytes"] + FERRY_VERDICT_SIZE
+    assert dq["channels"]["precopy"]["bytes"] == sq["channels"]["precopy"]["bytes"]
     for i, name in ((1, "postcopy-1"), (2, "postcopy-2")):
         assert counters[i][TO_DST]["forwarded"] == sq["channels"][name]["bytes"]
         assert counters[i][TO_SRC]["received"] == 0  # POSTCOPY channels are one-way

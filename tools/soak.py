@@ -34,8 +34,10 @@ Printed per fault class: faults injected (all of them: the migration's own,
 the early short stalls, those of recovery tries), migrations whose own fault it
 was, pauses (each time both sides paused after a fault of this class),
 recoveries (recoveries that went through, counted for the migration's own
-fault), and of the migrations whose own fault it was:
-completed, failed (precopy: the source's guest ran on), guests lost,
+fault), returned (the link died at the switch, before the package with RUN
+reached the destination: the destination failed before its guest ran and said
+so to the resume, and the guest ran on the source again), and of the migrations
+whose own fault it was: completed, failed (the source's guest ran on), guests lost,
 and host pages lost or corrupted: the guest is split into one RAM block per
 2 MiB host page (``--size`` / 2 MiB blocks, at most 64), so the per-block
 digests both sides report at completion compare every host page; a page whose
@@ -49,6 +51,7 @@ import contextlib
 import json
 import os
 import random
+import secrets
 import shutil
 import signal
 import sys
@@ -80,8 +83,10 @@ MAX_TRIES = 20  # recovery tries per migration before the soak reports it stuck
 class Stats:
     """Counters of one fault class."""
 
-    FIELDS = ("injected", "migrations", "pauses", "recoveries", "completed", "failed", "guests-lost", "pages-lost",
-              "source-resumed", "stuck")
+    # returned: paused, and the destination proved it never ran the guest (it failed before RUN):
+    # the resume gave the guest back to the source (engine/never_ran.py).
+    FIELDS = ("injected", "migrations", "pauses", "recoveries", "returned", "completed", "failed", "guests-lost",
+              "pages-lost", "source-resumed", "stuck")
 
     def __init__(self):
         self.c = OrderedDict((f, 0) for f in self.FIELDS)
@@ -150,7 +155,7 @@ def _settled(sq: dict | None, dq: dict | None) -> bool:
         return True  # the verdict was lost: the destination waits for the user
     if s in FINAL and (d in FINAL or d is None):
         return True
-    if s == "postcopy-paused" and (d == "postcopy-paused" or d is None):
+    if s == "postcopy-paused" and (d == "postcopy-paused" or d is None or (d in FINAL and (dq or {}).get("never-ran"))):
         return True
     return s is None and d in (*FINAL, "postcopy-paused")
 
@@ -213,7 +218,9 @@ async def configure(pair: Pair, postcopy: bool, args) -> None:
         caps["capabilities"].append({"capability": "page-checksums", "state": True})
     params = {"liveness-timeout": args.liveness, "max-bandwidth": args.bandwidth,
               "max-postcopy-bandwidth": args.postcopy_bandwidth, "postcopy-channels": 1,
-              "postcopy-after-percent": 20 if postcopy else 0}
+              "postcopy-after-percent": 20 if postcopy else 0,
+              # A fresh secret per migration, as `ferry migrate` sets: channels prove they belong.
+              "migration-secret": secrets.token_hex(32)}
     for c in (pair.s, pair.d):
         await c.call("migrate-set-capabilities", caps)
         await c.call("migrate-set-parameters", params)
@@ -246,12 +253,12 @@ async def recover(pair: Pair, st: Stats, stats: dict, args, rng: random.Random, 
             if sq.get("status") == "postcopy-paused":
                 stats[kind].add("pauses")
                 continue
-            st.add("recoveries")
+            st.add("returned" if sq.get("status") == "failed" else "recoveries")
             return sq, dq
         out = await asyncio.wait_for(run_migration(pair.s, pair.d, resume=True, timeout=WAIT), 2 * WAIT)
         log(f"    recovery: {out.source.get('status')}/{out.destination.get('status')}")
         if not out.paused:
-            st.add("recoveries")
+            st.add("returned" if out.source.get("status") == "failed" else "recoveries")
             return out.source, out.destination
     raise RuntimeError(f"still paused after {MAX_TRIES} recovery tries")
 

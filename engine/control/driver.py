@@ -61,9 +61,17 @@ class Outcome:
 
     @property
     def paused(self) -> bool:
-        """The source is postcopy-paused, and so is the destination (or it stopped answering)."""
+        """The source is postcopy-paused, and so is the destination (or it stopped answering, or it
+        failed before it ran the guest: ``dest_never_ran``)."""
         return (self.source.get("status") == S.POSTCOPY_PAUSED
-                and (self.destination.get("status") == S.POSTCOPY_PAUSED or bool(self.destination.get("unreachable"))))
+                and (self.destination.get("status") == S.POSTCOPY_PAUSED or bool(self.destination.get("unreachable"))
+                     or self.dest_never_ran))
+
+    @property
+    def dest_never_ran(self) -> bool:
+        """The destination failed before it processed POSTCOPY_RUN (its query-migrate says never-ran):
+        a resume gives the guest back to the source (engine/never_ran.py)."""
+        return _never_ran(self.destination)
 
     @property
     def completed(self) -> bool:
@@ -263,9 +271,10 @@ async def _resume(src, dst, uri, timeout, on_progress, on_event, timeout_action,
     """Recover a postcopy-paused migration and follow it to its end."""
     loop = asyncio.get_running_loop()
     sq, dq = await asyncio.gather(src.call("query-migrate"), dst.call("query-migrate"))
-    if sq["status"] != S.POSTCOPY_PAUSED or dq["status"] != S.POSTCOPY_PAUSED:
+    if sq["status"] != S.POSTCOPY_PAUSED or (dq["status"] != S.POSTCOPY_PAUSED and not _never_ran(dq)):
         raise DriverError(f"nothing to resume: the source is {sq['status']} and the destination "
-                          f"{dq['status']}; --resume needs both postcopy-paused")
+                          f"{dq['status']}; --resume needs a postcopy-paused source, and a destination that is "
+                          "postcopy-paused too or failed before it ran the guest")
     out = Outcome(uri="", source={}, destination={}, resumed=True)
     async with _following_events(src, dst, out, on_event):
         listening = (await dst.call("migrate-recover", {"uri": uri or default_uri(dst.endpoint)}))["uri"]
@@ -315,6 +324,11 @@ async def _on_timeout(src: ControlClient, dst: ControlClient, sq: dict, action: 
     return "cancelled"
 
 
+def _never_ran(dq: dict) -> bool:
+    """A destination's query-migrate: failed (or cancelled) before its guest ran, postcopy advised."""
+    return dq.get("status") in (S.FAILED, S.CANCELLED) and bool(dq.get("never-ran"))
+
+
 def _unreachable(ep: str, last: dict | None) -> dict:
     """A query-migrate stand-in for a worker that stopped answering (its last answer, failed)."""
     q = dict(last or {})
@@ -357,7 +371,8 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
         s_done, d_done = sq["status"] in S.FINAL_STATES, dq["status"] in S.FINAL_STATES
         if s_done and d_done:
             return sq, dq
-        if sq["status"] == S.POSTCOPY_PAUSED and (dq["status"] == S.POSTCOPY_PAUSED or dq.get("unreachable")):
+        if sq["status"] == S.POSTCOPY_PAUSED and (dq["status"] == S.POSTCOPY_PAUSED or dq.get("unreachable")
+                                                  or _never_ran(dq)):
             return sq, dq  # a recovery is the user's call (ferry migrate --resume)
         now = loop.time()
         if s_done and src_final_at is None:

@@ -95,6 +95,10 @@ def render(out: Outcome) -> list[str]:
                      f"block(s) match)")
     elif out.completed:
         lines.append("[bold red]Result: DIGESTS DIFFER[/] - both sides completed but report different memory")
+    elif out.paused and out.dest_never_ran:
+        lines.append("[bold yellow]Result: POSTCOPY-PAUSED[/] - the source passed the point of no return but the "
+                     "destination failed before it ran the guest: the guest is on the source, stopped; --resume "
+                     "lets it run there again")
     elif out.paused:
         lines.append("[bold yellow]Result: POSTCOPY-PAUSED[/] - a fault after the switch: the guest is on the "
                      "destination and waits there for the pages the source keeps; recover with --resume")
