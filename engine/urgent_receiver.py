@@ -156,11 +156,19 @@ class ReceiverProcess:
         d = self.dest
         blocks = d.ram.blocks
         while True:
-            msg = self.ctl.recv(MAX_MESSAGE)
+            try:
+                msg = self.ctl.recv(MAX_MESSAGE)
+            except OSError as e:  # ECONNRESET: it died with our messages unread
+                msg, why = b"", f" ({e.strerror or e})"
+            else:
+                why = ""
             if not msg:
-                code = self.proc.poll()
+                try:
+                    code = self.proc.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    code = None
                 raise UrgentReceiverError(f"channel {self.name}: receiver process pid {self.proc.pid} ended "
-                                          f"without a word (exit status {code})")
+                                          f"without a word (exit status {code}){why}")
             kind = msg[:1]
             if kind == b"P":
                 b, n, t_arr, t_dec, t_placed, nbytes = _PLACED.unpack_from(msg, 1)

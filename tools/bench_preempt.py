@@ -19,6 +19,8 @@ pass started). Cases, on each host page size and link:
                    channel read and placed by a process of its own (engine/urgent_receiver.py);
                    needs the guest in its own process, so it runs only as '+uffd' (with --uffd)
   preempt-rp-proc-fifo  preempt-rp-proc, its process and the urgent threads SCHED_FIFO
+  preempt-rp-fifo-2ch   preempt-rp-fifo with postcopy-channels 2: a requested huge page need not
+                   wait behind another one on the same POSTCOPY channel
 
 With --tls every case runs a second time with every channel over TLS (``case+tls``;
 tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
@@ -104,6 +106,8 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         ("preempt-rp-proc", PREEMPT, {**rp, "postcopy-receiver": "process"}, False),
         ("preempt-rp-proc-fifo", PREEMPT, {**rp, "postcopy-receiver": "process",
                                            "urgent-thread-rt-priority": URGENT_RT}, False),
+        ("preempt-rp-fifo-2ch", PREEMPT, {**rp, "urgent-thread-rt-priority": URGENT_RT,
+                                          "postcopy-channels": 2}, False),
     ]
     if args.knobs:
         cases += [
