@@ -8,8 +8,9 @@ plane); on a busy host the GIL's holder may itself wait for a CPU, and the
 request trace shows it: ``arrived>decoded`` (docs/performance.md).
 
 Here the POSTCOPY channel's socket, the guest's uffd and its memfds go to a
-helper process (``python -m ferry_migrate.engine.urgent_receiver``, the fds
-inherited through ``pass_fds``) whose only thread reads the channel, checks
+helper process (``python -m ferry_migrate.engine.urgent_receiver``, started
+ahead of its channel so its imports are done; the fds follow over its control
+socket with SCM_RIGHTS) whose only thread reads the channel, checks
 every run against its page check values (channels/pagecheck.py), assembles
 host pages (engine/postcopy.HostPageAssembler) and places each with
 UFFDIO_COPY: the guest runs on without the worker taking part. The helper
@@ -21,12 +22,14 @@ waiters), off the guest's path.
 Messages from the helper (one datagram each):
 
 * ``P`` + :data:`_PLACED` (block index, pages n, arrived, decoded, placed,
-  channel bytes so far) + n int64 target pages + n uint64 fingerprints;
+  channel bytes so far) + n int64 target pages + n uint64 fingerprints
+  (n <= NOTICE_PAGES: a larger host page takes several);
 * ``E`` + JSON {"eos": bool, "error": str or null, "kind": exception class, "bytes": channel bytes}:
   the channel ended (EOS or a clean close) or failed; the helper exits.
 
 The worker sends one JSON message first (blocks, channel name, checks,
-urgent-thread priority) and closes its end to stop the helper. A host page
+urgent-thread priority), with the channel's socket, the uffd and the memfds
+attached, and closes its end to stop the helper. A host page
 still never spans two channels: the helper assembles only what its channel
 carries, as a loader thread would.
 """
@@ -47,7 +50,10 @@ from ferry_migrate.channels.errors import ChannelError, PageIntegrityError, Prot
 
 _PLACED = struct.Struct("<IIdddQ")  # block, pages, arrived (NaN: unknown), decoded, placed, channel bytes
 _ERRORS = {c.__name__: c for c in (ChannelError, ProtocolError, PageIntegrityError, UnverifiedStreamError)}
-MAX_MESSAGE = 1 << 20  # bytes: a run of up to 32768 target pages in one datagram
+# Target pages per placement notice: 64 KiB of pages and fingerprints, under a Unix
+# socket's default send buffer (a datagram must fit it whole).
+NOTICE_PAGES = 4096
+MAX_MESSAGE = 1 << 20  # bytes: the largest datagram read (the spec, a notice)
 
 
 class UrgentReceiverError(ChannelError):
@@ -327,8 +333,10 @@ class _Placing:
         self.placer.place(blk, where, data)
         t_placed = time.monotonic()
         t_arr = self.rx.last if self.rx is not None and self.rx.last is not None else float("nan")
-        self.ctl.sendall(b"P" + _PLACED.pack(blk.index, n, t_arr, t_dec, t_placed, self.reader.transferred)
-                         + pages.tobytes() + fps.tobytes())
+        for i in range(0, n, NOTICE_PAGES):  # a 1 GiB page is 262144 target pages: several datagrams
+            p, f = pages[i:i + NOTICE_PAGES], fps[i:i + NOTICE_PAGES]
+            self.ctl.sendall(b"P" + _PLACED.pack(blk.index, len(p), t_arr, t_dec, t_placed, self.reader.transferred)
+                             + p.tobytes() + f.tobytes())
         return n
 
 
