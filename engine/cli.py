@@ -50,6 +50,11 @@ def add_guest_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backing", default="anon", choices=("anon", "memfd", "hugetlb"),
                    help="memory behind the RAM blocks (hugetlb needs reserved huge pages)")
     g.add_argument("--blocks", type=int, default=1, help="number of RAM blocks the size is split into")
+    g.add_argument("--guest", default="in-process", choices=("in-process", "process"),
+                   help="where the guest runs: in-process (threads of the worker; the default, works "
+                        "everywhere) or process (`ferry guest`, a process of its own whose memory the "
+                        "kernel faults in through userfaultfd on a destination and whose writes are tracked "
+                        "with write-protect on a source; anon backing becomes memfd; docs/uffd.md)")
     g.add_argument("--no-mem-prealloc", dest="mem_prealloc", action="store_false",
                    help="a destination worker backs its RAM when it starts (QEMU's -mem-prealloc), so "
                         "faulting fresh memory in does not slow the migration and throw off the downtime "
@@ -88,6 +93,8 @@ def guest_options(args) -> list[str]:
            "--workload-zipf-a", str(args.workload_zipf_a)]
     if args.workload_batch is not None:
         out += ["--workload-batch", str(args.workload_batch)]
+    if getattr(args, "guest", "in-process") != "in-process":
+        out += ["--guest", args.guest]
     if not args.mem_prealloc:
         out.append("--no-mem-prealloc")
     if not getattr(args, "autostart", True):
@@ -103,7 +110,7 @@ def make_guest(args):
                         workload_pattern=args.workload_pattern, dirty_rate=args.dirty_rate,
                         write_ratio=args.workload_write_ratio, hot_fraction=args.workload_hot_fraction,
                         zipf_a=args.workload_zipf_a, batch=args.workload_batch, prealloc=args.mem_prealloc,
-                        autostart=getattr(args, "autostart", True))
+                        autostart=getattr(args, "autostart", True), guest=getattr(args, "guest", "in-process"))
 
 
 def add_migration_options(p: argparse.ArgumentParser) -> None:
@@ -182,6 +189,7 @@ def ProgressView(console, enabled: bool):
 def cmd_worker(args) -> int:
     from .control.auth import CurveKeyError
     from .control.endpoints import EndpointError
+    from .guestproc import GuestProcessError
     from .process import configure_worker_process
     from .ram import HugePagesUnavailable
     from .worker import run_worker
@@ -202,6 +210,8 @@ def cmd_worker(args) -> int:
                           qmp=args.qmp)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
         return _error(f"worker: {e}", EXIT_USAGE)
+    except (GuestProcessError, OSError) as e:  # the guest process did not start (userfaultfd, huge pages)
+        return _error(f"worker: guest process: {type(e).__name__}: {e}", EXIT_FAILED)
 
 
 async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view):
@@ -210,12 +220,43 @@ async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view)
 
     async with ControlClient(src_ep, args.curve_dir, args.timeout) as src, \
             ControlClient(dst_ep, args.curve_dir, args.timeout) as dst:
-        return await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
-                                   timeout=args.migration_timeout,
-                                   on_progress=view.on_progress if view else None,
-                                   on_event=view.on_event if view else None,
-                                   timeout_action=getattr(args, "timeout_action", "cancel"),
-                                   resume=getattr(args, "resume", False))
+        out = await run_migration(src, dst, uri=args.uri, caps=caps, params=params,
+                                  timeout=args.migration_timeout,
+                                  on_progress=view.on_progress if view else None,
+                                  on_event=view.on_event if view else None,
+                                  timeout_action=getattr(args, "timeout_action", "cancel"),
+                                  resume=getattr(args, "resume", False))
+        out.guest_check = None
+        if out.completed and out.destination.get("guest") == "process":
+            # The destination's guest process checks what it read first against the source's memory.
+            from .control.client import CommandFailed
+            from .process_guest import guest_check
+
+            try:
+                out.guest_check = await guest_check(src, dst)
+            except CommandFailed as e:
+                out.guest_check = {"error": str(e)}
+        return out
+
+
+def _guest_check_failed(out) -> bool:
+    c = getattr(out, "guest_check", None)
+    return bool(c) and (bool(c.get("mismatches")) or "error" in c)
+
+
+def _guest_process_lines(out) -> list[str]:
+    """The report's lines about a destination guest process (kernel faults, its own check)."""
+    d, c = out.destination, getattr(out, "guest_check", None)
+    if d.get("guest") != "process":
+        return []
+    lines = [f"  guest        a process of its own (pid {d.get('guest-pid')}): {d.get('uffd-kernel-faults', 0)} "
+             f"kernel faults served through userfaultfd, {d.get('uffd-copies', 0)} UFFDIO_COPY"]
+    if c is not None and "error" in c:
+        lines.append(f"               its own check failed: {c['error']}")
+    elif c is not None:
+        lines.append(f"               its own check: {c['pages-checked']} pages read first, {c['mismatches']} "
+                     "differ from the source's")
+    return lines
 
 
 def _say(console, line: str = "") -> None:
@@ -275,9 +316,14 @@ def cmd_migrate(args) -> int:
               f"`ferry call {args.source} migrate-cancel`)", file=sys.stderr)
         return 130
     if args.json:
-        _print_json(out.to_dict())
+        doc = out.to_dict()
+        if getattr(out, "guest_check", None) is not None:
+            doc["guest-check"] = out.guest_check
+        _print_json(doc)
     else:
         _report(out, console)
+        for line in _guest_process_lines(out):
+            _say(console, line)
     if out.paused:
         resume = (f"  ferry migrate --resume --source {args.source} --destination {args.destination}"
                   + (f" --uri {args.uri}" if args.uri else ""))
@@ -293,7 +339,7 @@ def cmd_migrate(args) -> int:
                           "destination; nothing is lost. When the link is back, recover with:\n" + resume,
                           highlight=False)
         return EXIT_PAUSED
-    return EXIT_OK if out.verified else EXIT_FAILED
+    return EXIT_OK if out.verified and not _guest_check_failed(out) else EXIT_FAILED
 
 
 def _demo_intro(console, args, workers, caps, params) -> None:
@@ -310,10 +356,13 @@ def _demo_intro(console, args, workers, caps, params) -> None:
     bw = params.get("max-bandwidth", PARAMETERS["max-bandwidth"].default)
     _say(console, "[bold]Ferry demo[/]: live migration of a running guest between two worker processes")
     _say(console)
+    process = getattr(args, "guest", "in-process") == "process"
+    backing = "memfd" if process and args.backing == "anon" else args.backing
     _say(console, f"  source worker       pid {src.pid:<7} owns the guest: {format_size(size)} of RAM in "
-                  f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {args.backing} memory, "
+                  f"{args.blocks} block(s), {format_size(parse_size(args.page_size))} pages, {backing} memory, "
                   "filled with data "
-                  f"({args.fill}); {wl}")
+                  f"({args.fill}); {wl}" + ("; the guest runs in a process of its own (--guest process: "
+                                           "userfaultfd, docs/uffd.md)" if process else ""))
     _say(console, f"  destination worker  pid {dst.pid:<7} owns empty RAM of the same shape and fills it from "
                   "the migration stream")
     _say(console, f"  control plane       ZeroMQ requests + event stream at {src.control} and {dst.control}")
@@ -399,11 +448,16 @@ def cmd_demo(args) -> int:
         view = ProgressView(console, enabled=not args.json)
         with view:
             out = asyncio.run(_drive(workers[0].control, workers[1].control, args, caps, params, view))
-        ok = out.verified
+        ok = out.verified and not _guest_check_failed(out)
         if args.json:
-            _print_json(out.to_dict())
+            doc = out.to_dict()
+            if getattr(out, "guest_check", None) is not None:
+                doc["guest-check"] = out.guest_check
+            _print_json(doc)
         else:
             _report(out, console)
+            for line in _guest_process_lines(out):
+                _say(console, line)
             _say(console)
             _say(console, "  Try: [bold]ferry demo --precopy[/] (plain precopy), [bold]--precopy --dirty-rate 128M "
                           "--param downtime-limit=50[/] (more passes), [bold]--page-size 2M[/], [bold]--size 1G[/], "

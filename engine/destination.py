@@ -215,17 +215,20 @@ class MigrationDestination:
             if self.status != ST.POSTCOPY_PAUSED or not self._recoverable.is_set():
                 raise RuntimeError(f"migrate-recover: the migration is {self.status}; only a postcopy-paused "
                                    "migration can be recovered")
-            if self.listener is not None:
-                raise RuntimeError(f"migrate-recover: already listening on {self.listener.uri}")
             listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
             try:
                 check_plaintext(self.config, listener.uri, "listening on")
             except ValueError:
                 listener.close()
                 raise
-            self.listener = listener
+            # Asked again while still listening (the source never got through): the new
+            # address replaces the old one, as QEMU's migrate-recover releases its transport.
+            with self._pc_connected:
+                old, self.listener = self.listener, listener
+            if old is not None:
+                old.close()
             self._recover_cond.notify_all()
-            return str(self.listener.uri)
+            return str(listener.uri)
 
     @property
     def never_ran(self) -> bool:
@@ -240,9 +243,9 @@ class MigrationDestination:
             why = ("the guest ran here" if self.running else "postcopy was never advised, so the source's "
                    "guest runs there already")
             raise RuntimeError(f"migrate-recover: the migration is {self.status} and {why}; nothing to recover")
-        if self._proof is not None and self._proof._thread.is_alive():
-            raise RuntimeError(f"migrate-recover: already listening on {self._proof.uri}")
         proof = NeverRanProof(self, uri)
+        if self._proof is not None:
+            self._proof.close()  # asked again: the new address replaces the old one
         proof.start()
         self._proof = proof
         return proof.uri
@@ -341,6 +344,10 @@ class MigrationDestination:
                 return self.gate.accept(listener, role, index, ACCEPT_POLL)
             except TimeoutError:
                 continue
+            except (OSError, AttributeError):
+                if listener is not self.listener:
+                    continue  # migrate-recover replaced (and closed) it meanwhile
+                raise
 
     def _rp_send(self, data: bytes) -> None:
         with self._rp_lock:

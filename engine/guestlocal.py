@@ -9,18 +9,15 @@ first read against the source's.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .guestproc import GuestLink, GuestProcessWorkload, GuestSpec
-from .uffd_dest import UffdBackend
-from .wptrack import WriteProtectTracker
-from .local import _in_netns
+from .local import run_worker_pair
 from .params import MigrationConfig
+from .process_guest import ProcessGuest
 from .ram import GuestRAM
 from .workload import Workload, WorkloadConfig
 
@@ -49,49 +46,48 @@ def _dest_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: float
     from .process import configure_worker_process
 
     configure_worker_process()
-    link = backend = None
+    pg = None
     try:
-        spec = GuestSpec(g["size"], g["page_size"], g["backing"], g["nblocks"], role="destination",
-                         workload=g["dest_workload"])
-        link = GuestLink.spawn(spec)
-        cfg = MigrationConfig()
-        cfg.set_capabilities(caps)
-        cfg.set_parameters(params)
-        d = MigrationDestination(link.ram, cfg, workload=GuestProcessWorkload(link))
-        backend = UffdBackend(d, link)
+        pg = ProcessGuest(g["size"], g["page_size"], g["backing"], g["nblocks"], "zero", g["dest_workload"],
+                          "destination")
+        d = MigrationDestination(pg.ram, _config(caps, params), workload=pg.workload)
+        pg.attach(d)
         real = d.listen(uri)
         d.start()
         conn.send(("listening", real))
         if g.get("kill_guest_after") is not None:
-            threading.Thread(target=_kill_after, args=(d, link, g["kill_guest_after"]), daemon=True).start()
+            threading.Thread(target=_kill_after, args=(d, pg, g["kill_guest_after"]), daemon=True).start()
         d.wait(timeout)
         res = d.query()
-        res.update(backend.metrics())
-        res["guest-pid"] = link.pid
-        res["guest-alive"] = link.alive
+        res.update(pg.metrics("destination"))
         conn.send(("done", res))
         if conn.poll(timeout):
             kind, fps = conn.recv()
             if kind == "check":
                 try:
-                    conn.send(("check", link.check(fps)))
+                    conn.send(("check", pg.link.check(fps)))
                 except Exception as e:  # noqa: BLE001
                     conn.send(("check", {"error": f"{type(e).__name__}: {e}"}))
     except Exception as e:  # noqa: BLE001 - report to the parent
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
-        if backend is not None:
-            backend.close()
-        if link is not None:
-            link.close()
+        if pg is not None:
+            pg.close()
 
 
-def _kill_after(d, link: GuestLink, delay: float) -> None:
+def _config(caps: dict, params: dict) -> MigrationConfig:
+    cfg = MigrationConfig()
+    cfg.set_capabilities(caps)
+    cfg.set_parameters(params)
+    return cfg
+
+
+def _kill_after(d, pg: ProcessGuest, delay: float) -> None:
     while not d.running and not d._done.is_set():
         time.sleep(0.01)
     time.sleep(delay)
-    if link.proc is not None:
-        link.proc.kill()
+    if pg.link.proc is not None:
+        pg.link.proc.kill()
 
 
 def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: float, warm: float):
@@ -99,31 +95,23 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
     from .source import MigrationSource
 
     configure_worker_process()
-    link = tracker = None
-    backing = g.get("source_backing") or g["backing"]
+    pg = None
     try:
         if g.get("source_process"):
-            spec = GuestSpec(g["size"], g["page_size"], backing, g["nblocks"], g["fill"], role="source",
-                             workload=g.get("workload") or {"threads": 0})
-            link = GuestLink.spawn(spec)
-            ram = link.ram
-            tracker = WriteProtectTracker(link)
-            ram.collect_dirty = tracker.collect
-            workload = GuestProcessWorkload(link)
+            pg = ProcessGuest(g["size"], g["page_size"], g.get("source_backing") or g["backing"], g["nblocks"],
+                              g["fill"], g.get("workload"), "source")
+            ram, workload = pg.ram, pg.workload
             workload.start()
             time.sleep(warm)
         else:
-            ram = GuestRAM.create(g["size"], g["page_size"], backing, g["nblocks"])
+            ram = GuestRAM.create(g["size"], g["page_size"], g.get("source_backing") or g["backing"], g["nblocks"])
             ram.fill(g["fill"])
             workload = None
             if g.get("workload"):
                 workload = Workload(ram, WorkloadConfig(**g["workload"]))
                 workload.start()
                 time.sleep(warm)
-        cfg = MigrationConfig()
-        cfg.set_capabilities(caps)
-        cfg.set_parameters(params)
-        s = MigrationSource(ram, workload, cfg)
+        s = MigrationSource(ram, workload, _config(caps, params))
         conn.send(("ready", None))
         s.start(uri)
         s.wait(timeout)
@@ -131,16 +119,22 @@ def _source_main(conn, g: dict, caps: dict, params: dict, uri: str, timeout: flo
         # After the switch the source's guest is stopped: its memory is what the
         # destination's guest must have read.
         res["fingerprints"] = np.concatenate([b.fingerprints() for b in ram.blocks])
-        if tracker is not None:
-            res.update(tracker.metrics())
+        if pg is not None:
+            res.update(pg.metrics("source"))
         conn.send(("done", res))
     except Exception as e:  # noqa: BLE001
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
-        if tracker is not None:
-            tracker.close()
-        if link is not None:
-            link.close()
+        if pg is not None:
+            pg.close()
+
+
+def _check(src: dict, dst: dict, dest_pipe) -> dict:
+    """The destination guest's own check against the source's fingerprints."""
+    dest_pipe.send(("check", src.pop("fingerprints")))
+    if dest_pipe.poll(60):
+        return dest_pipe.recv()[1]
+    return {"error": "no answer"}
 
 
 def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProcessConfig | None = None,
@@ -154,62 +148,8 @@ def run_guest_process_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestProces
     read was the source's), or ``error``. ``netns``: as in
     :func:`engine.local.run_local_migration`.
     """
-    guest = guest or GuestProcessConfig()
-    gd = asdict(guest)
-    src_ns, dst_ns = netns or (None, None)
-    if dst_ns and not (params or {}).get("tls-creds"):
-        # The testbed's own namespaces are a private link: plain TCP there on purpose.
-        params = {"plaintext-off-loopback": True, **(params or {})}
-    if dst_ns and uri.startswith("tcp:"):
-        from ferry_migrate.channels.transport import MigrationURI, parse_uri
-
-        from .testbed import namespace_address
-
-        u = parse_uri(uri)
-        if u.host in ("127.0.0.1", "localhost", "::1"):
-            uri = str(MigrationURI("tcp", host=namespace_address(dst_ns), port=u.port))
-    ctx = mp.get_context("spawn")
-    dp, dc = ctx.Pipe()
-    sp, sc = ctx.Pipe()
-    dproc = ctx.Process(target=_in_netns, args=(dst_ns, _dest_main, dc, gd, caps or {}, params or {}, uri, timeout),
-                        name="ferry-destination", daemon=True)
-    sproc = None
-    try:
-        dproc.start()
-        if not dp.poll(60):
-            raise RuntimeError("destination process did not start")
-        kind, val = dp.recv()
-        if kind != "listening":
-            raise RuntimeError(f"destination: {val}")
-        sproc = ctx.Process(target=_in_netns, args=(src_ns, _source_main, sc, gd, caps or {}, params or {}, val,
-                                                    timeout, warm),
-                            name="ferry-source", daemon=True)
-        sproc.start()
-        results = {}
-        for name, pipe in (("source", sp), ("destination", dp)):
-            while True:
-                if not pipe.poll(timeout + 60):
-                    raise RuntimeError(f"{name} process did not report in time")
-                kind, val = pipe.recv()
-                if kind == "ready":
-                    continue
-                if kind == "error":
-                    raise RuntimeError(f"{name}: {val}")
-                results[name] = val
-                break
-        src, dst = results["source"], results["destination"]
-        dp.send(("check", src.pop("fingerprints")))
-        check = {"error": "no answer"}
-        if dp.poll(timeout):
-            _, check = dp.recv()
-        return src, dst, check
-    finally:
-        for p in (sproc, dproc):
-            if p is not None and p.pid is not None:
-                p.join(15)
-                if p.is_alive():
-                    p.kill()
-                    p.join(5)
+    return run_worker_pair(_dest_main, _source_main, asdict(guest or GuestProcessConfig()), uri, caps, params,
+                           timeout, warm, netns, finish=_check, join_timeout=15)
 
 
 def run_local_migration_uffd(uri: str, guest, caps: dict | None = None, params: dict | None = None,

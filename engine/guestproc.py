@@ -219,23 +219,42 @@ class GuestProcess:
             self.first_fp[blk.idstr][new] = page_fingerprints(blk.words[new])
             seen[new] = True
 
-    def check(self, expected: bytes) -> dict:
-        """Compare first-touch fingerprints with ``expected`` (all blocks' uint64 fingerprints in order)."""
+    def check(self, expected: bytes, start: int = 0) -> dict:
+        """Compare first-touch fingerprints with ``expected``: uint64 fingerprints of the guest's pages
+        ``start``.. (all blocks' pages counted in order; all of them when ``start`` is 0 and no count
+        is shorter). Raises GuestProcessError for a range outside the guest."""
         exp = np.frombuffer(expected, dtype=np.uint64)
-        if len(exp) != self.ram.npages:
-            raise GuestProcessError(f"check: {len(exp)} fingerprints for a guest of {self.ram.npages} pages")
+        if start < 0 or start + len(exp) > self.ram.npages or len(exp) == 0:
+            raise GuestProcessError(f"check: fingerprints of pages {start}..{start + len(exp)} for a guest of "
+                                    f"{self.ram.npages} pages")
         out = {"pages-checked": 0, "mismatches": 0, "first-mismatches": []}
         pos = 0
+        end = start + len(exp)
         with self._lock:
             for b in self.ram.blocks:
-                e = exp[pos:pos + b.npages]
+                lo, hi = max(start, pos), min(end, pos + b.npages)
+                if lo < hi:
+                    e = exp[lo - start:hi - start]
+                    s = self.seen[b.idstr][lo - pos:hi - pos]
+                    bad = np.flatnonzero(s & (self.first_fp[b.idstr][lo - pos:hi - pos] != e)) + (lo - pos)
+                    out["pages-checked"] += int(s.sum())
+                    out["mismatches"] += len(bad)
+                    out["first-mismatches"] += [[b.idstr, int(p) << C.TARGET_PAGE_BITS] for p in bad[:8]]
                 pos += b.npages
-                s = self.seen[b.idstr]
-                bad = np.flatnonzero(s & (self.first_fp[b.idstr] != e))
-                out["pages-checked"] += int(s.sum())
-                out["mismatches"] += len(bad)
-                out["first-mismatches"] += [[b.idstr, int(p) << C.TARGET_PAGE_BITS] for p in bad[:8]]
         return out
+
+    def become_source(self) -> dict:
+        """The migration into this process completed: drop the MISSING registration (every page is
+        here) and track writes with write-protect instead, so the guest can migrate on from here."""
+        if self.uffd is None:
+            raise GuestProcessError("become-source: this guest process is a source already")
+        for b in self.ram.blocks:
+            self.uffd.unregister(b.address, b.length)
+        self.uffd.close()
+        self.uffd = None
+        self.spec.role = "source"
+        self.tracking, self.tracking_why = self._write_protect()
+        return {"tracking": self.tracking, "tracking-why": self.tracking_why}
 
     def command(self, obj: dict, payload: bytes) -> tuple[dict, bytes]:
         cmd = obj.get("cmd")
@@ -243,6 +262,8 @@ class GuestProcess:
         if cmd == "run":
             wl.restore(obj.get("state") or {})
             wl.start()
+            if self.uffd is not None:
+                injected_fault(self)
         elif cmd == "pause":
             wl.pause()
         elif cmd == "resume":
@@ -252,7 +273,9 @@ class GuestProcess:
         elif cmd == "progress":
             return {"ok": True, "progress": wl.progress(), "pages-touched": wl.pages_touched}, b""
         elif cmd == "check":
-            return {"ok": True, "check": self.check(payload)}, b""
+            return {"ok": True, "check": self.check(payload, int(obj.get("start", 0)))}, b""
+        elif cmd == "become-source":
+            return {"ok": True, **self.become_source()}, b""
         elif cmd == "dirty":
             # The workload's own log of target pages written (all blocks, one byte each), then cleared.
             with self.ram.dirty_lock:
@@ -267,6 +290,32 @@ class GuestProcess:
         else:
             raise GuestProcessError(f"unknown command {cmd!r}")
         return {"ok": True}, b""
+
+
+# Test hook (docs/uffd.md, "Bad input"): a destination guest process that misbehaves on purpose
+# when it starts to run. ``stray-fault``: one of its threads touches memory registered on the
+# uffd that is no RAM block (a fault address outside every block); ``allocate-last-page``: the
+# last page of the last block is allocated in the memfd behind Ferry's back (fallocate), so its
+# placement finds a page there (EEXIST). The worker reads the same variable for ``close-uffd``
+# (engine/process_guest.py).
+FAULT_ENV = "FERRY_GUEST_FAULT"
+
+
+def injected_fault(g: "GuestProcess") -> None:
+    what = os.environ.get(FAULT_ENV, "")
+    if what == "stray-fault":
+        import mmap
+
+        size = C.PAGE_SIZE_4K
+        g._stray = m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+        g.uffd.register(addr, size)
+        buf = ctypes.create_string_buffer(8)
+        # Stopped in the kernel for good: nobody places that page.
+        threading.Thread(target=ctypes.memmove, args=(buf, addr, 8), name="stray-fault", daemon=True).start()
+    elif what == "allocate-last-page":
+        b = g.ram.blocks[-1]
+        os.posix_fallocate(b.fd, b.length - b.page_size, b.page_size)  # a no-op where data is already
 
 
 def guest_main(argv: list[str] | None = None) -> int:
@@ -452,17 +501,23 @@ class GuestProcessWorkload:
         self.access_hook = None  # the kernel faults pages in: no hook
         self._state: dict = {}
         self._running = False
+        self._started = False
 
     @property
     def running(self) -> bool:
         return self._running
+
+    @property
+    def _threads(self) -> list:
+        # As Workload._threads: non-empty once started (a later run is a resume).
+        return [self.link.pid] if self._started else []
 
     def restore(self, state: dict) -> None:
         self._state = dict(state)
 
     def start(self) -> None:
         self.link.call("run", state=self._state)
-        self._running = True
+        self._running = self._started = True
 
     def pause(self, timeout: float = 10.0) -> None:
         self.link.call("pause")

@@ -32,6 +32,9 @@ class GuestConfig:
     dest_prealloc: bool = False
     # A destination starts the guest once the migration completed (QEMU without -S).
     autostart: bool = True
+    # Where the guest runs in a worker: in-process (threads of the worker) or process
+    # (`ferry guest`, demand paging through userfaultfd: engine/process_guest.py).
+    guest: str = "in-process"
 
     def make_ram(self, prealloc: bool = False) -> GuestRAM:
         return GuestRAM.create(parse_size(self.size), parse_size(self.page_size), self.backing, self.nblocks,
@@ -123,12 +126,28 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
     process joins its network namespace first. A tcp uri on a loopback host then
     listens on the destination namespace's own address instead.
     """
-    guest = guest or GuestConfig()
-    gd = asdict(guest)
+    src, dst, _ = run_worker_pair(_dest_main, _source_main, asdict(guest or GuestConfig()), uri, caps, params,
+                                  timeout, warm, netns)
+    return src, dst
+
+
+def run_worker_pair(dest_main, source_main, guest: dict, uri: str, caps: dict | None, params: dict | None,
+                    timeout: float, warm: float, netns: tuple[str | None, str | None] | None,
+                    finish=None, join_timeout: float = 5.0) -> tuple[dict, dict, object]:
+    """Start ``dest_main`` and, once it listens, ``source_main`` in fresh processes; collect their results.
+
+    Both mains take ``(conn, guest, caps, params, uri, timeout[, warm])`` and
+    answer over ``conn``: ``("listening", uri)`` (destination), ``("ready",
+    None)`` (source, optional), then ``("done", query)`` or ``("error", text)``.
+    ``finish(src, dst, dest_pipe)``, if given, runs before the processes are
+    joined (a last exchange with the destination) and its value is returned
+    third. Raises RuntimeError naming the side that failed or went silent.
+    """
     src_ns, dst_ns = netns or (None, None)
-    if dst_ns and not (params or {}).get("tls-creds"):
+    caps, params = caps or {}, params or {}
+    if dst_ns and not params.get("tls-creds"):
         # The testbed's own namespaces are a private link: plain TCP there on purpose.
-        params = {"plaintext-off-loopback": True, **(params or {})}
+        params = {"plaintext-off-loopback": True, **params}
     if dst_ns and uri.startswith("tcp:"):
         from ferry_migrate.channels.transport import MigrationURI, parse_uri
 
@@ -140,7 +159,7 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
     ctx = mp.get_context("spawn")
     dp, dc = ctx.Pipe()
     sp, sc = ctx.Pipe()
-    dproc = ctx.Process(target=_in_netns, args=(dst_ns, _dest_main, dc, gd, caps or {}, params or {}, uri, timeout),
+    dproc = ctx.Process(target=_in_netns, args=(dst_ns, dest_main, dc, guest, caps, params, uri, timeout),
                         name="ferry-destination", daemon=True)
     sproc = None
     try:
@@ -150,8 +169,8 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
         kind, val = dp.recv()
         if kind != "listening":
             raise RuntimeError(f"destination: {val}")
-        sproc = ctx.Process(target=_in_netns, args=(src_ns, _source_main, sc, gd, caps or {}, params or {}, val,
-                                                    timeout, warm),
+        sproc = ctx.Process(target=_in_netns, args=(src_ns, source_main, sc, guest, caps, params, val, timeout,
+                                                    warm),
                             name="ferry-source", daemon=True)
         sproc.start()
         results = {}
@@ -166,11 +185,12 @@ def run_local_migration(uri: str = "tcp:127.0.0.1:0", guest: GuestConfig | None 
                     raise RuntimeError(f"{name}: {val}")
                 results[name] = val
                 break
-        return results["source"], results["destination"]
+        extra = finish(results["source"], results["destination"], dp) if finish is not None else None
+        return results["source"], results["destination"], extra
     finally:
         for p in (sproc, dproc):
             if p is not None and p.pid is not None:
-                p.join(5)
+                p.join(join_timeout)
                 if p.is_alive():
                     p.kill()
                     p.join(5)

@@ -183,9 +183,10 @@ class UffdFaultServer:
         self._thread = threading.Thread(target=self._loop, name="uffd-faults", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """End the thread (at its next poll, within 0.2 s; ``wait``: join it)."""
         self._stop = True
-        if self._thread is not None:
+        if wait and self._thread is not None:
             self._thread.join(5)
 
     def _error(self, msg: str) -> None:
@@ -278,7 +279,7 @@ class UffdBackend:
     def metrics(self) -> dict:
         return {**self.placer.metrics(), **self.server.metrics()}
 
-    def close(self) -> None:
-        self.server.stop()
+    def close(self, wait: bool = True) -> None:
+        self.server.stop(wait)
         from .urgent_receiver import stop_spare
-        stop_spare(self.placer)
+        stop_spare(self.placer, wait)

@@ -283,12 +283,16 @@ def prestart(placer) -> None:
         placer.receiver_spare = None
 
 
-def stop_spare(placer) -> None:
-    """End a spare receiver process that no channel took."""
+def stop_spare(placer, wait: bool = True) -> None:
+    """End a spare receiver process that no channel took (``wait``: and reap it)."""
     sp = getattr(placer, "receiver_spare", None)
     placer.receiver_spare = None
-    if sp is not None:
+    if sp is None:
+        return
+    if wait:
         sp.stop()
+    else:
+        sp.ctl.close()  # it exits when it sees that; subprocess reaps it later
 
 
 # --- the receiver process ---

@@ -67,11 +67,24 @@ class Worker:
         self.config = MigrationConfig()
         # No fixed guest: the blocks come from the source's MEM_SIZE (engine/layout.py).
         self.layout = layout
+        # --guest process: the guest runs in a process of its own (engine/process_guest.py).
+        self.pguest = None
+        if guest.guest == "process":
+            if layout is not None:
+                raise ValueError("a guest process has a fixed shape: --guest process does not go with "
+                                 "--ram-layout source")
+            from .process_guest import ProcessGuest
+
+            self.pguest = ProcessGuest.from_config(guest, role)
         # A destination backs its RAM now (mem-prealloc) rather than during the migration.
-        self.ram = None if layout is not None else guest.make_ram(
+        self.ram = None if layout is not None else self.pguest.ram if self.pguest else guest.make_ram(
             prealloc=role == "destination" and guest.dest_prealloc)
         self.workload: Workload | None = None
-        if layout is None and guest.workload is not None and guest.workload.threads > 0:
+        if self.pguest is not None:
+            self.workload = self.pguest.workload
+            if role == "source":
+                self.workload.start()
+        elif layout is None and guest.workload is not None and guest.workload.threads > 0:
             # On a destination the workload only starts if the guest switches
             # over to it during a postcopy migration (the engine starts it).
             self.workload = Workload(self.ram, guest.workload)
@@ -107,6 +120,8 @@ class Worker:
             "query-status": self.query_status,
             "query-commands": self.query_commands,
             "quit": self.quit,
+            "x-query-guest-fingerprints": self.query_guest_fingerprints,
+            "x-guest-check": self.guest_check,
         }
 
     # --- dispatch ---
@@ -159,6 +174,15 @@ class Worker:
         the next one (testbeds migrate a guest back and forth).
         """
         m = self.migration
+        if self.pguest is not None:
+            try:
+                self.pguest.migration_completed()
+            except Exception as e:  # noqa: BLE001 - the guest process failed its turn: say so, go on
+                import sys
+                import traceback
+
+                traceback.print_exc(file=sys.stderr)
+                self.emit("GUEST_PROCESS_ERROR", {"error": f"{type(e).__name__}: {e}"})
         if self.role == "destination":
             self.role = "source"
             wl = self.workload
@@ -288,15 +312,23 @@ class Worker:
                            f"migration (status {self.status}); use migrate-recover")
             raise _err(f"migrate-incoming: the incoming migration has already been started "
                        f"(status {self.status})")
-        if self.workload is not None and self.workload.running:
+        if self.pguest is None and self.workload is not None and self.workload.running:
             self.workload.pause()  # a stale copy: it runs again only if a guest arrives
         self._drop_migration()
+        if self.pguest is not None:
+            try:
+                self.pguest.fresh_destination()  # a guest process that holds nothing yet
+            except Exception as e:  # noqa: BLE001 - named by the guest process's error
+                raise _err(f"migrate-incoming: cannot start the guest process: {type(e).__name__}: {e}") from None
+            self.ram, self.workload = self.pguest.ram, self.pguest.workload
         dest = MigrationDestination(self.ram, self.config, on_event=self._on_event, workload=self.workload,
                                     layout=self.layout)
         try:
             real = dest.listen(args["uri"])
         except (ValueError, OSError) as e:
             raise _err(f"migrate-incoming: {e}") from None
+        if self.pguest is not None:
+            self.pguest.attach(dest)
         dest.start()
         self.migration, self._migration_role = dest, "destination"
         return {"uri": real}
@@ -364,6 +396,8 @@ class Worker:
                 postcopy = getattr(self.migration, "in_postcopy", False)
                 S.check_downtime(out, self.config.param("downtime-limit"), postcopy)
         out["role"] = self._migration_role if self.migration is not None else self.role  # in this migration
+        if self.pguest is not None:
+            out.update(self.pguest.metrics(out["role"]))
         out["worker"] = self.usage()
         return out
 
@@ -426,7 +460,7 @@ class Worker:
                                "machine-types": list(lim.machine_types)},
                     "description": f"no fixed guest: takes the source's RAM layout (at most "
                                    f"{format_size(lim.max_total)} in {lim.max_blocks} blocks)"}
-        return {
+        out = {
             "size": ram.total,
             "blocks": [{"idstr": b.idstr, "length": b.length, "page-size": b.page_size, "backing": b.backing}
                        for b in ram.blocks],
@@ -434,7 +468,12 @@ class Worker:
             "workload": wl,
             "description": f"{format_size(ram.total)} in {len(ram.blocks)} block(s), "
                            f"{format_size(ram.blocks[0].page_size)} pages, {g.backing} memory",
+            "guest": g.guest,
         }
+        if self.pguest is not None:
+            out["guest-pid"] = self.pguest.pid
+            out["description"] = f"{format_size(ram.total)} in {len(ram.blocks)} block(s), {self.pguest.describe()}"
+        return out
 
     def query_status(self, args: dict) -> dict:
         rs = self.run_state()
@@ -447,6 +486,33 @@ class Worker:
                 "control": self.endpoints.get("control"), "events": self.endpoints.get("events"),
                 "qmp": self.endpoints.get("qmp", []),
                 "curve": self.curve, "worker": self.usage()}
+
+    def query_guest_fingerprints(self, args: dict) -> dict:
+        """Fingerprints of the guest's pages (all blocks in order) as this worker's memory holds them."""
+        from .process_guest import ram_fingerprints
+
+        ram = self.ram if self.ram is not None else getattr(self.migration, "ram", None)
+        if ram is None:
+            raise _err("x-query-guest-fingerprints: no guest memory here yet")
+        if self.role == "destination" and self.status not in (S.NONE, S.FAILED, S.CANCELLED, S.COMPLETED):
+            raise _err(f"x-query-guest-fingerprints: an incoming migration is {self.status}: its memory is "
+                       "not complete (and reading a missing page of a guest process would allocate it)")
+        start, count = int(args.get("start", 0)), args.get("count")
+        count = min(int(count), max(0, ram.npages - start)) if count is not None else None
+        try:
+            return {"fingerprints": ram_fingerprints(ram, start, count), "start": start, "total": ram.npages}
+        except ValueError as e:
+            raise _err(f"x-query-guest-fingerprints: {e}") from None
+
+    def guest_check(self, args: dict) -> dict:
+        """The destination guest process's own check of what it read first against ``fingerprints``."""
+        if self.pguest is None:
+            raise _err("x-guest-check: the guest runs in this worker (--guest in-process), which keeps no "
+                       "record of what it read first; start the worker with --guest process")
+        try:
+            return self.pguest.check(args["fingerprints"], int(args.get("start", 0)))
+        except Exception as e:  # noqa: BLE001 - the guest process's error, named
+            raise _err(f"x-guest-check: {type(e).__name__}: {e}") from None
 
     def query_commands(self, args: dict) -> list:
         return [{"name": n} for n, v in P.VERBS.items() if v.implemented and self.role in v.roles]
@@ -471,10 +537,15 @@ class Worker:
                     pass
                 m.quit()
             m.wait(SHUTDOWN_WAIT)
-        if self.workload is not None:
+        if self.pguest is not None:
+            # The guest process goes with its worker (threads stopped on missing pages cannot pause).
+            self.pguest.close(kill=True)
+        elif self.workload is not None:
             self.workload.stop()
         self.emit("SHUTDOWN", {"guest": False, "reason": reason})
         thread = getattr(m, "_thread", None)
+        if self.pguest is not None:
+            return
         ram = self.ram if self.ram is not None else getattr(m, "ram", None)
         if ram is not None and (thread is None or not thread.is_alive()):
             ram.close()
@@ -482,8 +553,13 @@ class Worker:
 
 def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mixed",
                  workload_threads=1, workload_pattern="hotset", dirty_rate="32M", write_ratio=1.0,
-                 hot_fraction=0.1, zipf_a=1.2, batch=None, prealloc=True, autostart=True) -> GuestConfig:
-    """A GuestConfig from CLI-style values (sizes as strings with K/M/G)."""
+                 hot_fraction=0.1, zipf_a=1.2, batch=None, prealloc=True, autostart=True,
+                 guest="in-process") -> GuestConfig:
+    """A GuestConfig from CLI-style values (sizes as strings with K/M/G).
+
+    ``guest``: in-process (threads of the worker) or process (``ferry guest``, engine/process_guest.py;
+    anonymous backing becomes memfd, which the worker can map too). Raises ValueError naming the value.
+    """
     from .ram import parse_size
     from .workload import WorkloadConfig
 
@@ -501,6 +577,12 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
         raise ValueError("hugetlb backing needs huge pages: give a page size of 2M or 1G (--page-size)")
     if nbytes % (blocks * page):
         raise ValueError(f"guest size {size} does not split into {blocks} block(s) of whole {page_size} pages")
+    from .process_guest import GUESTS, process_backing
+
+    if guest not in GUESTS:
+        raise ValueError(f"guest {guest!r}: expected one of {', '.join(GUESTS)}")
+    if guest == "process":
+        backing = process_backing(backing)
     wl = None
     if workload_threads:
         wl = WorkloadConfig(threads=workload_threads, pattern=workload_pattern, dirty_rate=parse_size(dirty_rate),
@@ -509,7 +591,8 @@ def guest_config(size="256M", page_size="4K", backing="anon", blocks=1, fill="mi
             wl.batch = batch
         wl.validate()
     return GuestConfig(size=nbytes, page_size=page, backing=backing,
-                       nblocks=blocks, fill=fill, workload=wl, dest_prealloc=prealloc, autostart=autostart)
+                       nblocks=blocks, fill=fill, workload=wl, dest_prealloc=prealloc, autostart=autostart,
+                       guest=guest)
 
 
 async def _serve(worker: Worker, control: str, events: str | None, keys: ServerKeys | None,

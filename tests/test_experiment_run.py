@@ -229,6 +229,29 @@ def test_loopback_sweep_then_resume(ferry, tmp_path):
     assert r.returncode == 2 and "different sweep" in r.stderr
 
 
+def test_guest_backend_as_a_sweep_axis(ferry, tmp_path):
+    from ferry_migrate.engine import uffd
+
+    why = uffd.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"userfaultfd unavailable: {why}")
+    f = write(tmp_path, "tiny.toml", POSTCOPY_SWEEP.format(
+        link="loopback", sweep='guest = ["in-process", "process"]\nswitchover = ["postcopy-after-percent:5"]'))
+    r = ferry("experiment", "run", f, "--out", "out", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    recs = records(tmp_path / "out")
+    inproc, proc = recs["c000-r0"], recs["c001-r0"]
+    for rid, rec in recs.items():
+        check_record(rec, rid)
+    assert inproc["guest-check"] is None and "uffd-kernel-faults" not in inproc["destination"]
+    # The guest process: faults through the kernel, each one a fault of the migration; its own check clean.
+    d = proc["destination"]
+    assert proc["settings"]["guest"] == "process" and d["guest"] == "process"
+    assert d["uffd-kernel-faults"] > 0 and d["postcopy-faults"] == d["uffd-kernel-faults"]
+    assert proc["guest-check"]["pages-checked"] > 0 and proc["guest-check"]["mismatches"] == 0
+    assert len(proc["latency-samples-us"]["all"]) == d["postcopy-latency"]["count"] > 0
+
+
 def test_report_on_real_run_output(ferry, tmp_path):
     """`experiment report` reads what `experiment run` wrote (not a hand-made record): its
     CSVs carry the records' own figures, its PNGs are drawn, its page links them all."""

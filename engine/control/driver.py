@@ -374,6 +374,8 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
         if sq["status"] == S.POSTCOPY_PAUSED and (dq["status"] == S.POSTCOPY_PAUSED or dq.get("unreachable")
                                                   or _never_ran(dq)):
             return sq, dq  # a recovery is the user's call (ferry migrate --resume)
+        if sq["status"] == S.POSTCOPY_PAUSED and d_done:
+            return sq, dq  # the destination lost the guest (its process died): the source keeps the memory
         now = loop.time()
         if s_done and src_final_at is None:
             src_final_at = now

@@ -135,6 +135,19 @@ VERBS: dict[str, Verb] = {v.name: v for v in [
                          "resource use.", returns="{status, running, role, ...}"),
     Verb("query-commands", "List the verbs this worker knows.", returns="[{name}]"),
     Verb("quit", "Cancel any migration, close the sockets and exit."),
+    Verb("x-query-guest-fingerprints",
+         "Page fingerprints (uint64 little-endian, all blocks in order) of pages start.. (count of them) as "
+         "this worker's memory holds them: a source's guest after it migrated, for the destination's guest "
+         "check. Not on a destination whose incoming migration is under way. Binary: for the ZeroMQ "
+         "control plane (msgpack), not QMP.",
+         {"start": Arg((int,), "int", required=False), "count": Arg((int,), "int", required=False)},
+         returns="{fingerprints, start, total}"),
+    Verb("x-guest-check",
+         "A guest process (--guest process) compares the fingerprint of each page it read first with the "
+         "source's fingerprints of pages start.. (from x-query-guest-fingerprints): a page read before it "
+         "was migrated, or placed wrong, is a mismatch.",
+         {"fingerprints": Arg((bytes,), "binary"), "start": Arg((int,), "int", required=False)},
+         returns="{pages-checked, mismatches, first-mismatches}"),
 ]}
 
 

@@ -52,7 +52,8 @@ PROBE = {"pings": 200, "msg": 32, "seconds": 0.5}  # link probe at testbed setup
 
 # Sweep settings -> `ferry worker` guest options.
 GUEST_OPTIONS = {
-    "guest-size": "--size", "page-size": "--page-size", "backing": "--backing", "blocks": "--blocks",
+    "guest-size": "--size", "page-size": "--page-size", "backing": "--backing", "guest": "--guest",
+    "blocks": "--blocks",
     "fill": "--fill", "workload-threads": "--workload-threads", "workload-pattern": "--workload-pattern",
     "workload-dirty-rate": "--dirty-rate", "workload-hot-fraction": "--workload-hot-fraction",
     "workload-write-ratio": "--workload-write-ratio", "workload-zipf-a": "--workload-zipf-a",
@@ -360,8 +361,11 @@ def _switchover_time(events: list[dict]) -> float | None:
     return None
 
 
-def _failure_text(out) -> str:
+def _failure_text(out, check: dict | None = None) -> str:
     parts = []
+    if check and check.get("mismatches"):
+        parts.append(f"the destination's guest process read {check['mismatches']} pages that differ from the "
+                     f"source's: {check['first-mismatches']}")
     if out.timed_out:
         parts.append("timed out: the runner cancelled the migration")
     for side, q in (("source", out.source), ("destination", out.destination)):
@@ -409,7 +413,14 @@ async def _migrate(w: RunWorkers, caps: dict, params: dict, timeout: float, afte
         sprog, dprog, lat = await asyncio.gather(src.call("query-guest-progress"),
                                                  dst.call("query-guest-progress"),
                                                  dst.call("query-postcopy-latency"))
-        return {"outcome": out, "progress": {"source": sprog, "destination": dprog}, "latency": lat}
+        check = None
+        if out.destination.get("guest") == "process" and out.completed:
+            # The destination's guest process checks what it read first against the source's memory.
+            from ..process_guest import guest_check
+
+            check = await guest_check(src, dst)
+        return {"outcome": out, "progress": {"source": sprog, "destination": dprog}, "latency": lat,
+                "guest-check": check}
 
 
 def execute_run(spec: Spec, run: PlannedRun, link, on_status: Callable[[str], None] | None = None) -> dict:
@@ -450,12 +461,13 @@ def execute_run(spec: Spec, run: PlannedRun, link, on_status: Callable[[str], No
         rec["wall-time"] = round(time.monotonic() - t0, 3)
         return rec
     out = got["outcome"]
+    check = got.get("guest-check")
     events = [{"t": event_time(ev), "side": side, "event": ev.get("event"), "data": ev.get("data") or {}}
               for side in ("source", "destination") for ev in out.events[side]]
     events.sort(key=lambda e: e["t"])
     rec.update({
-        "status": "completed" if out.verified else "failed",
-        "error": None if out.verified else _failure_text(out),
+        "status": "completed" if out.verified and not (check or {}).get("mismatches") else "failed",
+        "error": None if out.verified and not (check or {}).get("mismatches") else _failure_text(out, check),
         "source": out.source, "destination": out.destination,
         "passes": list(out.source.get("passes") or []),
         "events": events, "switchover": _switchover_time(events),
@@ -465,6 +477,8 @@ def execute_run(spec: Spec, run: PlannedRun, link, on_status: Callable[[str], No
                     for side in ("source", "destination")},
         "guest": (out.status_before.get("source") or {}).get("guest"),
         "uri": out.uri,
+        # guest = "process": the destination guest's own check ({pages-checked, mismatches, ...}).
+        "guest-check": check,
     })
     rec["wall-time"] = round(time.monotonic() - t0, 3)
     return rec

@@ -110,6 +110,8 @@ SETTINGS = {
     "guest-size": _size,
     "page-size": lambda v: _choice((4096, 2 << 20, 1 << 30))(_size(v)),
     "backing": _choice(("anon", "memfd", "hugetlb")),
+    # Where each worker's guest runs: in the worker, or a process of its own (userfaultfd).
+    "guest": _choice(("in-process", "process")),
     "blocks": _typed(int, 1, 64),
     "fill": _choice(("zero", "pattern", "random", "mixed")),
     "transport": _choice(("tcp", "unix")),
@@ -138,7 +140,7 @@ BOOL_CAPS = {c for c in CAPABILITIES}
 TOP_KEYS = {"name", "repeat", "link", "description", "fixed", "sweep", "hosts"}
 # Settings that shape or fill the guest, or its workload: with link "hosts" the
 # guests are those of workers already running, so a sweep cannot change them.
-GUEST_KEYS = ("guest-size", "page-size", "backing", "blocks", "fill", "workload-threads", "workload-pattern",
+GUEST_KEYS = ("guest-size", "page-size", "backing", "guest", "blocks", "fill", "workload-threads", "workload-pattern",
               "workload-dirty-rate", "workload-hot-fraction", "workload-write-ratio", "workload-zipf-a",
               "workload-batch", "dest-workload-threads", "dest-workload-pattern", "dest-workload-dirty-rate",
               "dest-workload-batch")
