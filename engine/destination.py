@@ -40,6 +40,9 @@ from .peer import peer_features
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
 from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
+from .rxstamp import stamp_receives
+from .urgent import UrgentThreads
+from .urgent_receiver import start_receiver
 from .workload import Workload
 
 _MADV_POPULATE_WRITE = 23  # linux/mman.h, Linux 5.14+
@@ -123,6 +126,7 @@ class MigrationDestination:
         self._proof: NeverRanProof | None = None  # migrate-recover after a failure before RUN
         self._pages_complete = False  # every page placed: POSTCOPY channels may end without EOS
         self._multifd: MultifdReceiver | None = None  # capability multifd (engine/multifd_recv.py)
+        self.urgent = UrgentThreads(self.config)  # engine/urgent.py: POSTCOPY loaders' and fault thread's priority
 
     def _use_ram(self, ram: GuestRAM) -> None:
         self.ram = ram
@@ -284,6 +288,7 @@ class MigrationDestination:
                                        "host-pages-placed": a.host_pages_placed}
         if st.status not in S.FINAL_STATES and self.ram is not None:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
+        st.extra.update(self.urgent.metrics())
         if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
             if st.status in S.FINAL_STATES:  # engine/reqtrace.py: stage times of each request
@@ -667,8 +672,11 @@ class MigrationDestination:
                 reader.idle_timeout = None  # idle while the guest faults on nothing
                 ch = RamRecvChannel(reader, dec, name)
                 asm = HostPageAssembler(self.ram, self.received, name, self._require_checks())
-                th = threading.Thread(target=self._channel_loop, args=(ch, asm, gen), name=f"load-{name}",
-                                      daemon=True)
+                rx = stamp_receives(t)  # the request trace's "arrived" (engine/rxstamp.py)
+                # postcopy-receiver=process: a process of its own reads and places this channel.
+                proc = start_receiver(self, t, name)
+                th = threading.Thread(target=self._channel_loop if proc is None else proc.serve,
+                                      args=(ch, asm, gen, rx), name=f"load-{name}", daemon=True)
                 with self._pc_connected:
                     if gen != self._gen:
                         t.close()
@@ -688,8 +696,10 @@ class MigrationDestination:
             if gen == self._gen:
                 self._close_listener()  # beyond the expected number: refused
 
-    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int) -> None:
+    def _channel_loop(self, ch: RamRecvChannel, asm: HostPageAssembler, gen: int, rx=None) -> None:
         """Loader of one POSTCOPY channel: bare page records until EOS."""
+        self.urgent.enter()
+        trace = self.faults.trace
         try:
             while True:
                 ev = ch.next_event()
@@ -701,7 +711,11 @@ class MigrationDestination:
                     return
                 if not self.listening:
                     raise ProtocolError(f"channel {ch.name}: page record before POSTCOPY_LISTEN")
-                asm.add(ev)
+                done = asm.add(ev)
+                if rx is not None and rx.last is not None:
+                    for b, hp in done:
+                        if trace.has(b, hp):
+                            trace.mark(b, hp, "arrived", rx.last)
         except Exception as e:  # noqa: BLE001
             if self._pages_complete:
                 return  # every page is placed: what comes after on this channel does not matter

@@ -81,6 +81,20 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "return-path thread as soon as the request is read (QEMU 8.0+)", str,
               ("migration-thread", "return-path"),
               applies="source, at migrate"),
+    ParamSpec("urgent-thread-nice", 0, -20, 0, "nice value", True,
+              "Ferry: nice value of the urgent path's threads (the source's return-path thread, the "
+              "destination's POSTCOPY channel loaders and userfaultfd fault thread); 0 = leave them as the "
+              "worker runs (engine/urgent.py; needs CAP_SYS_NICE, a refusal is reported in urgent-threads)",
+              applies="both sides, as each of those threads starts"),
+    ParamSpec("urgent-thread-rt-priority", 0, 0, 99, "priority", True,
+              "Ferry: SCHED_FIFO priority of the urgent path's threads (as urgent-thread-nice); 0 = no "
+              "real-time scheduling (engine/urgent.py)",
+              applies="both sides, as each of those threads starts"),
+    ParamSpec("postcopy-receiver", "thread", None, None, "", True,
+              "Ferry: what reads and places the pages of a POSTCOPY channel: a thread of the worker, or a "
+              "process of its own that places them with UFFDIO_COPY outside the worker's GIL (needs the "
+              "guest in its own process and a plain socket; otherwise a thread; engine/urgent_receiver.py)",
+              str, ("thread", "process"), applies="destination, as each POSTCOPY channel is accepted"),
     ParamSpec("preempt-break-huge", True, None, None, "", True,
               "Ferry: a request interrupts a huge page being sent on the PRECOPY channel", bool,
               applies="source, at migrate"),

@@ -354,11 +354,14 @@ class FaultHandler:
             decoded, placed = rp.place_started.get(channel), rp.place_done.get(channel, now)
             wb, where = rp.place_where.get(channel, (None, None))
             for k in done:
-                dt = now - self.requested.pop(k)
                 # Only pages of this channel's placement get its times (another channel's
                 # may have set the bit and not yet come here).
-                if wb == k[0] and (where.start <= k[1] < where.stop if isinstance(where, slice)
-                                   else bool((where == k[1]).any())):
+                mine = wb == k[0] and (where.start <= k[1] < where.stop if isinstance(where, slice)
+                                       else bool((where == k[1]).any()))
+                # Up to the placement (a receiver process reports it after the fact).
+                end = placed if mine else now
+                dt = max(0.0, end - self.requested.pop(k))  # asked after it was placed: no wait
+                if mine:
                     self.trace.mark(k[0], k[1], "decoded", decoded)
                     self.trace.mark(k[0], k[1], "placed", placed)
                     if k in self.kernel_waiters:
@@ -367,8 +370,9 @@ class FaultHandler:
                 rec.add(dt)
                 for tid, t in self.kernel_waiters.pop(k, ()):
                     name = f"guest-tid{tid}"
-                    self.blocktime += now - t
-                    self.blocktime_by_thread[name] = self.blocktime_by_thread.get(name, 0.0) + now - t
+                    wait = max(0.0, end - t)
+                    self.blocktime += wait
+                    self.blocktime_by_thread[name] = self.blocktime_by_thread.get(name, 0.0) + wait
 
     def metrics(self) -> dict:
         return {

@@ -1,21 +1,32 @@
 """The request trace: when each step of one postcopy page request happened.
 
-A requested host page passes through nine stages, four on the destination
-before and after the source's five:
+A requested host page passes through eleven stages, four on the destination
+before and after the source's, and two taken from the kernel:
 
 ===============  ===========  ===============================================
 stage            side         taken when
 ===============  ===========  ===============================================
 fault            destination  a guest thread found the page missing
 request-written  destination  REQ_PAGES(_ID) about to be written to the return path
+request-arrived  source       the kernel received it (SO_TIMESTAMPNS, engine/rxstamp.py)
 request-read     source       the return-path thread decoded that message
 queued           source       the page was queued (or claimed) for sending
 send-start       source       its first record was handed to the channel writer
 flushed          source       its last byte was handed to the socket (flush returned)
+arrived          destination  the kernel received the last bytes read before the
+                              run completing it was decoded (POSTCOPY channels)
 decoded          destination  the run completing it was read and decoded
 placed           destination  the host page was placed (memcpy or UFFDIO_COPY)
 woken            destination  the waiting guest thread ran on (uffd: placed)
 ===============  ===========  ===============================================
+
+The two kernel stages split a step into the link and the reading thread's
+wake-up (scheduler and GIL): ``request-written>request-arrived`` is the
+return path's link, ``request-arrived>request-read`` the source's
+return-path thread waking; ``send-start>arrived`` the POSTCOPY channel's
+link, ``arrived>decoded`` the destination's loader waking. They exist only
+on plain TCP (not TLS, not Unix sockets); the undivided steps
+``request-written>request-read`` and ``send-start>decoded`` are always given.
 
 Every time is ``time.monotonic()`` in seconds. On Linux that is
 CLOCK_MONOTONIC, one clock for every process of a host, so source and
@@ -36,15 +47,19 @@ import time
 
 import numpy as np
 
-STAGES = ("fault", "request-written", "request-read", "queued", "send-start", "flushed",
-          "decoded", "placed", "woken")
+STAGES = ("fault", "request-written", "request-arrived", "request-read", "queued", "send-start", "flushed",
+          "arrived", "decoded", "placed", "woken")
 _INDEX = {s: i for i, s in enumerate(STAGES)}
 # The causal chain: each stage happens after the one before it. "flushed" is
 # aside: the destination may decode (even place) a page before the source's
 # flush call returns.
-CHAIN = ("fault", "request-written", "request-read", "queued", "send-start", "decoded", "placed", "woken")
-# Steps reported: consecutive stages of the chain, the source's own send, and the whole chain.
-STEPS = tuple(f"{a}>{b}" for a, b in zip(CHAIN, CHAIN[1:])) + ("send-start>flushed", "fault>woken")
+CHAIN = ("fault", "request-written", "request-arrived", "request-read", "queued", "send-start", "arrived",
+         "decoded", "placed", "woken")
+# Steps reported: consecutive stages of the chain; the two steps the kernel stages
+# split, whole (a request without those stages still has them); the source's own
+# send; and the whole chain.
+STEPS = tuple(f"{a}>{b}" for a, b in zip(CHAIN, CHAIN[1:])) + (
+    "request-written>request-read", "send-start>decoded", "send-start>flushed", "fault>woken")
 MAX_REQUESTS = 100_000  # per migration and side: at most ~8 MB
 
 
@@ -97,14 +112,15 @@ def join(*sides: dict) -> np.ndarray:
     for side in sides:
         if not side:
             continue
-        idx = [_INDEX[s] for s in side.get("stages", STAGES)]
+        # A stage this version does not know (another version's record) is left out.
+        idx = [_INDEX.get(s) for s in side.get("stages", STAGES)]
         for row in side.get("rows", ()):
             key = (row[0], row[1])
             m = merged.get(key)
             if m is None:
                 m = merged[key] = np.full(len(STAGES), np.nan)
             for i, v in zip(idx, row[2:]):
-                if v is not None and np.isnan(m[i]):
+                if i is not None and v is not None and np.isnan(m[i]):
                     m[i] = v
     if not merged:
         return np.empty((0, len(STAGES)))

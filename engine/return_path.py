@@ -20,6 +20,7 @@ from ferry_migrate.channels.errors import ChannelError, DestinationNeverRan, Pro
 from ferry_migrate.channels.qemufile import QEMUFileReader
 
 from .callbacks import weak_callback
+from .rxstamp import stamp_receives
 
 
 class SourceReturnPath:
@@ -30,22 +31,28 @@ class SourceReturnPath:
     REQ_PAGES(_ID) in postcopy. ``accepting_requests()``: whether requests are
     allowed now (postcopy, not completed). ``on_fault(err)``: called once when
     the return path fails (not after a clean close following SHUT).
+    ``on_thread_start()``: called first in the thread (engine/urgent.py gives
+    it the urgent path's priority); None = nothing.
     """
 
     def __init__(self, transport, block_infos: dict, on_request: Callable, accepting_requests: Callable[[], bool],
-                 on_fault: Callable[[BaseException], None]):
+                 on_fault: Callable[[BaseException], None], on_thread_start: Callable[[], None] | None = None):
         self.transport = transport
         self.block_infos = block_infos
         # The owner's bound methods, held weakly: no source <-> return path cycle.
         self.on_request = weak_callback(on_request)
         self.accepting_requests = accepting_requests
         self.on_fault = weak_callback(on_fault)
+        self.on_thread_start = on_thread_start
         self.cond = threading.Condition()
         self.shut: int | None = None
         self.digests: dict | None = None
         self.error: BaseException | None = None
         self.pongs: list[int] = []
         self.last_heard = time.monotonic()  # s, monotonic: last message of any kind
+        # When the kernel received the bytes of the last read (engine/rxstamp.py; None: not known).
+        self._rx = stamp_receives(transport)
+        self.last_arrived: float | None = None
         self.bitmaps: dict[str, object] = {}  # idstr -> bool array (RECV_BITMAP during a recovery)
         self.resume_ack = False
         self.closed = False
@@ -88,6 +95,8 @@ class SourceReturnPath:
 
     # --- the thread ---
     def _loop(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         block_pages = {n: b.length // C.TARGET_PAGE_SIZE for n, b in self.block_infos.items()}
         dec = codec.ReturnPathDecoder(block_pages)
         reader = self._reader
@@ -104,6 +113,8 @@ class SourceReturnPath:
                     continue
                 reader.consume(n)
                 self.last_heard = time.monotonic()
+                if self._rx is not None:
+                    self.last_arrived = self._rx.last
                 self._handle(msg)
         except (ChannelError, ProtocolError, OSError) as e:
             err = e if isinstance(e, (ChannelError, ProtocolError)) else ChannelError(f"return path: {e}")

@@ -55,6 +55,7 @@ from .reqtrace import RequestTrace
 from .return_path import SourceReturnPath
 from .scheduler import PageScheduler, SchedBlock
 from .send_loop import SendLoop
+from .urgent import UrgentThreads
 from .workload import Workload
 
 # Re-exported names other modules import from here.
@@ -149,6 +150,7 @@ class MigrationSource:
         self._ram_section = 0
         self._confirmed_at: float | None = None
         self.req_trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
+        self.urgent = UrgentThreads(self.config)  # engine/urgent.py: the return-path thread's priority
         self._pace_probe: list | None = None  # the rate automatic pacing waits for: _pace_from_probe
         self.recoveries = 0
         self.passes = []  # per-pass figures (MIGRATION_PASS)
@@ -287,6 +289,7 @@ class MigrationSource:
                 st.extra["postcopy-bytes"] = self._postcopy_bytes()
         if self.recoveries:
             st.extra["postcopy-recoveries"] = self.recoveries
+        st.extra.update(self.urgent.metrics())
         if st.status in ST.FINAL_STATES and self.in_postcopy:  # engine/reqtrace.py
             st.extra["postcopy-request-trace"] = self.req_trace.to_dict()
         self._count_pages()
@@ -469,7 +472,7 @@ class MigrationSource:
     def _start_return_path(self, transport) -> None:
         self.rp = SourceReturnPath(transport, self.block_infos, self._on_request,
                                    weak_callback(self._accepting_requests),
-                                   self._on_fault)
+                                   self._on_fault, on_thread_start=self.urgent.enter)
         if self.peer.rp_keepalive and self.uri.scheme != "file":
             # A Ferry destination sends a keepalive every liveness-timeout/3 s: silence is a fault.
             self.rp.bound_silence(self.config.param("liveness-timeout"))
@@ -787,6 +790,8 @@ class MigrationSource:
             return  # a recovery is under way: the destination asks again after RESUME
         host_page = msg.start >> C.TARGET_PAGE_BITS
         self.req_trace.mark(blk.index, host_page, "request-read", self.rp.last_heard)
+        if self.rp.last_arrived is not None:
+            self.req_trace.mark(blk.index, host_page, "request-arrived", self.rp.last_arrived)
         if self._rp_sends:
             self._send_urgent(blk.index, host_page)
         else:

@@ -161,8 +161,9 @@ class UffdFaultServer:
     stopped in the kernel.
     """
 
-    def __init__(self, link: GuestLink, faults, placer: UffdPlacer, on_guest_gone=None):
+    def __init__(self, link: GuestLink, faults, placer: UffdPlacer, on_guest_gone=None, on_thread_start=None):
         self.link = link
+        self.on_thread_start = on_thread_start  # engine/urgent.py: the fault thread's priority
         self.uffd = link.uffd
         self.faults = faults
         self.placer = placer
@@ -193,6 +194,8 @@ class UffdFaultServer:
             self.errors.append(msg)
 
     def _loop(self) -> None:
+        if self.on_thread_start is not None:
+            self.on_thread_start()
         while not self._stop:
             try:
                 ev = self.uffd.read_events(0.2)
@@ -260,8 +263,13 @@ class UffdBackend:
         self.link = link
         self.placer = UffdPlacer(link)
         dest.received.placer = self.placer
-        self.server = UffdFaultServer(link, dest.faults, self.placer, self._guest_gone)
+        urgent = getattr(dest, "urgent", None)
+        self.server = UffdFaultServer(link, dest.faults, self.placer, self._guest_gone,
+                                      on_thread_start=urgent.enter if urgent is not None else None)
         self.server.start()
+        if dest.config.param("postcopy-receiver") == "process":
+            from .urgent_receiver import prestart
+            prestart(self.placer)  # engine/urgent_receiver.py: imports done before the channel comes
 
     def _guest_gone(self, err: GuestProcessGone) -> None:
         d = self.dest
@@ -273,3 +281,5 @@ class UffdBackend:
 
     def close(self, wait: bool = True) -> None:
         self.server.stop(wait)
+        from .urgent_receiver import stop_spare
+        stop_spare(self.placer, wait)

@@ -17,8 +17,8 @@ def test_mark_keeps_the_first_time_of_a_stage():
     t.mark(0, 512, "fault", 2.0)  # asked again: the first fault counts
     t.mark(0, 512, "placed", 3.0)
     rows = t.to_dict()["rows"]
-    assert rows == [[0, 512, 1.0] + [None] * 6 + [3.0, None]]
-    assert STAGES.index("placed") == 7
+    assert rows == [[0, 512, 1.0] + [None] * 8 + [3.0, None]]
+    assert STAGES.index("placed") == 9
 
 
 def test_bounded_past_max_requests():
@@ -34,9 +34,9 @@ def test_bounded_past_max_requests():
 def test_join_matches_both_sides_by_block_and_host_page():
     dst, src = RequestTrace(), RequestTrace()
     base = {s: float(i) for i, s in enumerate(STAGES)}
-    for stage in ("fault", "request-written", "decoded", "placed", "woken"):
+    for stage in ("fault", "request-written", "arrived", "decoded", "placed", "woken"):
         dst.mark(1, 1024, stage, base[stage])
-    for stage in ("request-read", "queued", "send-start", "flushed"):
+    for stage in ("request-arrived", "request-read", "queued", "send-start", "flushed"):
         src.mark(1, 1024, stage, base[stage])
     src.mark(1, 2048, "request-read", 5.0)  # never seen by this destination: a row with gaps
     times = join(dst.to_dict(), src.to_dict())
@@ -46,9 +46,11 @@ def test_join_matches_both_sides_by_block_and_host_page():
     steps = step_summary(times)
     assert set(steps) == set(STEPS)
     assert steps["fault>request-written"]["p50"] == 1e6  # 1 s apart, in us
-    assert steps["send-start>decoded"]["p50"] == 2e6  # "flushed" is aside of the chain
+    assert steps["send-start>decoded"]["p50"] == 3e6  # "flushed" is aside of the chain
+    assert steps["send-start>arrived"]["p50"] == 2e6 and steps["arrived>decoded"]["p50"] == 1e6
+    assert steps["request-written>request-read"]["p50"] == 2e6
     assert steps["send-start>flushed"]["p50"] == 1e6
-    assert steps["fault>woken"]["p50"] == 8e6
+    assert steps["fault>woken"]["p50"] == 10e6
     assert all(v["count"] == 1 for v in steps.values())
 
 
@@ -86,6 +88,8 @@ def test_trace_of_a_preempt_migration_has_every_step():
     assert (np.diff(chain, axis=1) >= 0).all()
     steps = step_summary(times)
     assert all(steps[s]["count"] > 0 and not math.isnan(steps[s]["p99"]) for s in STEPS)
+    # TCP: the kernel's receive times split the two link steps (engine/rxstamp.py).
+    assert steps["request-written>request-arrived"]["count"] > 0 and steps["send-start>arrived"]["count"] > 0
 
 
 def test_trace_of_migration_thread_sends_is_causal():

@@ -11,6 +11,16 @@ pass started). Cases, on each host page size and link:
                    preempt-pace-background (PRECOPY paced at 90 % of the precopy bandwidth)
   preempt-rp       urgent-pages-from=return-path (QEMU 8.0+)
   preempt-nobreak  preempt-break-huge off (huge pages only; on 4 KiB it equals preempt)
+  preempt-rp-nice  preempt-rp with urgent-thread-nice -10: the urgent path's threads (the
+                   source's return-path thread, the destination's POSTCOPY loader and uffd
+                   fault thread) at nice -10 (engine/urgent.py)
+  preempt-rp-fifo  preempt-rp with urgent-thread-rt-priority 10: those threads SCHED_FIFO
+  preempt-rp-proc  preempt-rp with postcopy-receiver=process: the destination's POSTCOPY
+                   channel read and placed by a process of its own (engine/urgent_receiver.py);
+                   needs the guest in its own process, so it runs only as '+uffd' (with --uffd)
+  preempt-rp-proc-fifo  preempt-rp-proc, its process and the urgent threads SCHED_FIFO
+  preempt-rp-fifo-2ch   preempt-rp-fifo with postcopy-channels 2: a requested huge page need not
+                   wait behind another one on the same POSTCOPY channel
 
 With --tls every case runs a second time with every channel over TLS (``case+tls``;
 tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
@@ -76,6 +86,8 @@ PACE_SHARE = 0.9
 TLS_NAME = "ferry-bench-destination"  # the name in the destination's certificate, checked via tls-hostname
 VANILLA = {"postcopy-ram": True}
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
+URGENT_NICE = -10  # preempt-rp-nice
+URGENT_RT = 10  # preempt-rp-fifo: SCHED_FIFO priority
 
 
 def case_table(args) -> list[tuple[str, dict, dict, bool]]:
@@ -87,6 +99,15 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         ("preempt", PREEMPT, {}, False),
         ("preempt-rp", PREEMPT, rp, False),
         ("preempt-nobreak", PREEMPT, {"preempt-break-huge": False}, True),
+        # The urgent path's threads given CPU priority (engine/urgent.py): a documented option each.
+        ("preempt-rp-nice", PREEMPT, {**rp, "urgent-thread-nice": URGENT_NICE}, False),
+        ("preempt-rp-fifo", PREEMPT, {**rp, "urgent-thread-rt-priority": URGENT_RT}, False),
+        # The destination's POSTCOPY channel in a process of its own (guest process only: +uffd).
+        ("preempt-rp-proc", PREEMPT, {**rp, "postcopy-receiver": "process"}, False),
+        ("preempt-rp-proc-fifo", PREEMPT, {**rp, "postcopy-receiver": "process",
+                                           "urgent-thread-rt-priority": URGENT_RT}, False),
+        ("preempt-rp-fifo-2ch", PREEMPT, {**rp, "urgent-thread-rt-priority": URGENT_RT,
+                                          "postcopy-channels": 2}, False),
     ]
     if args.knobs:
         cases += [
@@ -109,7 +130,7 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
                              + ("" if args.knobs else " (knob cases need --knobs)"))
         cases = [c for c in cases if c[0] in args.cases]
     elif args.quick:
-        cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp")
+        cases = [c for c in cases if c[0] in ("vanilla", "preempt", "preempt-rp", "preempt-rp-fifo")
                  or (args.knobs and c[0] in ("preempt-rp-nohold", "preempt-nopace"))]
     return cases
 
@@ -139,7 +160,7 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
         c["case/floor-p99"] = round(lat["p99"] / c["floor-us"], 2) if ok and c["floor-us"] else None
         if uffd:
             # The same case in-process, same link and page size: uffd / in-process (< 1: uffd faster).
-            base = next((v for v in cases if v["case"] == c["case"][:-5] and (v["link"], v["page-size"]) == key),
+            base = next((v for v in cases if v["case"] == c["case"][:-5].replace("-proc", "") and (v["link"], v["page-size"]) == key),
                         None)
             blat = (base or {}).get("latency-us") or {}
             for q in ("p50", "p99"):
@@ -181,13 +202,13 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
         print(f"link {name}: RTT p50 {pr['rtt-us']['p50']:.0f} us p99 {pr['rtt-us']['p99']:.0f} us, goodput "
               f"{pr['rate-Bps'] * 8 / 1e9:.2f} Gbit/s, RTT beside a bulk flow p50 "
               f"{fmt_us(pr['loaded-rtt-us'].get('p50'))} p99 {fmt_us(pr['loaded-rtt-us'].get('p99'))}{extra}")
-    head = (f"{'link':<8} {'page':>4} {'case':<17} {'count':>6} {'avg':>9} {'p50':>9} {'p99':>9} "
+    head = (f"{'link':<8} {'page':>4} {'case':<22} {'count':>6} {'avg':>9} {'p50':>9} {'p99':>9} "
             f"{'floor':>9} {'van/p99':>7} {'p99/flr':>7} {'total':>7}  status")
     print(head)
     print("-" * len(head))
     for c in cases:
         lat = c.get("latency-us")
-        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17}"
+        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22}"
         if not lat:
             print(f"{pre} ERROR {c.get('error')}")
             continue
@@ -201,7 +222,7 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
           "the link's goodput. van/p99 = vanilla p99 / case p99; p99/flr = case p99 / floor.")
     for c in cases:
         if c.get("uffd/inproc-p50") is not None or c.get("uffd/inproc-p99") is not None:
-            print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} uffd/in-process p50 "
+            print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} uffd/in-process p50 "
                   f"{c.get('uffd/inproc-p50')}x p99 {c.get('uffd/inproc-p99')}x")
     print_trace(cases)
     if tg:
@@ -216,15 +237,17 @@ def print_trace(cases: list[dict]) -> None:
     rows = [c for c in cases if c.get("trace-us")]
     if not rows:
         return
-    short = [s.replace("request-", "req-") for s in STEPS]
-    print("request trace, per step p50/p99 (both workers on this host: CLOCK_MONOTONIC compares across them):")
-    head = f"{'link':<8} {'page':>4} {'case':<17} " + " ".join(f"{s:>21}" for s in short)
+    short = [s.replace("request-", "req-").replace("arrived", "arr") for s in STEPS]
+    w = max(15, *(len(s) for s in short))
+    print("request trace, per step p50/p99 (both workers on this host: CLOCK_MONOTONIC compares across them; "
+          "req-arr / arr: the kernel received the request / the page's last bytes, SO_TIMESTAMPNS):")
+    head = f"{'link':<8} {'page':>4} {'case':<22} " + " ".join(f"{s:>{w}}" for s in short)
     print(head)
     for c in rows:
         t = c["trace-us"]
-        cells = " ".join(f"{fmt_us(t[s]['p50']) + '/' + fmt_us(t[s]['p99']):>21}" if t[s]["count"] else f"{'-':>21}"
-                         for s in STEPS)
-        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<17} {cells}")
+        cells = " ".join(f"{fmt_us(t[s]['p50']) + '/' + fmt_us(t[s]['p99']):>{w}}"
+                         if t.get(s, {}).get("count") else f"{'-':>{w}}" for s in STEPS)
+        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} {cells}")
 
 
 @contextlib.contextmanager
@@ -347,14 +370,19 @@ def main(argv=None) -> int:
                     for name, caps, params, huge_only in plan:
                         if huge_only and ps == C.TARGET_PAGE_SIZE:
                             continue
-                        print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
                         if params.get("precopy-pacing-rate") == PACE:
                             params = {**params,
                                       "precopy-pacing-rate": int(probes[link_name]["rate-Bps"] * PACE_SHARE)}
-                        with cpu_hogs(args.cpu_hog):
-                            runs = [run_case(link, args.size, ps, caps, params, args, name)
-                                    for _ in range(args.repeat)]
-                        cases.append(merge_runs(runs))
+                        uffd_only = params.get("postcopy-receiver") == "process"
+                        if uffd_only and not args.uffd:
+                            print(f"... {link_name} {page_label(ps)} {name}: skipped, needs --uffd", file=sys.stderr)
+                            continue
+                        if not uffd_only:
+                            print(f"... {link_name} {page_label(ps)} {name}", file=sys.stderr, flush=True)
+                            with cpu_hogs(args.cpu_hog):
+                                runs = [run_case(link, args.size, ps, caps, params, args, name)
+                                        for _ in range(args.repeat)]
+                            cases.append(merge_runs(runs))
                         if args.tls:
                             # Same case, same link, right after, every channel over TLS.
                             print(f"... {link_name} {page_label(ps)} {name}+tls", file=sys.stderr, flush=True)
@@ -364,7 +392,7 @@ def main(argv=None) -> int:
                         if args.uffd:
                             # Same case, same link, right after: the guest in its own process.
                             print(f"... {link_name} {page_label(ps)} {name}+uffd", file=sys.stderr, flush=True)
-                            with uffd_backing(args, ps) as runner:
+                            with uffd_backing(args, ps) as runner, cpu_hogs(args.cpu_hog):
                                 runs = [run_case(link, args.size, ps, caps, params, args, f"{name}+uffd",
                                                  runner=runner) for _ in range(args.repeat)]
                             cases.append(merge_runs(runs))
