@@ -92,10 +92,20 @@ class ReceivedPages:
                 fps[sel] = page_fingerprints(b.words[sel])
 
     def discard(self, block: RAMBlock, start: int, length: int) -> None:
-        """POSTCOPY_RAM_DISCARD: these pages are stale; drop them and their memory."""
+        """POSTCOPY_RAM_DISCARD: these pages are stale (or were never sent); drop them.
+
+        With a placer (uffd) their memory goes, so the guest's next access
+        faults. With the memcpy backend only the memory of pages received
+        before goes: a page never received holds nothing stale, and its
+        memory, backed at POSTCOPY_ADVISE, stays, so placing it later is a
+        copy, not a first touch (which costs several times the copy, much
+        more in a VM). The guest waits for the received bit either way.
+        """
         p0, p1 = start >> C.TARGET_PAGE_BITS, (start + length) >> C.TARGET_PAGE_BITS
+        bits = self.bitmaps[block.idstr].bits
         with self.cond:
-            self.bitmaps[block.idstr].bits[p0:p1] = False
+            held = bits[p0:p1].copy()
+            bits[p0:p1] = False
         if self.placer is not None:
             self.placer.discard(block, start, length)
             return
@@ -103,11 +113,16 @@ class ReceivedPages:
             # Keep the huge pages: given back to the pool, they might not be had
             # again when the page arrives. Not-received pages are never read.
             return
-        try:
-            advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
-            block.mem.madvise(advice, start, length)
-        except (OSError, AttributeError, ValueError):
-            block.pages[p0:p1] = 0
+        advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
+        tph = block.tp_per_hp
+        # Runs of received pages (whole host pages: discards are host-page aligned).
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], held, [False])).astype(np.int8)))
+        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            a, b = p0 + a - (p0 + a) % tph, p0 + b + (-(p0 + b)) % tph
+            try:
+                block.mem.madvise(advice, a << C.TARGET_PAGE_BITS, (b - a) << C.TARGET_PAGE_BITS)
+            except (OSError, AttributeError, ValueError):
+                block.pages[a:b] = 0
 
     def place(self, block: RAMBlock, where, data, channel: str = "precopy") -> int:
         """Write pages (``where``: a slice or index array) and mark them received.

@@ -154,3 +154,26 @@ def test_interrupted_huge_pages_migrate_with_equal_digests(checks, channels):
     assert src["digests"] == dst["digests"]
     assert src["preemptions"] >= 1  # huge pages did arrive in pieces
     assert src["restores"] == src["preemptions"]
+
+
+# --- discards keep the memory of pages never received (memcpy backend) ---
+
+@pytest.mark.parametrize("backing", ["anon", "memfd"])
+def test_discard_drops_received_pages_and_keeps_the_memory_of_others(backing):
+    ram = GuestRAM.create(8 << 20, 2 << 20, backing=backing)
+    blk = ram.blocks[0]
+    rec = ReceivedPages(ram)
+    bits = rec.bitmaps[blk.idstr].bits
+    rec.place(blk, slice(HUGE, 2 * HUGE), page_data(HUGE, 8))  # received in precopy, then dirtied
+    blk.pages[2 * HUGE:, 0] = 5  # memory held (backed at ADVISE) but never received
+    rec.discard(blk, 0, 4 << 20)  # host pages 0 (never received) and 1 (received)
+    rec.discard(blk, 4 << 20, 4 << 20)  # host pages 2 and 3, never received
+    assert not bits.any()
+    assert not blk.pages[HUGE:2 * HUGE].any()  # the stale page's memory went (reads zero again)
+    assert (blk.pages[2 * HUGE:, 0] == 5).all()  # kept: placing there is a copy, not a first touch
+    # Placing into kept memory: zero pages are written as zeros, not skipped.
+    asm = HostPageAssembler(ram, rec, "precopy")
+    asm.add(piece(ram, range(2 * HUGE, 2 * HUGE + 10), None, False))
+    asm.add(piece(ram, range(2 * HUGE + 10, 3 * HUGE), page_data(HUGE - 10, 9), False))
+    assert not blk.pages[2 * HUGE:2 * HUGE + 10].any()
+    assert bits[2 * HUGE:3 * HUGE].all()
