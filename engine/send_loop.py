@@ -28,6 +28,7 @@ HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends 
 BREAK_WAIT = 0.00025  # s
 BREAK_STEP_PAGES = 16
 BREAK_MAX_PAGES = 256  # 1 MiB
+PREPARE_PAGES = 8192  # 32 MiB: most target pages of a chunked huge page prepared at once
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
@@ -107,11 +108,17 @@ class SendLoop:
                 q = bm.next_set(p, order.end)
                 if q >= order.end:
                     break
-                e = bm.next_clear(q, min(order.end, q + step))
-                bm.bits[q:e] = False
+                if not chunked:
+                    e = bm.next_clear(q, min(order.end, q + step))
+                    bm.bits[q:e] = False
             if chunked:
-                if prep is None:
-                    prep = PreparedRange(ch, blk, q, order.end)
+                if prep is None or q >= prep.p1:
+                    # Prepared PREPARE_PAGES at a time: a 1 GiB page is not read whole
+                    # before its first chunk leaves, and its arrays stay small.
+                    prep = PreparedRange(ch, blk, q, min(order.end, q + PREPARE_PAGES))
+                with self.lock:
+                    e = bm.next_clear(q, min(prep.p1, q + step))
+                    bm.bits[q:e] = False
                 prep.send(q, e)
             else:
                 ch.send_range(blk, q, e, ordered=order_matters)
