@@ -3,7 +3,6 @@ the same records on the wire as send_range of each slice, and the destination de
 verifies them (page-checksums on and off, data and zero pages mixed, block named once)."""
 import socket
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st

@@ -291,11 +291,13 @@ def throughput_main(args) -> int:
           f"{os.getloadavg()[0]:.2f} (shared machine: figures under load), guest {format_size(args.size)}, "
           f"destination workload {'light (64 pages/s)' if args.light else 'none'}, switch at "
           f"{args.after_percent} %, median of {args.repeat} [min-max]")
-    head = f"{'link':<8} {'page':>4} {'guest':>5} {'case':<11} {'phase MiB/s':>22} {'overall MiB/s':>22} {'/precopy':>8} {'total':>7}"
+    head = (f"{'link':<8} {'page':>4} {'guest':>5} {'case':<11} {'phase MiB/s':>22} {'overall MiB/s':>22} "
+            f"{'/precopy':>8} {'total':>7}")
     print(head)
     print("-" * len(head))
     for c in cases:
-        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {page_label(c.get('size', args.size)):>5} {c['case']:<11}"
+        pre = (f"{c['link']:<8} {page_label(c['page-size']):>4} {page_label(c.get('size', args.size)):>5} "
+               f"{c['case']:<11}")
         if c.get("phase-MiBps") is None:
             print(f"{pre} ERROR {c.get('error')}")
             continue
