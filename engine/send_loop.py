@@ -53,6 +53,8 @@ class SendLoop:
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread
         self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
+        self.held = 0.0  # s background pages were held behind requested ones (preempt-hold-background)
+        self.holds = 0
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
         self.bandwidth = 0.0
         self.mbps = 0.0
@@ -164,14 +166,23 @@ class SendLoop:
         not stop the background; not at all once the guest waits for the page
         of ``order`` itself (a request for it was dropped: ``order.wanted``).
         """
-        deadline = time.monotonic() + HOLD_MAX
-        while self.urgent_in_flight() and not self.stopping() and not order.wanted:
-            if can_leave and self.sched.queue:
-                return False
-            if time.monotonic() > deadline:
-                break
-            time.sleep(HOLD_POLL)
-        return True
+        t0 = time.monotonic()
+        deadline = t0 + HOLD_MAX
+        try:
+            while self.urgent_in_flight() and not self.stopping() and not order.wanted:
+                if can_leave and self.sched.queue:
+                    return False
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(HOLD_POLL)
+            return True
+        finally:
+            self.held += time.monotonic() - t0
+            self.holds += 1
+
+    def counters(self) -> dict:
+        """Ferry's figures of the background send: time background pages were held (ms) and how often."""
+        return {"background-held-ms": int(self.held * 1000), "background-holds": self.holds}
 
     # --- figures ---
     def pages_sent(self) -> int:

@@ -154,6 +154,8 @@ def test_interrupted_huge_pages_migrate_with_equal_digests(checks, channels):
     assert src["digests"] == dst["digests"]
     assert src["preemptions"] >= 1  # huge pages did arrive in pieces
     assert src["restores"] == src["preemptions"]
+    # Background pages held behind requested ones: reported, never longer than the run.
+    assert src["background-holds"] >= 0 and 0 <= src["background-held-ms"] <= src["total-time"]
 
 
 # --- discards keep the memory of pages never received (memcpy backend) ---
