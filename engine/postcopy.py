@@ -1,13 +1,17 @@
 """Destination side of postcopy: host-page assembly and demand paging.
 
-*Placement*: target pages of a host page are collected in a per-channel
-temporary host page and the complete host page is placed into guest RAM at
-once, then marked received (a run that already holds a whole host page is
-placed straight from the stream buffer, or from the channel's PageChecker copy
-with page-checksums). Every run is checked against its page check values
-before any of it is copied or placed. Target pages of a host page must
-arrive in order, and no page of another host page may arrive on that channel
-before the current one is complete.
+*Placement*: a host page becomes visible to the guest all at once, when it
+is marked received. A run that holds a whole host page is placed straight
+from the stream buffer (or from the channel's PageChecker copy with
+page-checksums). A host page that arrives in pieces (a huge page the source
+interrupted for a request) is assembled: with the memcpy backend in place,
+each piece written straight into guest RAM and the page marked received after
+its last piece; with the uffd backend in a per-channel temporary host page,
+placed with one UFFDIO_COPY once complete (the kernel maps a host page only
+whole). Every run is checked against its page check values before any of it
+is copied or placed. Target pages of a host page must arrive in order, and no
+page of another host page may arrive on that channel before the current one
+is complete.
 
 *Demand paging*: a guest thread about to touch pages calls
 :meth:`FaultHandler.ensure`; for each host page not yet received it sends one
@@ -88,10 +92,20 @@ class ReceivedPages:
                 fps[sel] = page_fingerprints(b.words[sel])
 
     def discard(self, block: RAMBlock, start: int, length: int) -> None:
-        """POSTCOPY_RAM_DISCARD: these pages are stale; drop them and their memory."""
+        """POSTCOPY_RAM_DISCARD: these pages are stale (or were never sent); drop them.
+
+        With a placer (uffd) their memory goes, so the guest's next access
+        faults. With the memcpy backend only the memory of pages received
+        before goes: a page never received holds nothing stale, and its
+        memory, backed at POSTCOPY_ADVISE, stays, so placing it later is a
+        copy, not a first touch (which costs several times the copy, much
+        more in a VM). The guest waits for the received bit either way.
+        """
         p0, p1 = start >> C.TARGET_PAGE_BITS, (start + length) >> C.TARGET_PAGE_BITS
+        bits = self.bitmaps[block.idstr].bits
         with self.cond:
-            self.bitmaps[block.idstr].bits[p0:p1] = False
+            held = bits[p0:p1].copy()
+            bits[p0:p1] = False
         if self.placer is not None:
             self.placer.discard(block, start, length)
             return
@@ -99,11 +113,16 @@ class ReceivedPages:
             # Keep the huge pages: given back to the pool, they might not be had
             # again when the page arrives. Not-received pages are never read.
             return
-        try:
-            advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
-            block.mem.madvise(advice, start, length)
-        except (OSError, AttributeError, ValueError):
-            block.pages[p0:p1] = 0
+        advice = mmap.MADV_DONTNEED if block.backing == "anon" else mmap.MADV_REMOVE
+        tph = block.tp_per_hp
+        # Runs of received pages (whole host pages: discards are host-page aligned).
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], held, [False])).astype(np.int8)))
+        for a, b in zip(edges[0::2].tolist(), edges[1::2].tolist()):
+            a, b = p0 + a - (p0 + a) % tph, p0 + b + (-(p0 + b)) % tph
+            try:
+                block.mem.madvise(advice, a << C.TARGET_PAGE_BITS, (b - a) << C.TARGET_PAGE_BITS)
+            except (OSError, AttributeError, ValueError):
+                block.pages[a:b] = 0
 
     def place(self, block: RAMBlock, where, data, channel: str = "precopy") -> int:
         """Write pages (``where``: a slice or index array) and mark them received.
@@ -131,6 +150,27 @@ class ReceivedPages:
             block.write_pages(where, data)
             # Read back from guest RAM: verification then covers the placement too.
             self.fingerprints[block.idstr][where] = page_fingerprints(block.words[where])
+        return self._mark(block, where, channel)
+
+    def commit(self, block: RAMBlock, hp: slice, channel: str = "precopy") -> int:
+        """Mark host page ``hp`` (a slice of target pages) received; its bytes are in guest RAM already.
+
+        The memcpy backend's in-place assembly (:class:`HostPageAssembler`)
+        writes the pieces of an interrupted huge page straight into guest RAM;
+        nothing reads them before the received bit is set here, after the
+        last piece. Fingerprints are read back from guest RAM, as in
+        :meth:`place`. Returns pages marked (0 if the page was received already).
+        """
+        if self.placer is not None:
+            raise RuntimeError("commit: pages of a placer backend are placed whole (UFFDIO_COPY), not in place")
+        if self.bitmaps[block.idstr].bits[hp.start]:
+            return 0
+        self.fingerprints[block.idstr][hp] = page_fingerprints(block.words[hp])
+        return self._mark(block, hp, channel)
+
+    def _mark(self, block: RAMBlock, where, channel: str) -> int:
+        """Set the received bits of placed pages and wake their waiters."""
+        bits = self.bitmaps[block.idstr].bits
         self.place_done[channel] = time.monotonic()
         self.place_where[channel] = (block.index, where)
         with self.cond:
@@ -142,7 +182,13 @@ class ReceivedPages:
 
 
 class HostPageAssembler:
-    """One per channel: the temporary host page where a huge page is assembled.
+    """One per channel: assembles the host pages that arrive on it in pieces.
+
+    In place in guest RAM with the memcpy backend; with a placer (uffd) in a
+    temporary host page of this channel's, allocated at the first partial
+    huge page of each size: up to one host page (1 GiB with 1 GiB pages) per
+    channel, kept for the migration (anonymous memory, untouched parts cost
+    nothing).
 
     ``require_checks`` (capability page-checksums): a run without check
     values is refused. Every run is checked against the values it carries
@@ -219,6 +265,8 @@ class HostPageAssembler:
             data = None if run.data is None else run.data[i:i + k]
             if p == hp and k == tph:
                 self.received.place(blk, slice(hp, hp + tph), data, self.channel)  # whole host page at once
+            elif self.received.placer is None:
+                self._piece_in_place(blk, hp, p, k, data)
             else:
                 tmp = self._tmp_for(blk)
                 off = p - hp
@@ -236,6 +284,29 @@ class HostPageAssembler:
                 self.host_pages_placed += 1
                 done.append((blk.index, hp))
         return done
+
+    def _piece_in_place(self, blk: RAMBlock, hp: int, p: int, k: int, data) -> None:
+        """Memcpy backend: write target pages [p, p+k) of host page ``hp`` straight into guest RAM.
+
+        The guest waits for the received bit of the whole host page, which is
+        set only after the last piece (:meth:`ReceivedPages.commit`), so a
+        partly written host page is never read; each piece was checked
+        (page-checksums) by :meth:`add` before this, so nothing unchecked is
+        ever written. One copy per piece instead of two (temporary host page,
+        then guest RAM). A host page already received is not written again
+        (never overwrite what the guest may have changed since): no host page
+        spans two channels, so that happens only with a peer that resends one.
+        """
+        rp = self.received
+        bits = rp.bitmaps[blk.idstr].bits
+        last = p + k == hp + blk.tp_per_hp
+        if last:
+            rp.place_started[self.channel] = time.monotonic()  # the trace's "decoded": all of it read
+        if bits[hp]:
+            return
+        blk.write_pages(slice(p, p + k), data)
+        if last:
+            rp.commit(blk, slice(hp, hp + blk.tp_per_hp), self.channel)
 
     def _mixed(self, blk: RAMBlock, p: int) -> ProtocolError:
         cb, chp = self.cur

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import Callable
 
+from ferry_migrate.channels.prepared import PreparedRange
+
 from .callbacks import weak_callback
 from .scheduler import PRECOPY, PageScheduler, SendOrder
 
@@ -26,6 +28,7 @@ HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends 
 BREAK_WAIT = 0.00025  # s
 BREAK_STEP_PAGES = 16
 BREAK_MAX_PAGES = 256  # 1 MiB
+PREPARE_PAGES = 8192  # 32 MiB: most target pages of a chunked huge page prepared at once
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
@@ -53,6 +56,8 @@ class SendLoop:
         self.hold_background = False  # preempt-hold-background, once in postcopy
         self.urgent_busy = 0  # requested pages being sent by the return-path thread
         self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
+        self.held = 0.0  # s background pages were held behind requested ones (preempt-hold-background)
+        self.holds = 0
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
         self.bandwidth = 0.0
         self.mbps = 0.0
@@ -89,6 +94,12 @@ class SendLoop:
         trace = self.trace if order.requested else None
         if trace is not None:
             trace.mark(order.block, order.start, "send-start")
+        # A huge page sent in chunks is prepared once, in bulk, and sent in slices
+        # (channels/prepared.py): per-chunk preparation cost several times the
+        # bytes' own CPU. Only with the guest stopped (postcopy): the bytes must
+        # not change between preparation and send.
+        prep = None
+        chunked = step < order.end - order.start and blk.tp_per_hp > 1 and not ch.guest_running()
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
@@ -104,9 +115,20 @@ class SendLoop:
                 q = bm.next_set(p, order.end)
                 if q >= order.end:
                     break
-                e = bm.next_clear(q, min(order.end, q + step))
-                bm.bits[q:e] = False
-            ch.send_range(blk, q, e, ordered=order_matters)
+                if not chunked:
+                    e = bm.next_clear(q, min(order.end, q + step))
+                    bm.bits[q:e] = False
+            if chunked:
+                if prep is None or q >= prep.p1:
+                    # Prepared PREPARE_PAGES at a time: a 1 GiB page is not read whole
+                    # before its first chunk leaves, and its arrays stay small.
+                    prep = PreparedRange(ch, blk, q, min(order.end, q + PREPARE_PAGES))
+                with self.lock:
+                    e = bm.next_clear(q, min(prep.p1, q + step))
+                    bm.bits[q:e] = False
+                prep.send(q, e)
+            else:
+                ch.send_range(blk, q, e, ordered=order_matters)
             p = e
         if order.requested:
             ch.flush()  # the destination's guest is waiting for it
@@ -149,14 +171,23 @@ class SendLoop:
         not stop the background; not at all once the guest waits for the page
         of ``order`` itself (a request for it was dropped: ``order.wanted``).
         """
-        deadline = time.monotonic() + HOLD_MAX
-        while self.urgent_in_flight() and not self.stopping() and not order.wanted:
-            if can_leave and self.sched.queue:
-                return False
-            if time.monotonic() > deadline:
-                break
-            time.sleep(HOLD_POLL)
-        return True
+        t0 = time.monotonic()
+        deadline = t0 + HOLD_MAX
+        try:
+            while self.urgent_in_flight() and not self.stopping() and not order.wanted:
+                if can_leave and self.sched.queue:
+                    return False
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(HOLD_POLL)
+            return True
+        finally:
+            self.held += time.monotonic() - t0
+            self.holds += 1
+
+    def counters(self) -> dict:
+        """Ferry's figures of the background send: time background pages were held (ms) and how often."""
+        return {"background-held-ms": int(self.held * 1000), "background-holds": self.holds}
 
     # --- figures ---
     def pages_sent(self) -> int:

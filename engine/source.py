@@ -285,6 +285,7 @@ class MigrationSource:
                     st.transferred += self.multifd.transferred
         if self.sched is not None and self.in_postcopy:
             st.extra.update(self.sched.counters())
+            st.extra.update(self.loop.counters())  # engine/send_loop.py: background held behind requests
             if st.downtime_end is not None and st.status == ST.POSTCOPY_ACTIVE:
                 st.extra["postcopy-bytes"] = self._postcopy_bytes()
         if self.recoveries:

@@ -96,16 +96,27 @@ def open_link(name: str, shape: LinkShape | None = None):
         yield LinkEnv("netns", f"tcp:{tb.address('dst')}:0", (tb.ns["src"], tb.ns["dst"]), tb, shape)
 
 
+def guest_size(size: int, page_size: int) -> int:
+    """The guest size used for ``page_size``: at least two host pages (1 GiB pages: 2 GiB).
+
+    With one host page, precopy sends it whole before the switch (a host page
+    never splits there) and postcopy has nothing left to move.
+    """
+    return max(size, 2 * page_size)
+
+
 def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict, args, label: str = "",
              runner=None) -> dict:
     """One postcopy migration; returns its latency figures (or the error).
 
     ``runner``: run_local_migration's signature (default: run_local_migration itself).
+    The guest has ``guest_size(size, page_size)`` bytes.
     """
+    size = guest_size(size, page_size)
     wl = WorkloadConfig(threads=args.threads, pattern="random", batch=1, dirty_rate=args.dirty_rate, seed=args.seed)
     guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
     params = {"postcopy-after-percent": args.after_percent, **params}
-    out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
+    out = {"case": label, "link": link.name, "page-size": page_size, "size": size, "caps": caps, "params": params}
     t0 = time.monotonic()
     try:
         src, dst = (runner or run_local_migration)(link.uri, guest, caps=caps, params=params,
@@ -181,7 +192,17 @@ def mibps(nbytes: int, ms: float) -> float | None:
     return round(nbytes / MIB / (ms / 1000), 1) if ms and ms > 0 else None
 
 
-def run_throughput_case(link: LinkEnv, size: int, page_size: int, caps: dict, args, label: str) -> dict:
+def throughput_cases(args) -> list[tuple[str, dict, dict]]:
+    """(name, caps, params): precopy, vanilla, and preempt on each of --preempt-channels."""
+    cases = [(name, caps, {}) for name, caps in THROUGHPUT_CASES[:2]]
+    for n in args.preempt_channels:
+        cases.append(("preempt" if n == 1 else f"preempt-{n}ch", THROUGHPUT_CASES[2][1],
+                      {} if n == 1 else {"postcopy-channels": n}))
+    return cases
+
+
+def run_throughput_case(link: LinkEnv, size: int, page_size: int, caps: dict, args, label: str,
+                        extra: dict | None = None) -> dict:
     """One migration for --throughput: how fast background pages move.
 
     No source workload (one pass is enough for precopy); on the destination
@@ -193,9 +214,10 @@ def run_throughput_case(link: LinkEnv, size: int, page_size: int, caps: dict, ar
     """
     wl = (WorkloadConfig(threads=1, pattern="random", batch=1, dirty_rate=64 * 4096, seed=args.seed)
           if args.light else None)
+    size = guest_size(size, page_size)
     guest = GuestConfig(size=size, page_size=page_size, fill="pattern", workload=None, dest_workload=wl)
-    params = {"postcopy-after-percent": args.after_percent} if caps.get("postcopy-ram") else {}
-    out = {"case": label, "link": link.name, "page-size": page_size, "caps": caps, "params": params}
+    params = {"postcopy-after-percent": args.after_percent, **(extra or {})} if caps.get("postcopy-ram") else {}
+    out = {"case": label, "link": link.name, "page-size": page_size, "size": size, "caps": caps, "params": params}
     t0 = time.monotonic()
     try:
         src, dst = run_local_migration(link.uri, guest, caps=caps, params=params, timeout=args.timeout,
@@ -247,11 +269,12 @@ def throughput_main(args) -> int:
         with open_link(args.link, args.shape) as link:
             env = link.describe()
             for ps in args.page_sizes:
-                runs: dict[str, list] = {name: [] for name, _ in THROUGHPUT_CASES}
+                plan = throughput_cases(args)
+                runs: dict[str, list] = {name: [] for name, _, _ in plan}
                 for _ in range(args.repeat):  # interleaved: a load change hits every case alike
-                    for name, caps in THROUGHPUT_CASES:
+                    for name, caps, extra in plan:
                         print(f"... {args.link} {page_label(ps)} {name}", file=sys.stderr, flush=True)
-                        runs[name].append(run_throughput_case(link, args.size, ps, caps, args, name))
+                        runs[name].append(run_throughput_case(link, args.size, ps, caps, args, name, extra))
                 merged = {name: merge_throughput(r) for name, r in runs.items()}
                 base = merged["precopy"].get("phase-MiBps")
                 for m in merged.values():
@@ -268,11 +291,13 @@ def throughput_main(args) -> int:
           f"{os.getloadavg()[0]:.2f} (shared machine: figures under load), guest {format_size(args.size)}, "
           f"destination workload {'light (64 pages/s)' if args.light else 'none'}, switch at "
           f"{args.after_percent} %, median of {args.repeat} [min-max]")
-    head = f"{'link':<8} {'page':>4} {'case':<8} {'phase MiB/s':>22} {'overall MiB/s':>22} {'/precopy':>8} {'total':>7}"
+    head = (f"{'link':<8} {'page':>4} {'guest':>5} {'case':<11} {'phase MiB/s':>22} {'overall MiB/s':>22} "
+            f"{'/precopy':>8} {'total':>7}")
     print(head)
     print("-" * len(head))
     for c in cases:
-        pre = f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<8}"
+        pre = (f"{c['link']:<8} {page_label(c['page-size']):>4} {page_label(c.get('size', args.size)):>5} "
+               f"{c['case']:<11}")
         if c.get("phase-MiBps") is None:
             print(f"{pre} ERROR {c.get('error')}")
             continue
@@ -380,7 +405,16 @@ def parse_args(argv=None):
                    help="background throughput instead: precopy vs vanilla postcopy vs preempt, no destination "
                         "workload (default 2M pages)")
     p.add_argument("--light", action="store_true", help="--throughput: a light destination workload (64 pages/s)")
+    p.add_argument("--preempt-channels", default="1",
+                   help="--throughput: comma list of postcopy-channels for the preempt case (default 1; "
+                        "'1,2' adds preempt-2ch)")
     a = p.parse_args(argv)
+    try:
+        a.preempt_channels = [int(x) for x in a.preempt_channels.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--preempt-channels {a.preempt_channels!r}: expected a comma list of integers")
+    if not a.preempt_channels or min(a.preempt_channels) < 1:
+        p.error("--preempt-channels: at least one count, each >= 1")
     if a.throughput and "--page-sizes" not in " ".join(argv if argv is not None else sys.argv):
         a.page_sizes = "2M"
     finish_args(p, a, "256M")

@@ -21,6 +21,14 @@ pass started). Cases, on each host page size and link:
   preempt-rp-proc-fifo  preempt-rp-proc, its process and the urgent threads SCHED_FIFO
   preempt-rp-fifo-2ch   preempt-rp-fifo with postcopy-channels 2: a requested huge page need not
                    wait behind another one on the same POSTCOPY channel
+  preempt-2ch      postcopy-channels 2 (only when named in --cases)
+
+The 1G case: ``--page-sizes 1G`` (or 4K,2M,1G). A guest has at least two host pages
+(bench_postcopy.guest_size: 2 GiB with 1 GiB pages; with one, precopy sends it whole
+before the switch), on ordinary memory: a block's host page size is its migration
+granularity whatever backs it. Its floor is the RTT plus 1 GiB at the link's goodput.
+
+    python tools/bench_preempt.py --links loopback,netns --page-sizes 1G --cases vanilla,preempt,preempt-2ch --repeat 3 --json
 
 With --tls every case runs a second time with every channel over TLS (``case+tls``;
 tls-creds made by engine/certs.py, the destination's name checked through tls-hostname).
@@ -123,6 +131,8 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
             ("preempt-paced-link", PREEMPT, {"precopy-pacing-rate": PACE}, False),
         ]
     if args.cases:
+        # Only when named: requested pages spread over two POSTCOPY channels.
+        cases.append(("preempt-2ch", PREEMPT, {"postcopy-channels": 2}, False))
         known = {c[0] for c in cases}
         bad = [c for c in args.cases if c not in known]
         if bad:
@@ -190,7 +200,8 @@ def verdict(v) -> str:
 
 def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) -> None:
     print(f"Ferry postcopy preemption, {datetime.now():%Y-%m-%d %H:%M}, {os.cpu_count()} CPUs, "
-          f"load {os.getloadavg()[0]:.2f} (figures taken under load are noisy), guest {format_size(args.size)}, "
+          f"load {os.getloadavg()[0]:.2f} (figures taken under load are noisy), guest {format_size(args.size)} "
+          f"(at least 2 host pages), "
           f"dest workload random batch=1 threads={args.threads} {args.dirty_rate >> 20} MiB/s, "
           f"switch at {args.after_percent} %, median of {args.repeat}, cpu hogs {args.cpu_hog}")
     for name, pr in probes.items():
