@@ -276,6 +276,7 @@ def no_child_processes():
 # ---------------------------------------------------------------------------
 
 NR_HUGEPAGES_2M = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"
+NR_HUGEPAGES_1G = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
 COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
 
 
@@ -299,35 +300,48 @@ def hugepages():
     users of the pool keep theirs: only our increment is taken back). In CI a skip
     here is a failure (tests/conftest.py CI_ALLOWED_SKIPS).
     """
+    yield from _pool_reserver(2 << 20, NR_HUGEPAGES_2M, "2 MiB huge pages")
+
+
+@pytest.fixture
+def huge_1g():
+    """Reserve 1 GiB huge pages: ``huge_1g(n)`` makes n free or skips (the reason names
+    "1 GiB huge page", the one skip CI allows: the kernel may not find 1 GiB of contiguous
+    memory); the pages added are given back."""
+    yield from _pool_reserver(1 << 30, NR_HUGEPAGES_1G, "1 GiB huge pages",
+                              "(1 GiB of contiguous physical memory each)")
+
+
+def _pool_reserver(page_size: int, nr_path: str, what: str, short_why: str = ""):
+    """The body of a huge-page fixture: yields ``reserve(n)``, then gives back what it added."""
     from ferry_migrate.engine.ram import hugepage_status
 
-    M2 = 2 << 20
     added = 0
 
     def reserve(n: int) -> None:
         nonlocal added
-        free, _ = hugepage_status(M2)
+        free, _ = hugepage_status(page_size)
         if free >= n:
             return
         try:
-            total = _read_int(NR_HUGEPAGES_2M)
+            total = _read_int(nr_path)
             want = total + n - free
-            _write(NR_HUGEPAGES_2M, want)
-            added = _read_int(NR_HUGEPAGES_2M) - total
-            if hugepage_status(M2)[0] < n:
+            _write(nr_path, want)
+            added = _read_int(nr_path) - total
+            if hugepage_status(page_size)[0] < n:
                 _write(COMPACT_MEMORY, 1)  # fragmented memory: compact, then ask again
-                _write(NR_HUGEPAGES_2M, want)
-                added = _read_int(NR_HUGEPAGES_2M) - total
+                _write(nr_path, want)
+                added = _read_int(nr_path) - total
         except OSError as e:
-            pytest.skip(f"needs {n} free 2 MiB huge pages and cannot reserve them ({e.strerror}); "
-                        f"as root: echo N > {NR_HUGEPAGES_2M}")
-        got = hugepage_status(M2)[0]
+            pytest.skip(f"needs {n} free {what} and cannot reserve them ({e.strerror}); "
+                        f"as root: echo N > {nr_path}")
+        got = hugepage_status(page_size)[0]
         if got < n:
-            pytest.skip(f"needs {n} free 2 MiB huge pages; the kernel reserved only {got}")
+            pytest.skip(f"needs {n} free {what}; the kernel reserved only {got} {short_why}".rstrip())
 
     yield reserve
     if added > 0:
-        _write(NR_HUGEPAGES_2M, max(0, _read_int(NR_HUGEPAGES_2M) - added))
+        _write(nr_path, max(0, _read_int(nr_path) - added))
 
 
 # ---------------------------------------------------------------------------

@@ -9,13 +9,10 @@ huge pages, when the kernel cannot reserve them (tests/conftest.py CI_ALLOWED_SK
 import pytest
 
 from ferry_migrate.engine.local import GuestConfig, run_local_migration
-from ferry_migrate.engine.ram import hugepage_status
 from ferry_migrate.engine.workload import WorkloadConfig
 
-from .conftest import COMPACT_MEMORY, _read_int, _write
 
 GIB = 1 << 30
-NR_HUGEPAGES_1G = "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages"
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 
 
@@ -48,38 +45,6 @@ def test_2g_guest_on_1g_pages_postcopy_preempt(channels):
     # Placed after LISTEN, on whichever channel carried it: one whole 1 GiB page, 262144 target pages.
     placed = sum(c.get("pages-placed", c.get("postcopy-pages-placed", 0)) for c in dst["channels"].values())
     assert placed == GIB // 4096
-
-
-@pytest.fixture
-def huge_1g():
-    """Reserve 1 GiB huge pages: ``huge_1g(n)`` makes n free or skips; the increment is given back."""
-    added = 0
-
-    def reserve(n: int) -> None:
-        nonlocal added
-        free, _ = hugepage_status(GIB)
-        if free >= n:
-            return
-        try:
-            total = _read_int(NR_HUGEPAGES_1G)
-            want = total + n - free
-            _write(NR_HUGEPAGES_1G, want)
-            added = _read_int(NR_HUGEPAGES_1G) - total
-            if hugepage_status(GIB)[0] < n:
-                _write(COMPACT_MEMORY, 1)  # fragmented memory: compact, then ask again
-                _write(NR_HUGEPAGES_1G, want)
-                added = _read_int(NR_HUGEPAGES_1G) - total
-        except OSError as e:
-            pytest.skip(f"needs {n} free 1 GiB huge pages and cannot reserve them ({e.strerror}); "
-                        f"as root: echo N > {NR_HUGEPAGES_1G}")
-        got = hugepage_status(GIB)[0]
-        if got < n:
-            pytest.skip(f"needs {n} free 1 GiB huge pages; the kernel reserved only {got} "
-                        "(1 GiB of contiguous physical memory each)")
-
-    yield reserve
-    if added > 0:
-        _write(NR_HUGEPAGES_1G, max(0, _read_int(NR_HUGEPAGES_1G) - added))
 
 
 def test_1g_guest_on_real_1g_huge_pages_precopy(huge_1g):
