@@ -10,7 +10,7 @@ MiB/s, seconds per GiB and that figure's ratio to the smallest size's, and
 each worker's peak RSS beyond guest RAM against the limit 3 % of guest RAM +
 64 MiB.
 
-Peak RSS: a thread here samples both workers every 50 ms with psutil and also
+Peak RSS: a thread here samples both workers every 100 ms with psutil and also
 reads the kernel's high-water mark (VmHWM in /proc/<pid>/status), so a peak
 between two samples still counts; the figure is the larger of the two.
 
@@ -63,6 +63,20 @@ def _hwm(pid: int) -> int:
     return 0
 
 
+def _thp(pid: int) -> float | None:
+    """AnonHugePages / Anonymous of ``pid`` (smaps_rollup), or None if unreadable or no anonymous memory."""
+    vals = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("Anonymous", "AnonHugePages"):
+                    vals[k] = int(v.split()[0])
+    except (OSError, ValueError):
+        return None
+    return vals["AnonHugePages"] / vals["Anonymous"] if vals.get("Anonymous") else None
+
+
 class PeakRSS(threading.Thread):
     """Peak RSS (bytes) of this process's worker children, by role.
 
@@ -71,36 +85,56 @@ class PeakRSS(threading.Thread):
     resource tracker, if any, is skipped.
     """
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, interval: float = 0.1):
         super().__init__(daemon=True)
         self.interval = interval
         self.peak: dict[str, int] = {}
+        self.thp: dict[str, float] = {}
         self._halt = threading.Event()
         self._me = psutil.Process()
 
-    def run(self) -> None:
-        while not self._halt.is_set():
-            kids = []
-            for p in self._me.children():
-                try:
-                    if "resource_tracker" in " ".join(p.cmdline()):
-                        continue
-                    kids.append((p.create_time(), p.pid, p))
-                except psutil.Error:
+    def _find(self) -> list[tuple[str, psutil.Process]]:
+        kids = []
+        for p in self._me.children():
+            try:
+                if "resource_tracker" in " ".join(p.cmdline()):
                     continue
-            kids.sort()
-            for role, (_, pid, p) in zip(("destination", "source"), kids):
+                kids.append((p.create_time(), p.pid, p))
+            except psutil.Error:
+                continue
+        kids.sort()
+        return [(role, p) for role, (_, _, p) in zip(("destination", "source"), kids)]
+
+    def run(self) -> None:
+        # Children are looked up until both exist (psutil's children() reads all of /proc,
+        # too costly at 20 Hz on a 2-core host); then only their own files are read.
+        procs: list[tuple[str, psutil.Process]] = []
+        last_thp = 0.0
+        while not self._halt.is_set():
+            if len(procs) < 2:
+                procs = self._find()
+            now = time.monotonic()
+            for role, p in procs:
                 try:
                     rss = p.memory_info().rss
                 except psutil.Error:
                     rss = 0
-                self.peak[role] = max(self.peak.get(role, 0), rss, _hwm(pid))
+                self.peak[role] = max(self.peak.get(role, 0), rss, _hwm(p.pid))
+                if now - last_thp >= 1.0:
+                    # Share of the worker's anonymous memory on transparent huge pages, at
+                    # its highest: 4 KiB mappings cost the kernel's copies TLB misses.
+                    thp = _thp(p.pid)
+                    if thp is not None:
+                        self.thp[role] = max(self.thp.get(role, 0.0), thp)
+            if now - last_thp >= 1.0:
+                last_thp = now
             self._halt.wait(self.interval)
 
-    def stop(self) -> dict[str, int]:
+    def stop(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Stop sampling; (peak RSS by role in bytes, highest THP share by role)."""
         self._halt.set()
         self.join(5)
-        return dict(self.peak)
+        return dict(self.peak), dict(self.thp)
 
 
 def mem_available() -> int:
@@ -131,7 +165,7 @@ def one_run(size: int, args) -> dict:
     try:
         src, dst = run_local_migration("tcp:127.0.0.1:0", guest, caps=caps, params=params, timeout=args.timeout)
     finally:
-        peak = sampler.stop()
+        peak, thp = sampler.stop()
     wall = time.monotonic() - t0
     ok = src.get("status") == "completed" and dst.get("status") == "completed"
     digests_equal = src.get("digests") is not None and src.get("digests") == dst.get("digests")
@@ -146,7 +180,7 @@ def one_run(size: int, args) -> dict:
         "setup-ms": src.get("setup-time", 0), "verify-ms": src.get("verify-time", 0),
         "total-ms": src.get("total-time", 0), "wall-s": wall, "transferred": nbytes,
         "postcopy-bytes": src.get("postcopy-bytes", 0), "digests-equal": digests_equal,
-        "load-1min": load[0],
+        "load-1min": load[0], "thp-share": {k: round(v, 3) for k, v in thp.items()},
         "rss-peak": peak, "rss-beyond": {k: v - size for k, v in peak.items()},
         "rss-limit": limit, "rss-ok": bool(peak) and all(v - size <= limit for v in peak.values()),
     }
@@ -164,6 +198,9 @@ def summarise(size: int, runs: list[dict]) -> dict:
     out["rss-limit"] = runs[0]["rss-limit"]
     out["rss-ok"] = all(r["rss-ok"] for r in runs)
     out["digests-equal"] = all(r["digests-equal"] for r in runs)
+    for role in ("source", "destination"):
+        out[f"thp-{role}"] = min(r["thp-share"].get(role, 0.0) for r in runs)
+    out["setup-ms"] = statistics.median(r["setup-ms"] for r in runs)
     out["load-1min"] = [round(r["load-1min"], 2) for r in runs]
     return out
 
@@ -176,7 +213,7 @@ def print_table(rows: list[dict], args) -> None:
           f"page-checksums {'on' if args.page_checksums else 'off'}, multifd {args.multifd or 'off'}, "
           f"median of {args.repeat} [min-max]")
     head = (f"{'guest':>6} {'time s':>20} {'MiB/s':>20} {'s/GiB':>20} {'ratio':>6} "
-            f"{'src +RSS MiB':>12} {'dst +RSS MiB':>12} {'limit':>6} {'':4} {'digests':>7} load")
+            f"{'src +RSS MiB':>12} {'dst +RSS MiB':>12} {'limit':>6} {'':4} {'digests':>7} {'THP s/d':>9} load")
     print(head)
     print("-" * len(head))
     base = rows[0]["s-per-gib"] if rows else 1.0
@@ -188,10 +225,12 @@ def print_table(rows: list[dict], args) -> None:
         print(f"{format_size(r['size']):>6} {f('transfer-s'):>20} {f('mibps', 0):>20} {f('s-per-gib', 3):>20} "
               f"{r['ratio']:>6.2f} {r['rss-beyond-source'] / MIB:>12.1f} {r['rss-beyond-destination'] / MIB:>12.1f} "
               f"{r['rss-limit'] / MIB:>6.0f} {'ok' if r['rss-ok'] else 'OVER':4} "
-              f"{'equal' if r['digests-equal'] else 'DIFFER':>7} {','.join(map(str, r['load-1min']))}")
+              f"{'equal' if r['digests-equal'] else 'DIFFER':>7} "
+              f"{r['thp-source'] * 100:>4.0f}/{r['thp-destination'] * 100:<3.0f}% {','.join(map(str, r['load-1min']))}")
     print("time = migration start -> destination's confirmation; ratio = s/GiB over the first size's; "
           "+RSS = worst peak RSS beyond guest RAM over the runs (psutil samples and VmHWM); "
-          "limit = 3 % of guest RAM + 64 MiB; load = 1-min load average at each run's start.")
+          "limit = 3 % of guest RAM + 64 MiB; THP s/d = lowest share of each worker's anonymous memory on transparent "
+          "huge pages (smaps_rollup); load = 1-min load average at each run's start.")
 
 
 def parse_args(argv=None):
@@ -236,7 +275,7 @@ def main(argv=None) -> int:
         runs[size].append(r)
         print(f"  {format_size(size)}: {r['transfer-s']:.2f} s, {r['mibps']:.0f} MiB/s, "
               f"+RSS src {r['rss-beyond'].get('source', 0) / MIB:.1f} / dst "
-              f"{r['rss-beyond'].get('destination', 0) / MIB:.1f} MiB, load {r['load-1min']:.2f}",
+              f"{r['rss-beyond'].get('destination', 0) / MIB:.1f} MiB, THP {r['thp-share']}, load {r['load-1min']:.2f}",
               file=sys.stderr, flush=True)
     rows = [summarise(s, runs[s]) for s in args.sizes if runs[s]]
     print_table(rows, args)
