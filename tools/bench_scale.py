@@ -20,6 +20,7 @@ at ``--after-percent`` of the first pass, and checks digests equal.
     python tools/bench_scale.py                       # 1G,2G,4G,8G, median of 3
     python tools/bench_scale.py --sizes 1G,2G --repeat 1 --json
     python tools/bench_scale.py --sizes 8G --mode postcopy --repeat 1
+    python tools/bench_scale.py --sizes 8G --via demo --mode postcopy   # `ferry worker` processes
 
 Memory: source and destination each hold the guest, so an 8 GiB case needs
 about 16 GiB free; the tool refuses a size when MemAvailable is below twice
@@ -47,6 +48,20 @@ from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
+NO_THP_ENV = "FERRY_BENCH_NO_THP"
+
+if os.environ.get(NO_THP_ENV):
+    # --no-thp, for measurement only: guest RAM on 4 KiB mappings instead of the transparent
+    # huge pages RAMBlock asks for. Spawned workers import this module again as __mp_main__,
+    # so the patch holds in them too.
+    import mmap
+
+    from ferry_migrate.engine.ram import RAMBlock
+
+    def _no_thp(m) -> None:
+        m.madvise(mmap.MADV_NOHUGEPAGE)
+
+    RAMBlock._advise_thp = staticmethod(_no_thp)
 RSS_SHARE = 0.03  # the RSS limit beyond guest RAM: 3 % of it ...
 RSS_FIXED = 64 * MIB  # ... plus 64 MiB, per worker
 
@@ -85,15 +100,29 @@ class PeakRSS(threading.Thread):
     resource tracker, if any, is skipped.
     """
 
-    def __init__(self, interval: float = 0.1):
+    def __init__(self, interval: float = 0.1, root: int | None = None):
         super().__init__(daemon=True)
+        self.root = root  # None: this process's children; else `ferry worker` descendants of this pid
         self.interval = interval
         self.peak: dict[str, int] = {}
         self.thp: dict[str, float] = {}
         self._halt = threading.Event()
-        self._me = psutil.Process()
+        self._me = psutil.Process(root) if root else psutil.Process()
 
     def _find(self) -> list[tuple[str, psutil.Process]]:
+        if self.root:
+            found = []
+            try:
+                for p in self._me.children(recursive=True):
+                    try:
+                        cmd = p.cmdline()
+                    except psutil.Error:
+                        continue
+                    if "worker" in cmd and "--role" in cmd:
+                        found.append((cmd[cmd.index("--role") + 1], p))
+            except psutil.Error:
+                pass
+            return sorted(found, key=lambda rp: rp[0])
         kids = []
         for p in self._me.children():
             try:
@@ -186,6 +215,56 @@ def one_run(size: int, args) -> dict:
     }
 
 
+def demo_run(size: int, args) -> dict:
+    """One migration of a ``size``-byte guest between two `ferry worker` processes (`ferry demo`)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "ferry_migrate.engine.cli", "demo", "--size", str(size),
+           "--page-size", str(args.page_size), "--fill", args.fill, "--workload-threads", "0",
+           "--cap", f"page-checksums={'on' if args.page_checksums else 'off'}",
+           "--migration-timeout", str(int(args.timeout)), "--json"]
+    if args.mode == "precopy":
+        cmd.append("--precopy")
+    else:
+        cmd += ["--param", f"postcopy-after-percent={args.after_percent}"]
+    if not args.prealloc:
+        cmd.append("--no-mem-prealloc")
+    if args.multifd:
+        cmd += ["--cap", "multifd=on", "--param", f"multifd-channels={args.multifd}"]
+    load = os.getloadavg()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = PeakRSS(root=proc.pid)
+    sampler.start()
+    try:
+        out, err = proc.communicate(timeout=args.timeout + 120)
+    finally:
+        peak, thp = sampler.stop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wall = time.monotonic() - t0
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"{format_size(size)}: ferry demo exited {proc.returncode}, no JSON: {err[-2000:]}")
+    doc = json.loads(lines[-1])
+    src = doc.get("source", {})
+    if not doc.get("verified"):
+        raise RuntimeError(f"{format_size(size)}: ferry demo {doc.get('result')}: {err[-2000:]}")
+    t = src["transfer-time"] / 1000
+    nbytes = src["ram"]["transferred"]
+    limit = int(RSS_SHARE * size) + RSS_FIXED
+    return {
+        "size": size, "transfer-s": t, "mibps": nbytes / MIB / t, "s-per-gib": t / (size / GIB),
+        "setup-ms": src.get("setup-time", 0), "verify-ms": src.get("verify-time", 0),
+        "total-ms": src.get("total-time", 0), "wall-s": wall, "transferred": nbytes,
+        "postcopy-bytes": src.get("postcopy-bytes", 0), "digests-equal": bool(doc.get("digests-match")),
+        "load-1min": load[0], "thp-share": {k: round(v, 3) for k, v in thp.items()},
+        "rss-peak": peak, "rss-beyond": {k: v - size for k, v in peak.items()},
+        "rss-limit": limit, "rss-ok": len(peak) == 2 and all(v - size <= limit for v in peak.values()),
+    }
+
+
 def summarise(size: int, runs: list[dict]) -> dict:
     med = statistics.median
     out = {"size": size, "runs": runs}
@@ -211,7 +290,7 @@ def print_table(rows: list[dict], args) -> None:
           f"{format_size(args.page_size)} pages, paused guest, fill={args.fill}, "
           f"{'destination preallocated, ' if args.prealloc else ''}"
           f"page-checksums {'on' if args.page_checksums else 'off'}, multifd {args.multifd or 'off'}, "
-          f"median of {args.repeat} [min-max]")
+          f"median of {args.repeat} [min-max], via {args.via}{', THP off (MADV_NOHUGEPAGE)' if args.no_thp else ''}")
     head = (f"{'guest':>6} {'time s':>20} {'MiB/s':>20} {'s/GiB':>20} {'ratio':>6} "
             f"{'src +RSS MiB':>12} {'dst +RSS MiB':>12} {'limit':>6} {'':4} {'digests':>7} {'THP s/d':>9} load")
     print(head)
@@ -246,6 +325,12 @@ def parse_args(argv=None):
                    help="destination RAM backed before the migration (default on)")
     p.add_argument("--page-checksums", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--multifd", type=int, default=0, help="multifd-channels (0: capability multifd off)")
+    p.add_argument("--via", default="local", choices=("local", "demo"),
+                   help="local: two spawned processes (engine.local); demo: two `ferry worker` processes "
+                        "driven over the control plane (`ferry demo --json`, no guest workload)")
+    p.add_argument("--no-thp", action="store_true",
+                   help="measurement only: guest RAM of both workers on 4 KiB mappings (MADV_NOHUGEPAGE) "
+                        "instead of transparent huge pages, to show what the kernel's page tables cost (--via local)")
     p.add_argument("--interleave", action="store_true",
                    help="repeat the whole size list --repeat times instead of each size in a row")
     p.add_argument("--timeout", type=float, default=600.0, help="s per migration")
@@ -262,6 +347,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.no_thp:
+        os.environ[NO_THP_ENV] = "1"
     runs: dict[int, list[dict]] = {s: [] for s in args.sizes}
     order = ([s for _ in range(args.repeat) for s in args.sizes] if args.interleave
              else [s for s in args.sizes for _ in range(args.repeat)])
@@ -271,7 +358,7 @@ def main(argv=None) -> int:
             print(f"  {format_size(size)}: only {mem_available() / GIB:.1f} GiB available, need "
                   f"{need / GIB:.1f}; skipped", file=sys.stderr, flush=True)
             continue
-        r = one_run(size, args)
+        r = demo_run(size, args) if args.via == "demo" else one_run(size, args)
         runs[size].append(r)
         print(f"  {format_size(size)}: {r['transfer-s']:.2f} s, {r['mibps']:.0f} MiB/s, "
               f"+RSS src {r['rss-beyond'].get('source', 0) / MIB:.1f} / dst "
