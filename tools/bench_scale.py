@@ -24,7 +24,7 @@ at ``--after-percent`` of the first pass, and checks digests equal.
 
 Memory: source and destination each hold the guest, so an 8 GiB case needs
 about 16 GiB free; the tool refuses a size when MemAvailable is below twice
-the guest plus 2 GiB.
+the guest plus 1 GiB.
 """
 from __future__ import annotations
 
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
     order = ([s for _ in range(args.repeat) for s in args.sizes] if args.interleave
              else [s for s in args.sizes for _ in range(args.repeat)])
     for size in order:
-        need = 2 * size + 2 * GIB
+        need = 2 * size + GIB
         if mem_available() < need:
             print(f"  {format_size(size)}: only {mem_available() / GIB:.1f} GiB available, need "
                   f"{need / GIB:.1f}; skipped", file=sys.stderr, flush=True)
