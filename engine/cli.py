@@ -927,6 +927,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EndpointError, CurveKeyError) as e:
         # Checked where the endpoint or key directory is first used: one line, no traceback.
         return _error(str(e), EXIT_USAGE)
+    except BrokenPipeError:
+        # Whoever read stdout went away (`ferry call EP query-migrate | head`): no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
