@@ -162,6 +162,16 @@ class ChannelGate:
                     self._cond.wait(min(max(0.0, deadline - time.monotonic()), 0.05))
                 continue
             threading.Thread(target=self._handshake, args=(t,), name="channel-handshake", daemon=True).start()
+            # A source opens its channels one after another, each waiting for its reply: wait for
+            # this handshake (it notifies) rather than in accept for a connection that cannot come
+            # yet, which cost up to the poll interval per channel (seconds for many multifd channels).
+            with self._cond:
+                self._cond.wait_for(lambda: self._has(role, index) or self._closed,
+                                    min(max(0.0, deadline - time.monotonic()), 0.05))
+
+    def _has(self, role: int, index: int) -> bool:
+        """A verified connection for (role, index) waits to be taken (call with the lock held)."""
+        return bool(self._order) if not _hello(self.cfg) else (role, index) in self._ready
 
     def _take(self, role: int, index: int):
         with self._cond:

@@ -334,12 +334,23 @@ def cmd_migrate(args) -> int:
                           "Let it run there again (the destination proves it never ran it) with:\n" + resume,
                           highlight=False)
         elif not args.json:
-            why = out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
+            asked = _paused_on_request(out)
+            why = asked or out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
+            then = "Recover with" if asked else "When the link is back, recover with"
             console.print(f"\n[bold yellow]postcopy-paused[/] on both sides ({why}). The guest waits on the "
-                          "destination; nothing is lost. When the link is back, recover with:\n" + resume,
-                          highlight=False)
+                          f"destination; nothing is lost. {then}:\n" + resume, highlight=False)
         return EXIT_PAUSED
     return EXIT_OK if out.verified and not _guest_check_failed(out) else EXIT_FAILED
+
+
+def _paused_on_request(out) -> str | None:
+    """The error-desc of the side that migrate-pause paused, if one was (the other side then only
+    saw its connection close, which reads like a fault)."""
+    for side in (out.source, out.destination):
+        why = side.get("error-desc") or ""
+        if "migrate-pause" in why:
+            return why
+    return None
 
 
 def _demo_intro(console, args, workers, caps, params) -> None:
@@ -927,6 +938,11 @@ def main(argv: list[str] | None = None) -> int:
     except (EndpointError, CurveKeyError) as e:
         # Checked where the endpoint or key directory is first used: one line, no traceback.
         return _error(str(e), EXIT_USAGE)
+    except BrokenPipeError:
+        # Whoever read stdout went away (`ferry call EP query-migrate | head`): no traceback.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

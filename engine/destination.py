@@ -27,7 +27,7 @@ from ferry_migrate.channels.codec import DeviceSpec, StreamDecoder
 from ferry_migrate.channels.errors import ChannelError, LayoutError, ProtocolError, UnverifiedStreamError
 from ferry_migrate.channels.pagecheck import PageChecker
 from ferry_migrate.channels.qemufile import QEMUFileReader, QEMUFileWriter
-from ferry_migrate.channels.transport import Listener
+from ferry_migrate.channels.transport import Listener, parse_uri
 
 from . import states as ST
 from . import stats as S
@@ -219,6 +219,8 @@ class MigrationDestination:
             if self.status != ST.POSTCOPY_PAUSED or not self._recoverable.is_set():
                 raise RuntimeError(f"migrate-recover: the migration is {self.status}; only a postcopy-paused "
                                    "migration can be recovered")
+            if _listens_on(self.listener, uri):
+                return str(self.listener.uri)  # asked again for its own address: keep listening there
             listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
             try:
                 check_plaintext(self.config, listener.uri, "listening on")
@@ -247,6 +249,8 @@ class MigrationDestination:
             why = ("the guest ran here" if self.running else "postcopy was never advised, so the source's "
                    "guest runs there already")
             raise RuntimeError(f"migrate-recover: the migration is {self.status} and {why}; nothing to recover")
+        if self._proof is not None and self._proof.serving and _listens_on(self._proof.listener, uri):
+            return self._proof.uri  # asked again for its own address: keep listening there
         proof = NeverRanProof(self, uri)
         if self._proof is not None:
             self._proof.close()  # asked again: the new address replaces the old one
@@ -1079,3 +1083,21 @@ class MigrationDestination:
             bad = [n for n, d in self.stats.digests.items() if expected.get(n) != d]
             if bad:
                 raise ProtocolError(f"digest mismatch after load: blocks {bad} differ from the saved stream")
+
+
+def _listens_on(listener, uri: str) -> bool:
+    """True when ``listener`` (a Listener or None) is open on exactly the address ``uri`` names.
+
+    migrate-recover asked again for the address it already listens on (`ferry migrate
+    --resume --uri U` after `migrate-recover U`) keeps that listener: a new one could not
+    bind it. A tcp port 0 always means a new listener.
+    """
+    if listener is None or getattr(listener, "sock", None) is None:
+        return False
+    try:
+        want = parse_uri(uri)
+    except ValueError:
+        return False  # the new Listener names what is wrong
+    if want.scheme == "file" or (want.scheme == "tcp" and want.port == 0):
+        return False
+    return str(want) == str(listener.uri)

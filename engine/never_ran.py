@@ -76,6 +76,11 @@ class NeverRanProof:
     def uri(self) -> str:
         return str(self.listener.uri)
 
+    @property
+    def serving(self) -> bool:
+        """Still listening for the source (not closed, not given up)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def start(self) -> None:
         self._thread.start()
 

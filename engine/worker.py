@@ -434,7 +434,8 @@ class Worker:
             if st in (S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
                 return "paused"  # guest threads wait for pages the paused migration has not brought
             if self.workload is not None and self.workload.running:
-                return "running"  # postcopy: the guest runs here now
+                # postcopy: the guest runs here now (unless its process died)
+                return "internal-error" if self._guest_process_gone() else "running"
             return "paused" if st == S.COMPLETED else "inmigrate"
         if st in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
             return "postmigrate"  # the guest left: it runs (or waits for pages) on the destination
@@ -442,7 +443,14 @@ class Worker:
             return "postmigrate"
         if st == S.DEVICE:
             return "finish-migrate"
-        return "running" if self.workload is None or self.workload.running else "paused"
+        rs = "running" if self.workload is None or self.workload.running else "paused"
+        # A guest process that died runs nothing: QEMU's RunState for a guest that cannot go on.
+        return "internal-error" if self._guest_process_gone() else rs
+
+    def _guest_process_gone(self) -> bool:
+        """True when this worker's guest process (``--guest process``) has exited."""
+        link = getattr(self.pguest, "link", None)
+        return link is not None and not link.alive
 
     def guest_shape(self) -> dict:
         g = self.guest
@@ -472,6 +480,7 @@ class Worker:
         }
         if self.pguest is not None:
             out["guest-pid"] = self.pguest.pid
+            out["guest-alive"] = not self._guest_process_gone()
             out["description"] = f"{format_size(ram.total)} in {len(ram.blocks)} block(s), {self.pguest.describe()}"
         return out
 

@@ -16,7 +16,7 @@ from ferry_migrate.channels.tls import TLSError, TLSTransport, gather, load_cred
 from ferry_migrate.channels.transport import Listener, connect
 from ferry_migrate.engine import states as ST
 from ferry_migrate.engine.certs import make_certs
-from ferry_migrate.engine.channel_auth import ROLE_MAIN, ROLE_POSTCOPY, ChannelGate, PlaintextRefused, open_channel
+from ferry_migrate.engine.channel_auth import ROLE_MAIN, ROLE_MULTIFD, ROLE_POSTCOPY, ChannelGate, PlaintextRefused, open_channel
 from ferry_migrate.engine.destination import MigrationDestination
 from ferry_migrate.engine.params import MigrationConfig
 from ferry_migrate.engine.ram import GuestRAM
@@ -507,3 +507,58 @@ def test_tls_writer_sends_small_fields_pages_and_a_buffer_larger_than_the_gather
     t.close()
     out["t"].close()
     lst.close()
+
+
+class _CountingListener:
+    """A real Listener that counts accept calls that timed out (no connection came), and sets
+    ``accepted`` when one came."""
+
+    def __init__(self, lst):
+        self.lst, self.uri, self.idle, self.accepted = lst, lst.uri, 0, threading.Event()
+
+    def accept(self, timeout=None):
+        try:
+            t = self.lst.accept(timeout=timeout)
+        except TimeoutError:
+            self.idle += 1
+            raise
+        self.accepted.set()
+        return t
+
+
+def test_gate_takes_sequential_channels_without_idling_in_accept():
+    # A source opens its channels one by one, each waiting for its reply: the gate must hand
+    # each out once its handshake is done, not after idling in accept for a next connection
+    # that cannot come yet (64 multifd channels took seconds so).
+    n = 8
+    cfg = _config(**{"migration-secret": SECRET})
+    cfg.set_capabilities({"multifd": True})
+    lst = Listener("tcp:127.0.0.1:0")
+    counting = _CountingListener(lst)
+    gate = ChannelGate(cfg)
+    got, clients = [], []
+    try:
+        for i in range(1, n + 1):
+            counting.accepted.clear()
+            hello = H.encode_hello(SECRET, ROLE_MULTIFD, i, _features(cfg))
+            s = socket.create_connection((lst.uri.host, lst.uri.port))
+            clients.append(s)
+            # The hello leaves a little after the gate accepted the connection, as a source's
+            # does when either side is busy: the handshake is still running when the gate loops.
+            sender = threading.Thread(target=lambda s=s, h=hello: (counting.accepted.wait(WAIT), time.sleep(0.005),
+                                                                   s.sendall(h)), daemon=True)
+            sender.start()
+            got.append(gate.accept(counting, ROLE_MULTIFD, i, WAIT))
+            sender.join(WAIT)
+        for s in clients:
+            s.settimeout(WAIT)
+            assert s.recv(4)  # each got its reply
+        # The old gate idled once per channel; a loaded host may delay a handshake now and then.
+        assert counting.idle < n // 2, counting.idle
+    finally:
+        for t in got:
+            t.close()
+        for s in clients:
+            s.close()
+        gate.close()
+        lst.close()

@@ -28,6 +28,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import states as ST
 from .. import stats as S
 from . import endpoints
 from .client import CommandFailed, ControlClient, ControlError, EventStream
@@ -138,6 +139,13 @@ async def prepare(src: ControlClient, dst: ControlClient, caps: dict | None, par
     for st, want, ep in ((s_status, "source", src.endpoint), (d_status, "destination", dst.endpoint)):
         if st.get("role") != want:
             raise DriverError(f"{ep} is a {st.get('role')} worker, expected the {want}")
+    for st, side, ep in ((s_status, "source", src.endpoint), (d_status, "destination", dst.endpoint)):
+        # Before any setting changes: a busy worker would refuse them one by one, half applied.
+        m = st.get("migration")
+        if m in ST.IN_PROGRESS:
+            how = ("`ferry migrate --resume` recovers it" if m in (ST.POSTCOPY_PAUSED, ST.POSTCOPY_RECOVER)
+                   else f"wait for its end, or end it with `ferry call {ep} migrate-cancel`")
+            raise DriverError(f"the {side} {ep} already has a migration in {m}: {how}")
     if _shape(s_status) != _shape(d_status):
         raise DriverError(f"the guests differ: source RAM blocks {_shape(s_status)}, destination "
                           f"{_shape(d_status)}; start both workers with the same --size/--page-size/--blocks")
