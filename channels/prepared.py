@@ -69,10 +69,12 @@ class PreparedRange:
         # Local offsets where a run of one kind (data or zero pages) ends.
         self.cuts = np.append(np.flatnonzero(nonzero[1:] != nonzero[:-1]) + 1, n)
 
-    def send(self, a: int, b: int) -> tuple[int, int]:
+    def send(self, a: int, b: int, flush: bool = True) -> tuple[int, int]:
         """Queue target pages [a, b) (block page indices, inside the range) on the channel.
 
-        Flushes when the writer holds its flush size. Returns (normal, zero) page counts.
+        Flushes when the writer holds its flush size, unless ``flush`` is False
+        (the caller then sends them, e.g. with QEMUFileWriter.flush_pieces).
+        Returns (normal, zero) page counts.
         """
         if not self.p0 <= a < b <= self.p1:
             raise ValueError(f"slice [{a}, {b}) outside prepared range [{self.p0}, {self.p1})")
@@ -98,7 +100,7 @@ class PreparedRange:
                 s += 1
             if s < e:
                 if data:
-                    w.put_iovec(self.iov[2 * s:2 * e], (e - s) * codec.PAGE_RECORD, keep=(self.hdr, blk))
+                    w.put_iovec(self.iov[2 * s:2 * e], (e - s) * codec.PAGE_RECORD, keep=(self.hdr, blk), flush=flush)
                 else:
                     w.put_bytes(codec.zero_run_records(np.arange(self.p0 + s, self.p0 + e)))
             if data:
@@ -108,6 +110,6 @@ class PreparedRange:
         zero = (b - a) - normal
         ch.normal_pages += normal
         ch.zero_pages += zero
-        if w.pending() >= w.auto_flush:
+        if flush and w.pending() >= w.auto_flush:
             w.flush()
         return normal, zero

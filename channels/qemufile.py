@@ -24,6 +24,7 @@ import os
 import struct
 import threading
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -174,17 +175,18 @@ class QEMUFileWriter(_StickyError):
         if self._iov_bytes >= self.auto_flush or len(self._iov) >= IOV_MAX:
             self.flush()
 
-    def put_iovec(self, iov, nbytes: int, keep) -> None:
+    def put_iovec(self, iov, nbytes: int, keep, flush: bool = True) -> None:
         """Queue an iovec array (see channels/iovec.py) describing ``nbytes``.
 
         ``keep`` holds the objects whose memory the array points into, until
-        the bytes are sent.
+        the bytes are sent. ``flush=False``: never flush here, even past the
+        flush size (the caller sends it with :meth:`flush_pieces`).
         """
         self._check()
         self._move_small()
         self._iov.append((iov, keep))
         self._iov_bytes += nbytes
-        if self._iov_bytes >= self.auto_flush:
+        if flush and self._iov_bytes >= self.auto_flush:
             self.flush()
 
     def pending(self) -> int:
@@ -213,11 +215,80 @@ class QEMUFileWriter(_StickyError):
             self.transferred += total
             self.limiter.consume(total)
 
+    def flush_pieces(self, piece: int, between: Callable[[], None]) -> None:
+        """Send everything queued in writes of ``piece`` bytes, calling ``between()`` after
+        each write but the last.
+
+        An interruptible write: a large record goes out whole on this channel,
+        while ``between`` may serve other channels (it must not write to this
+        one: the writer's lock is held, and the stream is mid-record). Pieces
+        are cut at byte offsets, inside a buffer where they fall; the bytes on
+        the wire are those :meth:`flush` sends. If ``between`` raises, the
+        stream is left mid-record: the writer keeps a sticky error and the
+        exception propagates. Raises ChannelError on a failed write.
+        """
+        if piece <= 0:
+            raise ValueError(f"flush piece of {piece} bytes: must be positive")
+        with self._lock:
+            self._check()
+            self._move_small()
+            iov, self._iov = self._iov, []
+            total, self._iov_bytes = self._iov_bytes, 0
+            if not iov:
+                return
+            arr = self._gather(iov)
+            if len(iov) == 1:
+                arr = arr.copy()  # advanced in place below: never the caller's array
+            cum = np.cumsum(arr["len"])
+            i = done = 0
+            while done < total:
+                target = min(total, done + piece)
+                k = int(np.searchsorted(cum, target, side="left"))  # entry holding byte target-1
+                rest = int(cum[k]) - target  # bytes of entry k left for the next piece
+                sub = arr[i:k + 1].copy()
+                if rest:
+                    sub["len"][-1] -= np.uint64(rest)
+                self._send_checked(iov, sub, target - done)
+                if rest:
+                    arr["base"][k] += arr["len"][k] - np.uint64(rest)
+                    arr["len"][k] = rest
+                    i = k
+                else:
+                    i = k + 1
+                done = target
+                if done < total:
+                    try:
+                        between()
+                    except BaseException as e:
+                        self.set_error(ChannelError(f"stream left mid-record ({total - done} bytes unsent): {e!r}"))
+                        raise
+
+    def _send_checked(self, keep, arr, nbytes: int) -> None:
+        """Write ``arr`` (``keep`` holds its memory), counting it; errors become sticky."""
+        try:
+            self._send_iovec(arr)
+        except OSError as e:
+            self.transport.aborted = e
+            timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
+            self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
+            self._check()
+        except ChannelError as e:
+            self.set_error(e)
+            self._check()
+        self.transferred += nbytes
+        self.limiter.consume(nbytes)
+
+    @staticmethod
+    def _gather(iov: list) -> np.ndarray:
+        arrays = [item[0] if isinstance(item, tuple) else iovec_of(item) for item in iov]
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
     def _send_all(self, iov: list) -> None:
         """One writev over everything queued: buffers and iovec arrays alike."""
-        arrays = [item[0] if isinstance(item, tuple) else iovec_of(item) for item in iov]
         # ``iov`` (the queue) keeps every buffer alive until writev returns.
-        arr = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+        self._send_iovec(self._gather(iov))
+
+    def _send_iovec(self, arr: np.ndarray) -> None:
         send_iovec = getattr(self.transport, "send_iovec", None)
         if send_iovec is not None:
             send_iovec(arr)  # TLS: no sendmsg on an SSL socket; gathered, then encrypted (channels/tls.py)

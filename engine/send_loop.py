@@ -9,9 +9,11 @@ bandwidth estimate the stop decision uses (QEMU's migration_update_counters).
 from __future__ import annotations
 
 import threading
+from collections import deque
 import time
 from typing import Callable
 
+from ferry_migrate.channels import codec
 from ferry_migrate.channels.prepared import PreparedRange
 
 from .callbacks import weak_callback
@@ -28,6 +30,12 @@ HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends 
 BREAK_WAIT = 0.00025  # s
 BREAK_STEP_PAGES = 16
 BREAK_MAX_PAGES = 256  # 1 MiB
+# Write breaks: an interruptible huge page goes out in records of WRITE_RUN_PAGES
+# (the destination's cost per record is fixed: small records cost it about twice
+# the CPU per byte), each written in pieces of one break step, the request
+# queue looked at between the pieces: a request is served on its own POSTCOPY
+# channel at once, the PRECOPY channel's record finishes after it.
+WRITE_RUN_PAGES = 512  # 2 MiB: a 2 MiB host page in one record, placed whole
 PREPARE_PAGES = 8192  # 32 MiB: most target pages of a chunked huge page prepared at once
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
@@ -58,6 +66,12 @@ class SendLoop:
         self.trace = None  # engine/reqtrace.RequestTrace of requested pages, if any
         self.held = 0.0  # s background pages were held behind requested ones (preempt-hold-background)
         self.holds = 0
+        # Records of WRITE_RUN_PAGES written in interruptible pieces (see WRITE_RUN_PAGES);
+        # False: records of one break step, the queue looked at between records.
+        self.write_breaks = True
+        self.served_mid_record = 0  # requests served while a PRECOPY record was half written
+        # the last few: (block, host page, record bytes written before it, record bytes)
+        self.mid_record_log: deque[tuple[int, int, int, int]] = deque(maxlen=64)
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
         self.bandwidth = 0.0
         self.mbps = 0.0
@@ -100,6 +114,10 @@ class SendLoop:
         # not change between preparation and send.
         prep = None
         chunked = step < order.end - order.start and blk.tp_per_hp > 1 and not ch.guest_running()
+        pieces = chunked and self.write_breaks and hasattr(ch, "writer")
+        if pieces:
+            piece = step * codec.PAGE_RECORD  # bytes a request may wait behind, as one chunk before
+            step = max(step, WRITE_RUN_PAGES)
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
@@ -126,7 +144,14 @@ class SendLoop:
                 with self.lock:
                     e = bm.next_clear(q, min(prep.p1, q + step))
                     bm.bits[q:e] = False
-                prep.send(q, e)
+                if pieces:
+                    w = ch.writer
+                    w.flush()  # whatever came before: the pieces below are this record's
+                    prep.send(q, e, flush=False)
+                    base, size = w.transferred, w.pending()
+                    w.flush_pieces(piece, lambda: self._between_pieces(order, hold, base, size))
+                else:
+                    prep.send(q, e)
             else:
                 ch.send_range(blk, q, e, ordered=order_matters)
             p = e
@@ -134,6 +159,45 @@ class SendLoop:
             ch.flush()  # the destination's guest is waiting for it
             if trace is not None:
                 trace.mark(order.block, order.start, "flushed")
+
+    def _between_pieces(self, order: SendOrder, hold: bool, base: int, size: int) -> None:
+        """Between two writes of one PRECOPY record: serve queued requests on their
+        POSTCOPY channels, and hold background pages behind requested ones.
+
+        ``base``: the PRECOPY writer's byte count when the record began; ``size``:
+        the record's bytes (for ``mid_record_log``). A request for the host page
+        being written is dropped: it finishes here (``order.wanted``), as the
+        scheduler drops one for an interrupted page.
+        """
+        sched = self.sched
+        while True:
+            while sched.queue:
+                with self.lock:
+                    # The page on this channel counts as interrupted while the request is
+                    # looked up: a host page never spans two channels.
+                    saved, wanted = sched.interrupted, sched.interrupted_wanted
+                    sched.interrupted, sched.interrupted_wanted = (order.block, order.start), False
+                    try:
+                        req = sched._pop_request()
+                    finally:
+                        if sched.interrupted_wanted:
+                            order.wanted = True
+                        sched.interrupted, sched.interrupted_wanted = saved, wanted
+                    if req is None:
+                        break
+                    if req.channel != sched.last_channel:
+                        req.switched = True
+                        sched.last_channel = req.channel
+                self.served_mid_record += 1
+                self.mid_record_log.append((req.block, req.start, self.channels[PRECOPY].transferred - base, size))
+                self.execute(req)  # on a POSTCOPY channel: requested orders are never interruptible
+                if self.stopping():
+                    return
+            if not (hold and not order.wanted and self.urgent_in_flight()):
+                return
+            if self._hold(True, order):
+                return
+            # a new request came in while holding: serve it, then hold again
 
     def break_step(self) -> int:
         """Target pages per chunk of a huge page that a request may interrupt (see BREAK_WAIT)."""
@@ -187,7 +251,8 @@ class SendLoop:
 
     def counters(self) -> dict:
         """Ferry's figures of the background send: time background pages were held (ms) and how often."""
-        return {"background-held-ms": int(self.held * 1000), "background-holds": self.holds}
+        return {"background-held-ms": int(self.held * 1000), "background-holds": self.holds,
+                "requests-served-mid-record": self.served_mid_record}
 
     # --- figures ---
     def pages_sent(self) -> int:

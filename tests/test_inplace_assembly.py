@@ -152,7 +152,9 @@ def test_interrupted_huge_pages_migrate_with_equal_digests(checks, channels):
     assert src["status"] == "completed", src.get("error-desc")
     assert dst["status"] == "completed", dst.get("error-desc")
     assert src["digests"] == dst["digests"]
-    assert src["preemptions"] >= 1  # huge pages did arrive in pieces
+    # Requests cut into huge pages: at a record boundary (the page then arrives in pieces)
+    # or while a record was half written (send_loop's write breaks).
+    assert src["preemptions"] + src["requests-served-mid-record"] >= 1
     assert src["restores"] == src["preemptions"]
     # Background pages held behind requested ones: reported, never longer than the run.
     assert src["background-holds"] >= 0 and 0 <= src["background-held-ms"] <= src["total-time"]
