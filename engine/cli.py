@@ -209,9 +209,23 @@ def cmd_worker(args) -> int:
                           ready_json=args.json, exit_with_parent=args.exit_with_parent, layout=layout,
                           qmp=args.qmp)
     except (EndpointError, CurveKeyError, HugePagesUnavailable, ValueError) as e:
-        return _error(f"worker: {e}", EXIT_USAGE)
+        _worker_start_failed(f"worker: {e}", EXIT_USAGE)
     except (GuestProcessError, OSError) as e:  # the guest process did not start (userfaultfd, huge pages)
-        return _error(f"worker: guest process: {type(e).__name__}: {e}", EXIT_FAILED)
+        _worker_start_failed(f"worker: guest process: {type(e).__name__}: {e}", EXIT_FAILED)
+
+
+def _worker_start_failed(msg: str, code: int) -> None:
+    """A worker that could not start: say why and end the process now, with ``code``.
+
+    Nothing is left to save, and an interpreter shutdown after a half-started
+    control server was seen to abort (SIGABRT, "terminate called without an
+    active exception" from libzmq's threads) on a loaded host, turning the exit
+    code a script checks into -6.
+    """
+    _error(msg, code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 async def _drive(src_ep: str, dst_ep: str, args, caps: dict, params: dict, view):
