@@ -332,7 +332,7 @@ def test_ram_fingerprints_ranges_across_blocks():
 async def test_source_guest_process_dies_mid_precopy(spawn):
     src, dst = spawn("source"), spawn("destination", DEST)
     async with ControlClient(src.control) as s, ControlClient(dst.control) as d:
-        await s.call("migrate-set-parameters", {"max-bandwidth": 1 << 20})  # precopy lasts
+        await s.call("migrate-set-parameters", {"max-bandwidth": 4 << 20})  # precopy lasts (a pass: 8 s)
         task = asyncio.ensure_future(run_migration(s, d, timeout=240))
         await _until(s, "active")
         pid = (await s.call("query-status"))["guest"]["guest-pid"]

@@ -113,9 +113,10 @@ def test_guest_process_dying_mid_migration_fails_it_by_name():
     g = GuestProcessConfig(size=32 << 20, kill_guest_after=0.2)
     src, dst, chk = run_guest_process_migration(guest=g, caps=PREEMPT,
                                                 params={"postcopy-after-percent": 5,
-                                                        "max-postcopy-bandwidth": 4 << 20}, timeout=40)
+                                                        "max-postcopy-bandwidth": 4 << 20}, timeout=20)
     # The source, paused for good (its guest may have run on the destination), waits out the
-    # timeout: 40 s, not more, since nothing will end its wait. The destination worker reported (it kept running); the migration failed naming the guest process.
+    # timeout: 20 s, not more, since nothing will end its wait. The destination worker
+    # reported (it kept running); the migration failed naming the guest process.
     assert dst["status"] == "failed"
     assert "guest process" in dst["error-desc"] and "exited" in dst["error-desc"]
     assert dst["guest-alive"] is False
