@@ -202,18 +202,8 @@ class QEMUFileWriter(_StickyError):
             total, self._iov_bytes = self._iov_bytes, 0
             if not iov:
                 return
-            try:
-                self._send_all(iov)
-            except OSError as e:
-                self.transport.aborted = e
-                timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
-                self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
-                self._check()
-            except ChannelError as e:
-                self.set_error(e)
-                self._check()
-            self.transferred += total
-            self.limiter.consume(total)
+            # One writev over everything queued; ``iov`` keeps every buffer alive until it returns.
+            self._send_checked(iov, self._gather(iov), total)
 
     def flush_pieces(self, piece: int, between: Callable[[], None]) -> None:
         """Send everything queued in writes of ``piece`` bytes, calling ``between()`` after
@@ -282,11 +272,6 @@ class QEMUFileWriter(_StickyError):
     def _gather(iov: list) -> np.ndarray:
         arrays = [item[0] if isinstance(item, tuple) else iovec_of(item) for item in iov]
         return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-    def _send_all(self, iov: list) -> None:
-        """One writev over everything queued: buffers and iovec arrays alike."""
-        # ``iov`` (the queue) keeps every buffer alive until writev returns.
-        self._send_iovec(self._gather(iov))
 
     def _send_iovec(self, arr: np.ndarray) -> None:
         send_iovec = getattr(self.transport, "send_iovec", None)
