@@ -36,6 +36,37 @@ RAM_CHANNEL_PRECOPY = 0
 RAM_CHANNEL_POSTCOPY = 1
 
 
+class StagingRing:
+    """A copy of pages the running guest may still write, for one sending writer.
+
+    With page-checksums and the guest running, the check values and the bytes
+    sent must come from the same copy. ``take(block, c0, c1)`` copies target
+    pages [c0, c1) of ``block`` into the ring and returns (words, base address,
+    object keeping the memory alive). The ring holds ``pages`` target pages
+    (allocated at first use); pages queued by reference stay untouched until
+    ``writer`` flushes, which it is made to do only when the ring wraps.
+    """
+
+    __slots__ = ("writer", "pages", "_buf", "_at")
+
+    def __init__(self, writer: QEMUFileWriter, pages: int = STAGE_PAGES):
+        self.writer, self.pages = writer, pages
+        self._buf: np.ndarray | None = None
+        self._at = 0  # next free page of the ring
+
+    def take(self, block, c0: int, c1: int):
+        k = c1 - c0
+        if self._buf is None:
+            self._buf = np.empty((self.pages, PAGE // 8), np.uint64)
+        if self._at + k > self.pages:
+            self.writer.flush()  # nothing queued points into the ring any more
+            self._at = 0
+        words = self._buf[self._at:self._at + k]
+        self._at += k
+        np.copyto(words, block.words[c0:c1])
+        return words, words.ctypes.data, self._buf
+
+
 class RamSendChannel:
     """Sender side of a channel that carries RAM page records."""
 
@@ -57,8 +88,7 @@ class RamSendChannel:
         # guest stopped (stop-and-copy, postcopy) they come straight from guest
         # RAM, by reference.
         self.guest_running = guest_running or (lambda: False)
-        self._stage: np.ndarray | None = None
-        self._stage_at = 0  # next free page of the staging ring
+        self._stage = StagingRing(writer)
 
     @property
     def transferred(self) -> int:
@@ -153,15 +183,7 @@ class RamSendChannel:
             c1 = min(p1, c0 + CHECK_CHUNK)
             k = c1 - c0
             if stage:
-                if self._stage is None:
-                    self._stage = np.empty((STAGE_PAGES, PAGE // 8), np.uint64)
-                if self._stage_at + k > STAGE_PAGES:
-                    self.writer.flush()  # nothing queued points into the ring any more
-                    self._stage_at = 0
-                words = self._stage[self._stage_at:self._stage_at + k]
-                self._stage_at += k
-                np.copyto(words, block.words[c0:c1])
-                base, keep = words.ctypes.data, self._stage
+                words, base, keep = self._stage.take(block, c0, c1)
             else:
                 words = block.words[c0:c1]
                 base, keep = block.address + c0 * PAGE, block

@@ -42,6 +42,19 @@ def page_fingerprints(words: np.ndarray) -> np.ndarray:
     return np.einsum("ij,j->i", words, _FP_K)
 
 
+def nonzero_from_fingerprints(words: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    """Which of (n, 512) page words are not all zero -> (n,) bool, given their fingerprints.
+
+    A page whose fingerprint is not 0 is not a zero page, so only pages with
+    fingerprint 0 (zero pages, or very rarely others) are scanned: one pass less.
+    """
+    nonzero = fps != 0
+    maybe = np.flatnonzero(~nonzero)
+    if len(maybe):
+        nonzero[maybe] = words[maybe].any(axis=1)
+    return nonzero
+
+
 @functools.lru_cache(maxsize=1024)
 def block_key(idstr: str) -> int:
     """64-bit key of a RAM block's idstr (blake2b-64, little-endian)."""

@@ -23,7 +23,7 @@ import numpy as np
 from . import codec
 from . import constants as C
 from .iovec import IOVEC
-from .pagecheck import page_fingerprints, place_values
+from .pagecheck import nonzero_from_fingerprints, page_fingerprints, place_values
 
 PAGE = C.TARGET_PAGE_SIZE
 
@@ -47,11 +47,7 @@ class PreparedRange:
         words = block.words[p0:p1]
         if ch.page_checks:
             fps = page_fingerprints(words)
-            nonzero = fps != 0
-            # A fingerprint of 0 is almost always a zero page; scan only those.
-            maybe = np.flatnonzero(~nonzero)
-            if len(maybe):
-                nonzero[maybe] = words[maybe].any(axis=1)
+            nonzero = nonzero_from_fingerprints(words, fps)
             self.checks = fps ^ place_values(block.idstr, np.arange(p0, p1))
         else:
             nonzero = words.any(axis=1)

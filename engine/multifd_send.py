@@ -30,9 +30,10 @@ import numpy as np
 from ferry_migrate.channels import codec
 from ferry_migrate.channels import constants as C
 from ferry_migrate.channels import multifd_codec as M
+from ferry_migrate.channels.channel import StagingRing
 from ferry_migrate.channels.errors import ChannelError
 from ferry_migrate.channels.iovec import IOVEC
-from ferry_migrate.channels.pagecheck import page_fingerprints, place_values
+from ferry_migrate.channels.pagecheck import nonzero_from_fingerprints, page_fingerprints, place_values
 from ferry_migrate.channels.qemufile import QEMUFileWriter
 
 from .channel_auth import open_channel
@@ -68,8 +69,7 @@ class MultifdSendChannel:
         self.normal_pages = 0
         self.zero_pages = 0
         self.thread: threading.Thread | None = None
-        self._stage: np.ndarray | None = None
-        self._stage_at = 0
+        self._stage = StagingRing(writer, STAGE_PAGES)
 
     @property
     def transferred(self) -> int:
@@ -276,26 +276,14 @@ class MultifdSender:
         w = ch.writer
         k = c1 - c0
         if self.page_checks and self.guest_running():
-            if ch._stage is None:
-                ch._stage = np.empty((STAGE_PAGES, PAGE // 8), np.uint64)
-            if ch._stage_at + k > STAGE_PAGES:
-                w.flush()  # nothing queued points into the ring any more
-                ch._stage_at = 0
-            words = ch._stage[ch._stage_at:ch._stage_at + k]
-            ch._stage_at += k
-            np.copyto(words, block.words[c0:c1])
-            base, keep = words.ctypes.data, ch._stage
+            words, base, keep = ch._stage.take(block, c0, c1)
         else:
             words = block.words[c0:c1]
             base, keep = block.address + c0 * PAGE, block
         checks = None
         if self.page_checks:
-            # Zero pages from the fingerprints: only pages whose fingerprint is 0 are scanned.
             fps = page_fingerprints(words)
-            nonzero = fps != 0
-            maybe = np.flatnonzero(~nonzero)
-            if len(maybe):
-                nonzero[maybe] = words[maybe].any(axis=1)
+            nonzero = nonzero_from_fingerprints(words, fps)
         else:
             nonzero = words.any(axis=1)
         data = np.flatnonzero(nonzero)
