@@ -21,6 +21,7 @@ from ferry_migrate.engine.urgent import UrgentThreads
 from ferry_migrate.engine.workload import WorkloadConfig
 
 from .test_control import spawn  # noqa: F401 - spawn is a fixture
+from .test_recovery_workers import _until
 
 PREEMPT = {"postcopy-ram": True, "postcopy-preempt": True}
 SLOW = {"postcopy-after-percent": 5, "max-postcopy-bandwidth": 32 << 20}
@@ -143,16 +144,6 @@ def test_guest_process_fault_thread_gets_the_priority():
 DEST = ["--workload-threads", "1", "--workload-pattern", "random", "--dirty-rate", "2M"]
 RECOVER_PARAMS = {"postcopy-after-percent": 10, "max-bandwidth": 32 << 20, "max-postcopy-bandwidth": 1 << 20,
                   **URGENT}
-
-
-async def _until(c: ControlClient, want: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        q = await c.call("query-migrate")
-        if q["status"] == want:
-            return q
-        assert time.monotonic() < deadline, f"never reached {want}: {q['status']}"
-        await asyncio.sleep(0.05)
 
 
 async def test_pause_and_recovery_with_urgent_priority(spawn):  # noqa: F811 - the fixture
