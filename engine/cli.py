@@ -347,6 +347,12 @@ def cmd_migrate(args) -> int:
                           f"the guest ({why}). The guest's only copy is on the source, stopped: nothing is lost. "
                           "Let it run there again (the destination proves it never ran it) with:\n" + resume,
                           highlight=False)
+        elif not args.json and out.destination.get("unreachable"):
+            console.print(f"\n[bold yellow]postcopy-paused[/] on the source; the destination stopped answering "
+                          f"({out.destination.get('error-desc')}). If its worker is gone, the guest went with it "
+                          "(its memory was split between the two); the source keeps its pages and never runs its "
+                          "copy again. If the destination is only unreachable, recover with:\n" + resume,
+                          highlight=False)
         elif not args.json:
             asked = _paused_on_request(out)
             why = asked or out.destination.get("error-desc") or out.source.get("error-desc") or "a fault"
