@@ -508,6 +508,12 @@ class GuestProcessWorkload:
         return self._running
 
     @property
+    def may_write(self) -> bool:
+        """True while the guest process may write its RAM (resume() sets it before the
+        guest runs, pause() clears it only once the guest stopped)."""
+        return self._running
+
+    @property
     def _threads(self) -> list:
         # As Workload._threads: non-empty once started (a later run is a resume).
         return [self.link.pid] if self._started else []
@@ -524,8 +530,8 @@ class GuestProcessWorkload:
         self._running = False
 
     def resume(self) -> None:
+        self._running = True  # before the guest runs again: senders copy what they send from now on
         self.link.call("resume")
-        self._running = True
 
     def stop(self) -> None:
         if self.link.alive:

@@ -458,7 +458,8 @@ class MigrationSource:
         they cover, from a staging copy while the guest runs (channels/channel.py)."""
         on = effective_capability(self.peer, "page-checksums", self.config.cap("page-checksums"))
         wl = self.workload  # not self: channels must not keep the source alive
-        running = (lambda: wl.running) if wl is not None else None
+        # may_write, not running: pause() says "not running" before the guest's last writes land.
+        running = (lambda: wl.may_write) if wl is not None else None
         return {"page_checks": on, "guest_running": running}
 
     # --- peer and dialect (engine/peer.py) ---

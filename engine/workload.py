@@ -95,6 +95,14 @@ class Workload:
     def running(self) -> bool:
         return self._run.is_set()
 
+    @property
+    def may_write(self) -> bool:
+        """True unless every guest thread is parked: a sender that reads guest RAM by
+        reference must not trust ``running``, which pause() clears before the threads
+        finished the batch they are writing."""
+        with self._cond:
+            return self._run.is_set() or self._paused_count < len(self._threads)
+
     def start(self) -> None:
         """Start (or start again, after stop()) the guest's threads."""
         if not self._threads:
@@ -137,7 +145,9 @@ class Workload:
         self._run.set()  # wake paused threads so they see _stop
         for t in self._threads:
             t.join(5)
-        self._threads.clear()
+        with self._cond:
+            self._threads.clear()
+            self._paused_count = 0  # the next start()'s threads count afresh: pause() must wait for them
         self._run.clear()  # stopped: not running
 
     def progress(self) -> dict:
