@@ -38,12 +38,14 @@ from datetime import datetime
 
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/bench_args.py
 
 from ferry_migrate.engine.local import GuestConfig, run_local_migration  # noqa: E402
-from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
+from ferry_migrate.engine.ram import format_size  # noqa: E402
 from ferry_migrate.engine.reqtrace import STEPS, join, step_summary  # noqa: E402
 from ferry_migrate.engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
 from ferry_migrate.engine.workload import WorkloadConfig  # noqa: E402
+from bench_args import page_sizes_arg, positive_arg, size_arg, size_type  # noqa: E402
 
 MIB = 1 << 20
 LAT_KEYS = ("count", "avg", "p50", "p90", "p99", "max")
@@ -372,7 +374,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--after-percent", type=int, default=1,
                    help="postcopy-after-percent: switch once this share of pages went out (default 1)")
     p.add_argument("--rate", default="1gbit", help="netns link: tbf rate per direction (default 1gbit)")
-    p.add_argument("--burst", type=parse_size, default=0, help="netns link: tbf burst bytes (default: auto)")
+    p.add_argument("--burst", type=size_type, default=0, help="netns link: tbf burst bytes (default: auto)")
     p.add_argument("--queue-latency", type=float, default=10.0,
                    help="netns link: tbf latency in ms, i.e. how long a packet may queue (default 10)")
     p.add_argument("--repeat", type=int, default=1, help="runs per case; medians reported (default 1)")
@@ -382,11 +384,10 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def finish_args(p: argparse.ArgumentParser, a, quick_size: str) -> None:
-    a.size = parse_size(a.size or (quick_size if a.quick else "1G"))
-    a.dirty_rate = parse_size(a.dirty_rate)
-    a.page_sizes = [parse_size(s) for s in a.page_sizes.split(",") if s.strip()]
-    if not a.page_sizes:
-        p.error("--page-sizes: empty")
+    a.size = size_arg(p, "--size", a.size or (quick_size if a.quick else "1G"), positive=True)
+    a.dirty_rate = size_arg(p, "--dirty-rate", a.dirty_rate)
+    a.page_sizes = page_sizes_arg(p, "--page-sizes", a.page_sizes)
+    positive_arg(p, "--timeout", a.timeout)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     try:

@@ -56,11 +56,12 @@ import time
 from datetime import datetime
 
 from ferry_migrate.engine.local import GuestConfig, run_local_migration
-from ferry_migrate.engine.ram import format_size, parse_size
+from ferry_migrate.engine.ram import format_size
 from ferry_migrate.engine.workload import WorkloadConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qemu_peer  # noqa: E402 - tools/qemu_peer.py, next to this file
+from bench_args import page_sizes_arg, positive_arg, size_arg  # noqa: E402 - tools/bench_args.py
 
 TARGET_4K = 0.40  # share of the ceiling to reach with 4 KiB host pages
 TARGET_HUGE = 0.70  # with 2 MiB (or 1 GiB) host pages
@@ -370,13 +371,14 @@ def parse_args(argv=None):
         p.error(f"--multifd: {a.multifd!r}; expected a comma list of channel counts (0 = off)")
     if not a.multifd or any(not 0 <= v <= 255 for v in a.multifd):
         p.error(f"--multifd: {a.multifd}; expected counts from 0 (off) to 255")
-    a.size = parse_size(a.size or ("256M" if a.quick else "1G"))
-    a.dirty_rate = parse_size(a.dirty_rate)
+    a.size = size_arg(p, "--size", a.size or ("256M" if a.quick else "1G"), positive=True)
+    a.dirty_rate = size_arg(p, "--dirty-rate", a.dirty_rate)
+    positive_arg(p, "--timeout", a.timeout)
     a.transports = [t.strip() for t in a.transports.split(",") if t.strip()]
     bad = [t for t in a.transports if t not in ("tcp", "unix")]
     if bad or not a.transports:
         p.error(f"--transports: {bad or 'empty'}; expected tcp and/or unix")
-    a.page_sizes = [parse_size(s) for s in a.page_sizes.split(",") if s.strip()]
+    a.page_sizes = page_sizes_arg(p, "--page-sizes", a.page_sizes)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     return a

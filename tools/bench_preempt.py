@@ -76,13 +76,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_args import size_type  # noqa: E402 - tools/bench_args.py
 from bench_postcopy import (add_common_args, finish_args, fmt_us, install_signal_handlers, load_note,  # noqa: E402
                             merge_runs, open_link, page_label, run_case)
 
 from ferry_migrate.engine.reqtrace import STEPS  # noqa: E402
 
 from ferry_migrate.channels import constants as C  # noqa: E402
-from ferry_migrate.engine.ram import format_size, parse_size  # noqa: E402
+from ferry_migrate.engine.ram import format_size  # noqa: E402
 from ferry_migrate.engine.testbed import TestbedError, cleanup_stale  # noqa: E402
 
 RECORD_HEADER = 8  # be64 offset|flags before each target page (CONTINUE: no block name)
@@ -324,8 +325,8 @@ def parse_args(argv=None):
     p.add_argument("--links", default="loopback,netns", help="comma list of loopback, netns (default both)")
     p.add_argument("--knobs", action="store_true", help="also the shared-bottleneck knob cases")
     p.add_argument("--cases", help="comma list of case names to run (default: all; --quick: fewer)")
-    p.add_argument("--sndbuf", type=parse_size, default=256 << 10, help="precopy-sndbuf for knob cases")
-    p.add_argument("--rcvbuf", type=parse_size, default=256 << 10, help="precopy-rcvbuf for knob cases")
+    p.add_argument("--sndbuf", type=size_type, default=256 << 10, help="precopy-sndbuf for knob cases")
+    p.add_argument("--rcvbuf", type=size_type, default=256 << 10, help="precopy-rcvbuf for knob cases")
     p.add_argument("--probe-seconds", type=float, default=1.0, help="bulk push per link for the goodput")
     p.add_argument("--uffd", action="store_true",
                    help="also run each case with the destination's guest in its own process, its faults "
