@@ -2,7 +2,8 @@
 the value, exit status 2, no traceback (tools/bench_args.py).
 
 Each case runs the tool for real as a user would; a bad value that got past the parser
-would start a migration (or print a traceback) instead of failing at once.
+would start a migration (or print a traceback) instead of failing at once. Also: the
+summary lines of bench_precopy name the whole case they compare.
 """
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def test_a_bad_argument_is_one_error_line_naming_it(tool, args, want):
     assert "Traceback" not in r.stderr, r.stderr
     assert last.startswith(f"{tool}: error: ") and want in last, last
     assert r.stdout == ""  # refused before anything ran
+
+
+def test_bench_precopy_names_each_multifd_comparison_by_its_whole_case(capsys):
+    """The multifd/single-channel lines say which case they compare: paused and dirtying
+    guests (and TLS) of one transport and page size each get their own, distinct line."""
+    sys.path.insert(0, TOOLS)
+    try:
+        import bench_precopy
+    finally:
+        sys.path.remove(TOOLS)
+    args = bench_precopy.parse_args(["--quick"])
+
+    def case(workload, multifd, mibps, tls=False):
+        return {"transport": "tcp", "page-size": 4096, "workload": workload, "page-checksums": True,
+                "tls": tls, "multifd": multifd, "mibps": mibps, "mibps-worst": mibps, "mibps-best": mibps,
+                "ceiling-mibps": 2000.0, "ratio": 0.5, "target": 0.4, "pass": True, "downtime-ms": 10,
+                "passes": 3, "transferred": 256 << 20, "foreign-cpu-pct": 0.0}
+    cases = [case(w, m, 100.0 * (1 + m) + (50 if w else 0), tls) for tls in (False, True)
+             for w in (False, True) for m in (0, 2)]
+    bench_precopy.print_table(cases, args)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("multifd 2/single channel")]
+    assert len(lines) == 4 and len({ln.split(":")[0] for ln in lines}) == 4, lines
+    assert any("tcp 4 KiB paused" in ln for ln in lines) and any("tcp+tls 4 KiB dirtying" in ln for ln in lines), lines

@@ -306,7 +306,8 @@ def print_table(cases: list[dict], args) -> None:
     for c in cases:
         b = base.get((c["transport"], c["page-size"], c["workload"], c["page-checksums"], c.get("tls")))
         if c.get("multifd") and b:
-            print(f"multifd {c['multifd']}/single channel, {c['transport']} {format_size(c['page-size'])} "
+            print(f"multifd {c['multifd']}/single channel, {c['transport']}{'+tls' if c.get('tls') else ''} "
+                  f"{format_size(c['page-size'])} {'dirtying' if c['workload'] else 'paused'} "
                   f"checks {'on' if c['page-checksums'] else 'off'}: {c['mibps'] / b['mibps']:.2f} (median; "
                   f"{c['mibps-worst']:.0f}-{c['mibps-best']:.0f} against {b['mibps-worst']:.0f}-{b['mibps-best']:.0f} MiB/s)")
     for c in cases:
