@@ -212,6 +212,12 @@ class MultifdReceiver:
             r.consume(n)
             if pkt.fin:
                 ch.done = True
+                # Nothing follows FIN: give the socket back now, not when the migration
+                # ends (in postcopy that is long after these channels carried their last page).
+                try:
+                    r.transport.close()
+                except OSError:
+                    pass
                 return
             if pkt.sync:
                 with self.cond:

@@ -6,7 +6,7 @@ placed before every channel reached its SYNC of pass 1 (one channel held
 back); a channel id connecting twice, a channel that never connects, a packet
 with too many pages, an offset outside the block, a packet for a pass already
 synced, a page whose check value differs, a page after LISTEN: each a named
-error, and nothing of the bad packet placed.
+error, and nothing of the bad packet placed. A channel is closed once its FIN was read.
 """
 from __future__ import annotations
 
@@ -177,3 +177,21 @@ def test_checked_pages_place_and_zero_pages_clear(rig):
     assert not r.errors
     assert placed(r, 3) == placed(r, 4) == 0x66 and not blk.pages[9].any()
     assert r.rx.stats()["multifd-1"]["normal"] == 2 and r.rx.stats()["multifd-1"]["duplicate"] == 1
+
+
+def test_a_channel_is_closed_once_its_fin_was_read(rig):
+    """After FIN the receiver closes its connection at once (the source's side reads EOF),
+    not only when the migration ends: in postcopy that is long after the switch."""
+    r = rig(2)
+    a, b = r.connect(1), r.connect(2)
+    a.sendall(M.encode_init(1, 2) + packet([2], 0x12, 1, 1) + packet([], 0, 2, 1, C.FERRY_MULTIFD_FLAG_FIN))
+    b.sendall(M.encode_init(2, 2))  # channel 2 goes on
+    wait_until(lambda: r.rx.channels[0].done, 30, "FIN of channel 1")
+    a.settimeout(30)
+    assert a.recv(1) == b""  # closed by the receiver
+    assert placed(r, 2) == 0x12 and not r.errors
+    assert r.rx.stats()["multifd-1"]["normal"] == 1 and r.rx.stats()["multifd-1"]["done"]
+    b.sendall(packet([], 0, 1, 1, C.FERRY_MULTIFD_FLAG_FIN))
+    wait_until(lambda: r.rx.channels[1].done, 30, "FIN of channel 2")
+    r.rx.close()  # closing again is harmless
+    assert not r.errors
