@@ -551,6 +551,8 @@ class MigrationDestination:
         if self._guest_lost is not None:
             e = self._guest_lost
         st.error = str(e) if not self._cancel else "incoming migration cancelled"
+        if self._cancel and self._channel is None and self.gate.mismatch is not None:
+            st.error += f" (no source got in; the last one tried: {self.gate.mismatch})"  # say why
         if self._rp is not None:
             try:
                 self._rp_send(codec.encode_rp_shut(1))
