@@ -298,6 +298,9 @@ def _check_uri(uri: str | None, caps: dict) -> None:
     if uri.startswith("file:") and caps.get("postcopy-ram"):
         raise ValueError(f"migration uri {uri!r}: postcopy-ram needs a live destination, and a file: "
                          "stream is loaded only after it is written; migrate to file: with precopy")
+    if uri.startswith("file:") and caps.get("multifd"):
+        raise ValueError(f"migration uri {uri!r}: multifd needs a live destination to open its channels to; "
+                         "migrate to file: without --cap multifd")
 
 
 def cmd_migrate(args) -> int:
@@ -448,6 +451,10 @@ def cmd_demo(args) -> int:
             check = MigrationConfig()
             check.set_capabilities(caps)
             check.set_parameters(params)
+        if "multifd-channels" in params and not caps.get("multifd"):
+            # The demo's workers start with multifd off: the parameter alone would change nothing.
+            raise ValueError(f"parameter 'multifd-channels' {params['multifd-channels']}: has no effect without "
+                             "the multifd capability; add --cap multifd")
         _check_demo_hugepages(args)
         if args.uri is not None and args.uri.startswith("file:") and caps.get("postcopy-ram"):
             raise ValueError(f"migration uri {args.uri!r}: the demo's postcopy needs a live destination; "
