@@ -382,6 +382,10 @@ async def _follow(src: ControlClient, dst: ControlClient, deadline: float,
         if sq["status"] == S.POSTCOPY_PAUSED and (dq["status"] == S.POSTCOPY_PAUSED or dq.get("unreachable")
                                                   or _never_ran(dq)):
             return sq, dq  # a recovery is the user's call (ferry migrate --resume)
+        if sq.get("unreachable") and dq["status"] == S.POSTCOPY_PAUSED:
+            # The source died after the switch: the destination waits, paused, for pages only a
+            # source with the same memory could send. Nothing will change by waiting here.
+            return sq, dq
         if sq["status"] == S.POSTCOPY_PAUSED and d_done:
             return sq, dq  # the destination lost the guest (its process died): the source keeps the memory
         now = loop.time()
