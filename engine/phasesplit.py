@@ -30,7 +30,7 @@ benchmarks) into the phases, in milliseconds:
 - ``start``: run -> first-background (negative: the source began before the
   destination handled RUN);
 - ``steady``: first-background -> background-done, with the PRECOPY channel's
-  rate over it (MiB/s), the migration thread's CPU per GiB sent on it, and the
+  rate over it (MiB/s), that of every channel (requested pages too), the migration thread's CPU per GiB sent on it, and the
   PRECOPY channel's write system calls per MiB;
 - ``tail``: background-done -> confirmed, and ``verdict``: confirmed -> end.
 """
@@ -45,7 +45,8 @@ DEST_STAMPS = ("package-read", "listen", "run")
 
 
 class PhaseStamps:
-    """Named moments of one side: ``{name: [monotonic s, thread CPU s, PRECOPY bytes, PRECOPY writes]}``.
+    """Named moments of one side: ``{name: [monotonic s, thread CPU s, PRECOPY bytes, PRECOPY writes,
+    bytes on every channel]}``.
 
     ``mark`` keeps the first stamp of a name (a recovery does not move them);
     CPU time is that of the calling thread (on the source: the migration thread).
@@ -56,18 +57,19 @@ class PhaseStamps:
     def __init__(self):
         self.stamps: dict[str, list] = {}
 
-    def mark(self, name: str, nbytes: int = 0, at: float | None = None, writes: int = 0) -> None:
+    def mark(self, name: str, nbytes: int = 0, at: float | None = None, writes: int = 0, total: int = 0) -> None:
         """Stamp ``name`` now (or at monotonic ``at``) unless already stamped; ``nbytes`` and
-        ``writes``: the PRECOPY channel's bytes and write system calls so far."""
+        ``writes``: the PRECOPY channel's bytes and write system calls so far; ``total``:
+        the bytes of every channel (POSTCOPY channels' requested pages too)."""
         if name not in self.stamps:
-            self.stamps[name] = [time.monotonic() if at is None else at, time.thread_time(), nbytes, writes]
+            self.stamps[name] = [time.monotonic() if at is None else at, time.thread_time(), nbytes, writes, total]
 
     def has(self, name: str) -> bool:
         return name in self.stamps
 
     def to_dict(self) -> dict:
-        """JSON-ready copy: ``{name: [monotonic s, CPU s, bytes, writes]}``."""
-        return {k: [round(v[0], 6), round(v[1], 6), v[2], v[3]] for k, v in self.stamps.items()}
+        """JSON-ready copy: ``{name: [monotonic s, CPU s, bytes, writes, all bytes]}``."""
+        return {k: [round(v[0], 6), round(v[1], 6), *v[2:]] for k, v in self.stamps.items()}
 
 
 def _ms(a, b) -> float | None:
@@ -100,7 +102,7 @@ def split(src: dict | None, dst: dict | None) -> dict:
         "tail-ms": _ms(t(s, "background-done"), t(s, "confirmed")),
         "verdict-ms": _ms(t(s, "confirmed"), t(s, "end")),
         "total-ms": _ms(t(s, "start"), t(s, "end")),
-        "steady-MiBps": None, "steady-cpu-s-per-GiB": None, "steady-writes-per-MiB": None,
+        "steady-MiBps": None, "steady-all-MiBps": None, "steady-cpu-s-per-GiB": None, "steady-writes-per-MiB": None,
         "precopy-cpu-s-per-GiB": None,
     }
     fb, bd, st, sp = s.get("first-background"), s.get("background-done"), s.get("start"), s.get("stop")
@@ -109,6 +111,8 @@ def split(src: dict | None, dst: dict | None) -> dict:
         if bd[0] > fb[0]:
             out["steady-MiBps"] = round(nbytes / MIB / (bd[0] - fb[0]), 1)
         out["steady-cpu-s-per-GiB"] = round((bd[1] - fb[1]) / (nbytes / GIB), 3)
+        if len(fb) > 4 and bd[0] > fb[0]:
+            out["steady-all-MiBps"] = round((bd[4] - fb[4]) / MIB / (bd[0] - fb[0]), 1)
         if len(fb) > 3 and len(bd) > 3:
             out["steady-writes-per-MiB"] = round((bd[3] - fb[3]) / (nbytes / MIB), 2)
     if st and sp and sp[2] > st[2]:
@@ -117,7 +121,7 @@ def split(src: dict | None, dst: dict | None) -> dict:
 
 
 SPLIT_KEYS = ("precopy-ms", "switch-ms", "start-ms", "steady-ms", "tail-ms", "verdict-ms", "total-ms",
-              "steady-MiBps", "steady-cpu-s-per-GiB", "steady-writes-per-MiB", "precopy-cpu-s-per-GiB")
+              "steady-MiBps", "steady-all-MiBps", "steady-cpu-s-per-GiB", "steady-writes-per-MiB", "precopy-cpu-s-per-GiB")
 
 
 def merge_splits(splits: list[dict]) -> dict:

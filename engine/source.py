@@ -707,7 +707,7 @@ class MigrationSource:
 
     def _postcopy_background(self) -> None:
         st, ch = self.stats, self.channel
-        self.phases.mark("first-background", ch.transferred, writes=ch.writer.writes)
+        self.phases.mark("first-background", ch.transferred, writes=ch.writer.writes, total=self._postcopy_bytes())
         while True:
             self._check()
             ch.section_part(self._ram_section)
@@ -729,7 +729,7 @@ class MigrationSource:
         SW.send_ram_end(ch, self._ram_section)
         ch.send_eof(None)  # no VM description in postcopy, as QEMU
         ch.flush()
-        self.phases.mark("background-done", ch.transferred, writes=ch.writer.writes)
+        self.phases.mark("background-done", ch.transferred, writes=ch.writer.writes, total=self._postcopy_bytes())
         st.remaining = 0
         st.extra["postcopy-bytes"] = self._postcopy_bytes()
 

@@ -362,10 +362,10 @@ def print_split(cases: list[dict]) -> None:
     print("postcopy phase split (engine/phasesplit.py), ms unless named, median [min-max]: precopy = start -> "
           "stop; switch = stop -> RUN handled by the destination (src/wire/dst: stop -> package flushed -> "
           "package read -> RUN); start = RUN -> first background order; steady = first background order -> "
-          "last background byte flushed (PRECOPY channel MiB/s, migration-thread CPU s/GiB, PRECOPY write calls/MiB); tail = -> "
+          "last background byte flushed (PRECOPY channel MiB/s, all channels' MiB/s, migration-thread CPU s/GiB, PRECOPY write calls/MiB); tail = -> "
           "confirmation; verdict = -> verdict sent")
     cols = (("precopy", "precopy-ms", "{:.0f}"), ("switch", "switch-ms", "{:.0f}"), ("start", "start-ms", "{:.0f}"),
-            ("steady", "steady-ms", "{:.0f}"), ("MiB/s", "steady-MiBps", "{:.0f}"),
+            ("steady", "steady-ms", "{:.0f}"), ("MiB/s", "steady-MiBps", "{:.0f}"), ("all MiB/s", "steady-all-MiBps", "{:.0f}"),
             ("cpu s/GiB", "steady-cpu-s-per-GiB", "{:.2f}"), ("writes/MiB", "steady-writes-per-MiB", "{:.1f}"),
             ("pre cpu/GiB", "precopy-cpu-s-per-GiB", "{:.2f}"),
             ("tail", "tail-ms", "{:.0f}"), ("verdict", "verdict-ms", "{:.0f}"))

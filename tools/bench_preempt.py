@@ -23,6 +23,7 @@ pass started). Cases, on each host page size and link:
                    wait behind another one on the same POSTCOPY channel
   preempt-2ch      postcopy-channels 2 (only when named in --cases)
   preempt[-rp]-MODE  preempt-write-breaks MODE (step, floor, idle, socket; only when named)
+  preempt-rp-socket-nolowat  preempt-rp-socket with precopy-notsent-lowat 0 (only when named)
 
 The 1G case: ``--page-sizes 1G`` (or 4K,2M,1G). A guest has at least two host pages
 (bench_postcopy.guest_size: 2 GiB with 1 GiB pages; with one, precopy sends it whole
@@ -138,6 +139,8 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
         for mode in ("step", "floor", "idle", "socket"):
             cases.append((f"preempt-{mode}", PREEMPT, {"preempt-write-breaks": mode}, False))
             cases.append((f"preempt-rp-{mode}", PREEMPT, {**rp, "preempt-write-breaks": mode}, False))
+        cases.append(("preempt-rp-socket-nolowat", PREEMPT, {**rp, "preempt-write-breaks": "socket",
+                                                             "precopy-notsent-lowat": 0}, False))
         known = {c[0] for c in cases}
         bad = [c for c in args.cases if c not in known]
         if bad:
