@@ -820,7 +820,6 @@ class MigrationSource:
             pc = self.channels[order.channel]
             pc.lock.acquire()  # taken before releasing the scheduler: EOS waits for us
             self.loop.urgent_busy += 1
-            self.loop.wake()  # background writes hold behind it (preempt-hold-background)
         try:
             tr = self.req_trace
             tr.mark(block, host_page, "queued")
@@ -832,6 +831,9 @@ class MigrationSource:
             pc.lock.release()
             with self._lock:
                 self.loop.urgent_busy -= 1
+            # After the send, not before: the migration thread then holds background
+            # pages while these bytes leave, without taking the GIL from this send.
+            self.loop.wake()
 
     # --- the end ---
     def _finish(self) -> None:
