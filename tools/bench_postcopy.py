@@ -21,6 +21,12 @@ here; needs root).
 and postcopy with preemption on the same link and guest (2 MiB pages by default), no
 destination workload (--light: a slow one), switching at --after-percent; per case the
 rate of its data phase, median of --repeat runs with the spread, and postcopy/precopy.
+--breaks floor,idle,socket adds preempt-<mode> cases (preempt-write-breaks), --nolowat a
+preempt case with precopy-notsent-lowat 0.
+
+Both modes print the postcopy phase split (engine/phasesplit.py) per case: precopy,
+switch, start, steady background (its rate, the migration thread's CPU per GiB, PRECOPY
+writes per MiB), tail and verdict, median [min-max]; in the JSON as "phase-split".
 """
 from __future__ import annotations
 
