@@ -41,6 +41,58 @@ def iovec_of(buf) -> np.ndarray:
     return a
 
 
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [("msg_name", ctypes.c_void_p), ("msg_namelen", ctypes.c_uint32),
+                ("msg_iov", ctypes.c_void_p), ("msg_iovlen", ctypes.c_size_t),
+                ("msg_control", ctypes.c_void_p), ("msg_controllen", ctypes.c_size_t),
+                ("msg_flags", ctypes.c_int)]
+
+
+_sendmsg = _libc.sendmsg
+_sendmsg.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+_sendmsg.restype = ctypes.c_ssize_t
+_MSG_DONTWAIT_NOSIGNAL = 0x40 | 0x4000  # MSG_DONTWAIT | MSG_NOSIGNAL (Linux)
+
+
+def sendmsg_nowait(fd: int, iov: np.ndarray) -> int:
+    """One non-blocking sendmsg of (at most IOV_MAX entries of) ``iov`` on socket ``fd``.
+
+    Returns the bytes the socket took (0 when it takes none now: EAGAIN) and
+    advances ``iov`` in place past them, as :func:`writev_all` does; entries
+    wholly written are left as they are, so callers pass the array from the
+    first entry not yet written (see :func:`advance`). Raises OSError on
+    another error (EPIPE, ECONNRESET, ENOTSOCK...).
+    """
+    chunk = iov[:IOV_MAX]
+    hdr = _MsgHdr(None, 0, chunk.ctypes.data, len(chunk), None, 0, 0)
+    while True:
+        r = _sendmsg(fd, ctypes.byref(hdr), _MSG_DONTWAIT_NOSIGNAL)
+        if r >= 0:
+            return r
+        e = ctypes.get_errno()
+        if e == errno.EINTR:
+            continue
+        if e in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return 0
+        raise OSError(e, os.strerror(e))
+
+
+def advance(iov: np.ndarray, i: int, n: int) -> int:
+    """``n`` bytes of ``iov`` from entry ``i`` on were written: the index of the first entry
+    not wholly written (its base and length moved past the written part)."""
+    if n <= 0:
+        return i
+    chunk = iov[i:i + IOV_MAX]
+    cum = np.cumsum(chunk["len"])
+    k = int(np.searchsorted(cum, n, side="right"))  # entries written whole
+    if k < len(chunk):
+        done = n - (int(cum[k - 1]) if k else 0)
+        if done:
+            iov["base"][i + k] += np.uint64(done)
+            iov["len"][i + k] -= np.uint64(done)
+    return i + k
+
+
 def writev_all(fd: int, iov: np.ndarray) -> int:
     """Write every byte ``iov`` describes to ``fd``; returns the byte count.
 

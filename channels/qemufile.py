@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import select
 import struct
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import ChannelError, PeerTimeout, ProtocolError
-from .iovec import iovec_of, writev_all
+from .iovec import advance, iovec_of, sendmsg_nowait, writev_all
 from .ratelimit import RateLimiter
 from .transport import IOV_MAX, KERNEL_TIMEOUT_ERRNOS, TIMEOUT_ERRNOS, Transport
 
@@ -96,6 +97,7 @@ class QEMUFileWriter(_StickyError):
         self._iov: list = []
         self._iov_bytes = 0
         self.transferred = 0  # bytes that reached the transport
+        self.writes = 0  # write system calls (writev, sendmsg) that sent them
         self.limiter = RateLimiter(rate_limit)
         self.error: BaseException | None = None
         self._lock = threading.Lock()  # flush may be called from two threads
@@ -253,6 +255,77 @@ class QEMUFileWriter(_StickyError):
                         self.set_error(ChannelError(f"stream left mid-record ({total - done} bytes unsent): {e!r}"))
                         raise
 
+    def can_drain(self) -> bool:
+        """True when :meth:`flush_drain` may write this transport: a plain stream socket
+        (not TLS, which gathers and encrypts, nor a file)."""
+        return getattr(self.transport, "send_iovec", None) is None and hasattr(self.transport, "sock")
+
+    def flush_drain(self, wake_fd: int, pending: Callable[[], bool], between: Callable[[], None]) -> None:
+        """Send everything queued as the socket takes it; serve ``between()`` whenever ``pending()``.
+
+        Socket-driven write breaks: each write is one non-blocking sendmsg of
+        as much as the socket accepts; when it accepts nothing, the thread
+        waits in poll() for the socket to become writable *or* ``wake_fd`` (an
+        eventfd another thread signals when a request comes in) to become
+        readable. ``between()`` runs before a write whenever ``pending()`` is
+        true, so a request interrupts at once instead of after a fixed piece,
+        and an idle record costs one system call per socket-buffer drain.
+        The same contract as :meth:`flush_pieces` otherwise: ``between`` must
+        not write to this channel; if it raises, the stream is left mid-record
+        with a sticky error. No progress for ``timeout`` seconds raises
+        PeerTimeout; a failed write raises ChannelError. Needs :meth:`can_drain`.
+        """
+        with self._lock:
+            self._check()
+            self._move_small()
+            iov, self._iov = self._iov, []
+            total, self._iov_bytes = self._iov_bytes, 0
+            if not iov:
+                return
+            arr = self._gather(iov)
+            if len(iov) == 1:
+                arr = arr.copy()  # advanced in place below: never the caller's array
+            fd = self.transport.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.register(wake_fd, select.POLLIN)
+            wait_ms = -1 if self._timeout is None else int(self._timeout * 1000)
+            i = done = 0
+            while done < total:
+                if pending():
+                    try:
+                        between()
+                    except BaseException as e:
+                        self.set_error(ChannelError(f"stream left mid-record ({total - done} bytes unsent): {e!r}"))
+                        raise
+                try:
+                    n = sendmsg_nowait(fd, arr[i:])
+                except OSError as e:
+                    self._send_failed(e)
+                self.writes += 1
+                if n:
+                    i = advance(arr, i, n)
+                    done += n
+                    self.transferred += n
+                    self.limiter.consume(n)
+                    continue
+                ready = poller.poll(wait_ms)
+                if not ready:
+                    self._send_failed(OSError(errno.EAGAIN, "no progress"))
+                for rfd, _ in ready:
+                    if rfd == wake_fd:
+                        try:
+                            os.eventfd_read(wake_fd)
+                        except BlockingIOError:
+                            pass
+
+    def _send_failed(self, e: OSError) -> None:
+        """A write failed with ``e``: keep the sticky error (PeerTimeout or ChannelError) and raise it."""
+        self.transport.aborted = e
+        timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
+        self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
+        self._check()
+
     def _send_checked(self, keep, arr, nbytes: int) -> None:
         """Write ``arr`` (``keep`` holds its memory), counting it; errors become sticky."""
         try:
@@ -266,6 +339,7 @@ class QEMUFileWriter(_StickyError):
             self.set_error(e)
             self._check()
         self.transferred += nbytes
+        self.writes += max(1, -(-len(arr) // IOV_MAX))  # writev_all: one per IOV_MAX entries (more if partial)
         self.limiter.consume(nbytes)
 
     @staticmethod

@@ -37,6 +37,7 @@ from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_fro
 from .never_ran import NeverRanProof
 from .params import MigrationConfig
 from .peer import peer_features
+from .phasesplit import PhaseStamps
 from .postcopy import FaultHandler, HostPageAssembler, ReceivedPages
 from .ram import GuestRAM, RAMBlock, fingerprint_digest, page_selector
 from .source import GUEST_DEVICE, GUEST_DEVICE_VERSION
@@ -114,6 +115,7 @@ class MigrationDestination:
         self._rp_lock = threading.Lock()
         self._last_req_block: str | None = None
         self._listen_bytes = 0
+        self.phases = PhaseStamps()  # engine/phasesplit.py: package read, LISTEN, RUN
         self._closed_bytes = 0  # bytes of the connections before a recovery
         # POSTCOPY channels (postcopy-preempt): loaders, each in its own thread.
         self._pc_threads: list[threading.Thread] = []
@@ -297,6 +299,7 @@ class MigrationDestination:
             st.extra.update(self.faults.metrics())
             if st.status in S.FINAL_STATES:  # engine/reqtrace.py: stage times of each request
                 st.extra["postcopy-request-trace"] = self.faults.trace.to_dict()
+                st.extra["postcopy-phase-stamps"] = self.phases.to_dict()
             if self._channel is not None and self.listening:
                 r.precopy_bytes = self._listen_bytes  # received before the switch
                 # After the switch: the PRECOPY channel's rest and every POSTCOPY channel (and
@@ -910,6 +913,7 @@ class MigrationDestination:
         elif c == C.MIG_CMD_POSTCOPY_RAM_DISCARD:
             self._discard(cmd.payload)
         elif c == C.MIG_CMD_PACKAGED:
+            self.phases.mark("package-read")
             self._packaged(cmd.payload)
         elif c == C.MIG_CMD_POSTCOPY_LISTEN:
             self._listen()
@@ -1024,6 +1028,7 @@ class MigrationDestination:
         # Bytes up to the end of the package that held LISTEN, not what was read ahead of it.
         self._listen_bytes = self._channel.transferred - self._channel.reader.available()
         self.faults.enabled = True
+        self.phases.mark("listen")
 
     def _run_guest(self) -> None:
         if not self.listening:
@@ -1036,6 +1041,7 @@ class MigrationDestination:
         # The guest runs here from now on: every later fault pauses, none fails.
         self.sm.fire(ST.SWITCHOVER, expect=ST.ACTIVE)
         self.running = True
+        self.phases.mark("run")
         self.stats.extra["guest-state"] = self.guest_state or {}
         if self.workload is not None:
             self.workload.restore(self.guest_state or {})

@@ -102,6 +102,14 @@ PARAMETERS: dict[str, ParamSpec] = {p.name: p for p in [
               "Ferry: hold background pages until requested pages have left the POSTCOPY sockets "
               "(SIOCOUTQ), so they get the whole link", bool,
               applies="source, at the switch to postcopy"),
+    ParamSpec("preempt-write-breaks", "step", None, None, "", True,
+              "Ferry: with postcopy-preempt, how the migration thread's background writes on the PRECOPY "
+              "channel break for requests (engine/send_loop.py, docs/performance.md): 'step' pieces of one "
+              "break step (64 KiB - 1 MiB) and 64 KiB small-page runs; 'floor' the same but never below "
+              "256 KiB; 'idle' whole records and 1 MiB small-page runs unless a request came in the last "
+              "50 ms; 'socket' non-blocking writes as far as the socket takes them, woken by a request "
+              "(poll on the socket and an eventfd)", str, ("step", "floor", "idle", "socket"),
+              applies="source, at the switch to postcopy"),
     ParamSpec("precopy-notsent-lowat", 128 << 10, 0, 1 << 30, "bytes", True,
               "Ferry: TCP_NOTSENT_LOWAT of the PRECOPY channel from the switch to postcopy on, with "
               "postcopy-preempt: unsent background bytes the kernel may hold ahead of nothing else; "

@@ -78,6 +78,7 @@ class PageScheduler:
         self.interrupted_wanted = False  # a request for the interrupted page was dropped
         self.current: SendOrder | None = None  # order being sent (for should_preempt)
         self.last_channel = PRECOPY
+        self.preempt_run = PREEMPT_RUN_PAGES  # small-page background order in postcopy with preemption
         self._rr = 0  # round robin over POSTCOPY channels
         # counters
         self.requests = 0
@@ -156,7 +157,7 @@ class PageScheduler:
                     start = p
                     end = p - p % b.tp_per_hp + b.tp_per_hp
                 else:
-                    run = PREEMPT_RUN_PAGES if self.preempt and self.postcopy else RUN_PAGES
+                    run = self.preempt_run if self.preempt and self.postcopy else RUN_PAGES
                     start, end = p, min(p + run, b.npages)
                 self.cursor = (block, end)
                 return SendOrder(block, start, end, PRECOPY)

@@ -8,16 +8,18 @@ bandwidth estimate the stop decision uses (QEMU's migration_update_counters).
 """
 from __future__ import annotations
 
+import os
 import threading
-from collections import deque
 import time
+import weakref
+from collections import deque
 from typing import Callable
 
 from ferry_migrate.channels import codec
 from ferry_migrate.channels.prepared import PreparedRange
 
 from .callbacks import weak_callback
-from .scheduler import PRECOPY, PageScheduler, SendOrder
+from .scheduler import PRECOPY, PREEMPT_RUN_PAGES, RUN_PAGES, PageScheduler, SendOrder
 
 BANDWIDTH_WINDOW = 0.1  # s, QEMU's BUFFER_DELAY
 HOLD_STEP_PAGES = 16  # small-page runs are cut this fine when background sends may be held
@@ -38,6 +40,15 @@ BREAK_MAX_PAGES = 256  # 1 MiB
 WRITE_RUN_PAGES = 512  # 2 MiB: a 2 MiB host page in one record, placed whole
 PREPARE_PAGES = 8192  # 32 MiB: most target pages of a chunked huge page prepared at once
 HOLD_MAX = 0.2  # s, longest hold of background pages behind requested ones
+# How background writes break for requests (preempt-write-breaks, engine/params.py):
+#   step    pieces of one break step (above); small-page runs of PREEMPT_RUN_PAGES
+#   floor   the same, never below BREAK_FLOOR_PAGES (pieces and small-page runs)
+#   idle    whole records and RUN_PAGES runs unless a request came in the last IDLE_WINDOW
+#   socket  non-blocking writes as far as the socket takes them, a poll() on the socket
+#           and an eventfd the request side signals (QEMUFileWriter.flush_drain)
+BREAK_MODES = ("step", "floor", "idle", "socket")
+BREAK_FLOOR_PAGES = 64  # 256 KiB
+IDLE_WINDOW = 0.05  # s
 HOLD_POLL = 0.0001  # s between looks at the POSTCOPY sockets while holding
 
 
@@ -70,6 +81,10 @@ class SendLoop:
         # False: records of one break step, the queue looked at between records.
         self.write_breaks = True
         self.served_mid_record = 0  # requests served while a PRECOPY record was half written
+        self.breaks = "step"  # one of BREAK_MODES (preempt-write-breaks)
+        self.last_request = float("-inf")  # monotonic s of the last wake()
+        self._poke = False  # wake() since the last look between writes
+        self._wake_fd: int | None = None  # eventfd for flush_drain's poll, made on first use
         # the last few: (block, host page, record bytes written before it, record bytes)
         self.mid_record_log: deque[tuple[int, int, int, int]] = deque(maxlen=64)
         # Bandwidth estimate (bytes/s) of the PRECOPY channel.
@@ -96,10 +111,11 @@ class SendLoop:
         # Where a request may make us stop early: between target pages of an
         # interruptible huge page, anywhere in a run of small pages.
         can_leave = interruptible or blk.tp_per_hp == 1
+        mode = self.breaks if sched.preempt and sched.postcopy else "step"
         if interruptible or (hold and blk.tp_per_hp > 1):
             step = self.break_step()  # stop at the next chunk's target-page boundary
-        elif hold:
-            step = min(order.end - order.start, HOLD_STEP_PAGES)
+        elif hold and mode != "socket":
+            step = min(order.end - order.start, HOLD_STEP_PAGES if mode == "step" else self.small_run())
         else:
             step = order.end - order.start
         # The destination assembles host pages in order once in postcopy; before,
@@ -116,8 +132,14 @@ class SendLoop:
         chunked = step < order.end - order.start and blk.tp_per_hp > 1 and not ch.guest_running()
         pieces = chunked and self.write_breaks and hasattr(ch, "writer")
         if pieces:
+            if mode == "floor":
+                step = max(step, BREAK_FLOOR_PAGES)
+            elif mode == "idle" and not self.recent_request():
+                step = WRITE_RUN_PAGES  # one piece: the record in one write
             piece = step * codec.PAGE_RECORD  # bytes a request may wait behind, as one chunk before
             step = max(step, WRITE_RUN_PAGES)
+        drain = (mode == "socket" and order.channel == PRECOPY and not order.requested and hasattr(ch, "writer")
+                 and ch.writer.can_drain() and (pieces or (blk.tp_per_hp == 1 and not ch.guest_running())))
         p = order.start
         while p < order.end:
             if interruptible and sched.queue:
@@ -149,9 +171,15 @@ class SendLoop:
                     w.flush()  # whatever came before: the pieces below are this record's
                     prep.send(q, e, flush=False)
                     base, size = w.transferred, w.pending()
-                    w.flush_pieces(piece, lambda: self._between_pieces(order, hold, base, size))
+                    between = lambda: self._between_pieces(order, hold, base, size)  # noqa: E731
+                    if drain:
+                        w.flush_drain(self.wake_fd(), self._pending(hold), between)
+                    else:
+                        w.flush_pieces(piece, between)
                 else:
                     prep.send(q, e)
+            elif drain:
+                self._drain_run(ch, blk, q, e, order, hold, order_matters)
             else:
                 ch.send_range(blk, q, e, ordered=order_matters)
             p = e
@@ -159,6 +187,65 @@ class SendLoop:
             ch.flush()  # the destination's guest is waiting for it
             if trace is not None:
                 trace.mark(order.block, order.start, "flushed")
+
+    def _drain_run(self, ch, blk, q: int, e: int, order: SendOrder, hold: bool, ordered: bool) -> None:
+        """A small-page run on the PRECOPY channel, queued whole and written as the socket
+        takes it (preempt-write-breaks=socket): requests are served between the writes."""
+        w = ch.writer
+        w.flush()  # whatever came before: the writes below are this run's
+        saved, w.auto_flush = w.auto_flush, 1 << 62  # queued whole, never flushed by the queueing
+        try:
+            ch.send_range(blk, q, e, ordered=ordered)
+        finally:
+            w.auto_flush = saved
+        base, size = w.transferred, w.pending()
+        w.flush_drain(self.wake_fd(), self._pending(hold), lambda: self._between_pieces(order, hold, base, size))
+
+    # --- requests coming in while background pages are written ---
+    def wake(self) -> None:
+        """A request came in (queued, or claimed by the return-path thread): look between writes.
+
+        Called from the return-path thread; interrupts flush_drain's poll().
+        """
+        self.last_request = time.monotonic()
+        self._poke = True
+        fd = self._wake_fd
+        if fd is not None:
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError:
+                pass  # the counter is full: it is readable anyway
+
+    def wake_fd(self) -> int:
+        """The eventfd :meth:`wake` signals (non-blocking; closed with this loop)."""
+        if self._wake_fd is None:
+            fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            weakref.finalize(self, os.close, fd)
+            self._wake_fd = fd
+        return self._wake_fd
+
+    def recent_request(self) -> bool:
+        """A request came in the last IDLE_WINDOW seconds."""
+        return time.monotonic() - self.last_request < IDLE_WINDOW
+
+    def small_run(self) -> int:
+        """Target pages of a small-page background order with preemption, by break mode."""
+        mode = self.breaks
+        if mode == "step":
+            return PREEMPT_RUN_PAGES
+        if mode == "floor":
+            return BREAK_FLOOR_PAGES
+        if mode == "idle":
+            return PREEMPT_RUN_PAGES if self.recent_request() else RUN_PAGES
+        return RUN_PAGES
+
+    def _pending(self, hold: bool) -> Callable[[], bool]:
+        """flush_drain's test before each write: a request queued, a wake() not looked at, or
+        (holding) a requested page being sent."""
+        sched = self.sched
+        if hold:
+            return lambda: bool(sched.queue) or self._poke or self.urgent_busy > 0
+        return lambda: bool(sched.queue) or self._poke
 
     def _between_pieces(self, order: SendOrder, hold: bool, base: int, size: int) -> None:
         """Between two writes of one PRECOPY record: serve queued requests on their
@@ -170,6 +257,7 @@ class SendLoop:
         scheduler drops one for an interrupted page.
         """
         sched = self.sched
+        self._poke = False
         while True:
             while sched.queue:
                 with self.lock:
@@ -209,9 +297,12 @@ class SendLoop:
         Returns True when nothing is left to send.
         """
         deadline = None if budget is None else time.monotonic() + budget
+        sched = self.sched
         while True:
             with self.lock:
-                order = self.sched.next()
+                if sched.preempt and sched.postcopy:
+                    sched.preempt_run = self.small_run()
+                order = sched.next()
             if order is None:
                 return True
             self.execute(order)

@@ -51,6 +51,7 @@ from .peer import COMPLETION_SHUT, effective_capability, peer_features
 from .peer_stream import (DIALECT_AT_SETUP, carried_precopy_end, carries_devices, configuration_record,
                           open_postcopy_channels, ram_section_id)
 from .ram import GuestRAM
+from .phasesplit import PhaseStamps
 from .reqtrace import RequestTrace
 from .return_path import SourceReturnPath
 from .scheduler import PageScheduler, SchedBlock
@@ -150,6 +151,7 @@ class MigrationSource:
         self._ram_section = 0
         self._confirmed_at: float | None = None
         self.req_trace = RequestTrace()  # engine/reqtrace.py: this side's stages of each request
+        self.phases = PhaseStamps()  # engine/phasesplit.py: where the postcopy phase's time goes
         self.urgent = UrgentThreads(self.config)  # engine/urgent.py: the return-path thread's priority
         self._pace_probe: list | None = None  # the rate automatic pacing waits for: _pace_from_probe
         self.recoveries = 0
@@ -293,6 +295,7 @@ class MigrationSource:
         st.extra.update(self.urgent.metrics())
         if st.status in ST.FINAL_STATES and self.in_postcopy:  # engine/reqtrace.py
             st.extra["postcopy-request-trace"] = self.req_trace.to_dict()
+            st.extra["postcopy-phase-stamps"] = self.phases.to_dict()
         self._count_pages()
         return st.to_dict()
 
@@ -344,6 +347,7 @@ class MigrationSource:
     def _run(self) -> None:
         st = self.stats
         st.start_time = time.monotonic()
+        self.phases.mark("start", 0, st.start_time)
         self._last_sync = st.start_time
         try:
             try:
@@ -352,6 +356,7 @@ class MigrationSource:
                 st.ram.precopy_bytes = self.channel.transferred + self._multifd_bytes()
                 self._check()
                 st.downtime_start = time.monotonic()
+                self.phases.mark("stop", self.channel.transferred, st.downtime_start)
                 self._pause_guest()
                 if not switch:
                     self.sm.fire(ST.STOP_AND_COPY)
@@ -652,6 +657,7 @@ class MigrationSource:
         ch.flush()
         self.sched.postcopy = True
         st.downtime_end = time.monotonic()  # the destination runs the guest from RUN on
+        self.phases.mark("package-sent", ch.transferred, st.downtime_end)
         st.ram.downtime_bytes = ch.transferred + self._multifd_bytes() - st.ram.precopy_bytes
         self._postcopy_tuning()
 
@@ -669,6 +675,7 @@ class MigrationSource:
         """Rate limit, flush size and pacing of the PRECOPY channel in postcopy."""
         ch, cfg = self.channel, self.config
         self.loop.hold_background = self.sched.preempt and cfg.param("preempt-hold-background")
+        self.loop.breaks = cfg.param("preempt-write-breaks")
         ch.writer.rate_limit = cfg.param("max-postcopy-bandwidth")
         self._downtime_unlimited = False
         if self.sched.preempt:
@@ -701,6 +708,7 @@ class MigrationSource:
 
     def _postcopy_background(self) -> None:
         st, ch = self.stats, self.channel
+        self.phases.mark("first-background", ch.transferred, writes=ch.writer.writes, total=self._postcopy_bytes())
         while True:
             self._check()
             ch.section_part(self._ram_section)
@@ -722,6 +730,7 @@ class MigrationSource:
         SW.send_ram_end(ch, self._ram_section)
         ch.send_eof(None)  # no VM description in postcopy, as QEMU
         ch.flush()
+        self.phases.mark("background-done", ch.transferred, writes=ch.writer.writes, total=self._postcopy_bytes())
         st.remaining = 0
         st.extra["postcopy-bytes"] = self._postcopy_bytes()
 
@@ -801,6 +810,7 @@ class MigrationSource:
                 self.sched.request(blk.index, host_page)
                 # Under the lock: the migration thread may take it the moment it is released.
                 self.req_trace.mark(blk.index, host_page, "queued")
+            self.loop.wake()  # a background write in progress looks at the queue
 
     def _send_urgent(self, block: int, host_page: int) -> None:
         """urgent-pages-from=return-path: send a requested page from this thread, now."""
@@ -822,6 +832,9 @@ class MigrationSource:
             pc.lock.release()
             with self._lock:
                 self.loop.urgent_busy -= 1
+            # After the send, not before: the migration thread then holds background
+            # pages while these bytes leave, without taking the GIL from this send.
+            self.loop.wake()
 
     # --- the end ---
     def _finish(self) -> None:
@@ -847,6 +860,7 @@ class MigrationSource:
                 self.channel.send_raw(codec.encode_ferry_verdict(C.FERRY_VERDICT_COMPLETED))
                 self.channel.flush()
                 st.extra["verdict"] = "delivered"
+                self.phases.mark("end", self.channel.transferred)
             except ChannelError as e:
                 st.extra["verdict"] = f"not delivered: {e}"
 
@@ -861,6 +875,7 @@ class MigrationSource:
             self._check()
             raise ChannelError("destination did not confirm the load in time")
         self._confirmed_at = time.monotonic()
+        self.phases.mark("confirmed", self.channel.transferred, self._confirmed_at)
         if not self.in_postcopy:
             self.stats.downtime_end = self._confirmed_at  # the destination may run the guest now
             phases = self.stats.extra.get("downtime-phases")

@@ -21,6 +21,12 @@ here; needs root).
 and postcopy with preemption on the same link and guest (2 MiB pages by default), no
 destination workload (--light: a slow one), switching at --after-percent; per case the
 rate of its data phase, median of --repeat runs with the spread, and postcopy/precopy.
+--breaks floor,idle,socket adds preempt-<mode> cases (preempt-write-breaks), --nolowat a
+preempt case with precopy-notsent-lowat 0.
+
+Both modes print the postcopy phase split (engine/phasesplit.py) per case: precopy,
+switch, start, steady background (its rate, the migration thread's CPU per GiB, PRECOPY
+writes per MiB), tail and verdict, median [min-max]; in the JSON as "phase-split".
 """
 from __future__ import annotations
 
@@ -41,6 +47,7 @@ if __package__ in (None, ""):
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tools/bench_args.py
 
 from ferry_migrate.engine.local import GuestConfig, run_local_migration  # noqa: E402
+from ferry_migrate.engine.phasesplit import merge_splits, split  # noqa: E402
 from ferry_migrate.engine.ram import format_size  # noqa: E402
 from ferry_migrate.engine.reqtrace import STEPS, join, step_summary  # noqa: E402
 from ferry_migrate.engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
@@ -150,6 +157,10 @@ def run_case(link: LinkEnv, size: int, page_size: int, caps: dict, params: dict,
                             if k in src},
         # engine/reqtrace.py: both workers on this host, so their monotonic clocks compare
         "trace-us": step_summary(join(src.get("postcopy-request-trace"), dst.get("postcopy-request-trace"))),
+        # engine/phasesplit.py: precopy, switch, start, steady background, tail (same clock caveat)
+        "phase-split": split(src.get("postcopy-phase-stamps"), dst.get("postcopy-phase-stamps")),
+        "source-send": {k: src.get(k) for k in ("background-held-ms", "background-holds",
+                                                "requests-served-mid-record") if k in src},
     })
     if not ok:
         out["error"] = (f"source {src.get('status')} ({src.get('error-desc', '')}), destination "
@@ -169,6 +180,7 @@ def merge_runs(runs: list[dict]) -> dict:
     out["latency-us"]["count"] = sum(r["latency-us"]["count"] for r in good)  # requests in all runs
     for k in ("requests", "faults", "blocktime-ms", "total-time-ms", "transfer-time-ms"):
         out[k] = med(r[k] for r in good)
+    out["total-time-ms-spread"] = [min(r["total-time-ms"] for r in good), max(r["total-time-ms"] for r in good)]
     if all(r.get("trace-us") for r in good):
         # Per step: the median over the runs of each run's p50 and p99.
         out["trace-us"] = {}
@@ -178,6 +190,7 @@ def merge_runs(runs: list[dict]) -> dict:
                                       "p50": round(med(x["p50"] for x in per), 1),
                                       "p99": round(med(x["p99"] for x in per), 1)}
                                      if per else {"count": 0, "p50": None, "p99": None})
+    out["phase-split"] = merge_splits([r.get("phase-split") for r in good])
     out["ok"] = len(good) == len(runs)
     out["runs"] = runs
     return out
@@ -200,6 +213,10 @@ def throughput_cases(args) -> list[tuple[str, dict, dict]]:
     for n in args.preempt_channels:
         cases.append(("preempt" if n == 1 else f"preempt-{n}ch", THROUGHPUT_CASES[2][1],
                       {} if n == 1 else {"postcopy-channels": n}))
+    for mode in args.breaks:  # preempt-write-breaks designs beside the default
+        cases.append((f"preempt-{mode}", THROUGHPUT_CASES[2][1], {"preempt-write-breaks": mode}))
+    for name, extra in args.knob_cases:
+        cases.append((name, THROUGHPUT_CASES[2][1], extra))
     return cases
 
 
@@ -242,6 +259,7 @@ def run_throughput_case(link: LinkEnv, size: int, page_size: int, caps: dict, ar
         "overall-MiBps": mibps(ram.get("transferred", 0), busy_ms),
         "precopy-bytes": ram.get("precopy-bytes", 0), "postcopy-bytes": src.get("postcopy-bytes", 0),
         "requests": dst.get("postcopy-requests", 0),
+        "phase-split": split(src.get("postcopy-phase-stamps"), dst.get("postcopy-phase-stamps")),
     })
     if not ok:
         out["error"] = (f"source {src.get('status')} ({src.get('error-desc', '')}), destination "
@@ -259,6 +277,7 @@ def merge_throughput(runs: list[dict]) -> dict:
         if vals:
             out[k] = statistics.median(vals)
             out[k + "-spread"] = [min(vals), max(vals)]
+    out["phase-split"] = merge_splits([r.get("phase-split") for r in good])
     out["runs"] = runs
     return out
 
@@ -311,6 +330,7 @@ def throughput_main(args) -> int:
               f"{'' if c['ok'] else '  FAILED: ' + str(c.get('error'))}")
     print("phase = precopy: all bytes over setup end -> confirmation; postcopy: bytes sent after the switch over "
           "switch end -> confirmation. /precopy = phase rate over precopy's.")
+    print_split(cases)
     if args.json:
         print(json.dumps({
             "tool": "bench_postcopy", "mode": "throughput", "date": datetime.now().isoformat(timespec="seconds"),
@@ -334,6 +354,37 @@ def load_note() -> dict:
     la = os.getloadavg()
     return {"loadavg": [round(x, 2) for x in la], "cpus": os.cpu_count(),
             "under-load": la[0] > 0.5 * (os.cpu_count() or 1)}
+
+
+def _cell(v, spread=None, fmt="{:.0f}") -> str:
+    if v is None:
+        return "-"
+    return fmt.format(v) + (f" [{fmt.format(spread[0])}-{fmt.format(spread[1])}]" if spread else "")
+
+
+def print_split(cases: list[dict]) -> None:
+    """The postcopy phase split (engine/phasesplit.py) per case: median [min-max] over the runs."""
+    rows = [c for c in cases if (c.get("phase-split") or {}).get("switch-ms") is not None]
+    if not rows:
+        return
+    print("postcopy phase split (engine/phasesplit.py), ms unless named, median [min-max]: precopy = start -> "
+          "stop; switch = stop -> RUN handled by the destination (src/wire/dst: stop -> package flushed -> "
+          "package read -> RUN); start = RUN -> first background order; steady = first background order -> "
+          "last background byte flushed (PRECOPY channel MiB/s, all channels' MiB/s, migration-thread CPU s/GiB, PRECOPY write calls/MiB); tail = -> "
+          "confirmation; verdict = -> verdict sent")
+    cols = (("precopy", "precopy-ms", "{:.0f}"), ("switch", "switch-ms", "{:.0f}"), ("start", "start-ms", "{:.0f}"),
+            ("steady", "steady-ms", "{:.0f}"), ("MiB/s", "steady-MiBps", "{:.0f}"), ("all MiB/s", "steady-all-MiBps", "{:.0f}"),
+            ("cpu s/GiB", "steady-cpu-s-per-GiB", "{:.2f}"), ("writes/MiB", "steady-writes-per-MiB", "{:.1f}"),
+            ("pre cpu/GiB", "precopy-cpu-s-per-GiB", "{:.2f}"),
+            ("tail", "tail-ms", "{:.0f}"), ("verdict", "verdict-ms", "{:.0f}"))
+    head = f"{'link':<8} {'page':>4} {'case':<22} " + " ".join(f"{n:>17}" for n, _, _ in cols) + "  switch src/wire/dst"
+    print(head)
+    for c in rows:
+        ps = c["phase-split"]
+        sw = ps.get("switch") or {}
+        cells = " ".join(f"{_cell(ps.get(k), ps.get(k + '-spread'), f):>17}" for _, k, f in cols)
+        print(f"{c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} {cells}  "
+              + "/".join(_cell(sw.get(k), None, "{:.1f}") for k in ("source-ms", "wire-ms", "destination-ms")))
 
 
 def fmt_us(v) -> str:
@@ -361,6 +412,7 @@ def print_table(cases: list[dict], args) -> None:
               f"{'ok' if c['ok'] else 'FAILED: ' + c.get('error', '')}")
     print("latency = request sent -> host page placed (destination); total = migration start -> "
           "verified completion (source).")
+    print_split(cases)
 
 
 def add_common_args(p: argparse.ArgumentParser) -> None:
@@ -409,7 +461,14 @@ def parse_args(argv=None):
     p.add_argument("--preempt-channels", default="1",
                    help="--throughput: comma list of postcopy-channels for the preempt case (default 1; "
                         "'1,2' adds preempt-2ch)")
+    p.add_argument("--breaks", default="",
+                   help="--throughput: comma list of preempt-write-breaks modes to add as preempt-<mode> cases "
+                        "(step, floor, idle, socket; the preempt case uses the default)")
+    p.add_argument("--nolowat", action="store_true",
+                   help="--throughput: add preempt-nolowat (precopy-notsent-lowat 0)")
     a = p.parse_args(argv)
+    a.breaks = [x.strip() for x in a.breaks.split(",") if x.strip()]
+    a.knob_cases = [("preempt-nolowat", {"precopy-notsent-lowat": 0})] if a.nolowat else []
     try:
         a.preempt_channels = [int(x) for x in a.preempt_channels.split(",") if x.strip()]
     except ValueError:

@@ -22,6 +22,8 @@ pass started). Cases, on each host page size and link:
   preempt-rp-fifo-2ch   preempt-rp-fifo with postcopy-channels 2: a requested huge page need not
                    wait behind another one on the same POSTCOPY channel
   preempt-2ch      postcopy-channels 2 (only when named in --cases)
+  preempt[-rp]-MODE  preempt-write-breaks MODE (step, floor, idle, socket; only when named)
+  preempt-rp-socket-nolowat  preempt-rp-socket with precopy-notsent-lowat 0 (only when named)
 
 The 1G case: ``--page-sizes 1G`` (or 4K,2M,1G). A guest has at least two host pages
 (bench_postcopy.guest_size: 2 GiB with 1 GiB pages; with one, precopy sends it whole
@@ -78,7 +80,7 @@ if __package__ in (None, ""):
 
 from bench_args import size_type  # noqa: E402 - tools/bench_args.py
 from bench_postcopy import (add_common_args, finish_args, fmt_us, install_signal_handlers, load_note,  # noqa: E402
-                            merge_runs, open_link, page_label, run_case)
+                            merge_runs, open_link, page_label, print_split, run_case)
 
 from ferry_migrate.engine.reqtrace import STEPS  # noqa: E402
 
@@ -134,6 +136,12 @@ def case_table(args) -> list[tuple[str, dict, dict, bool]]:
     if args.cases:
         # Only when named: requested pages spread over two POSTCOPY channels.
         cases.append(("preempt-2ch", PREEMPT, {"postcopy-channels": 2}, False))
+        # Only when named: how background writes break for requests (preempt-write-breaks).
+        for mode in ("step", "floor", "idle", "socket"):
+            cases.append((f"preempt-{mode}", PREEMPT, {"preempt-write-breaks": mode}, False))
+            cases.append((f"preempt-rp-{mode}", PREEMPT, {**rp, "preempt-write-breaks": mode}, False))
+        cases.append(("preempt-rp-socket-nolowat", PREEMPT, {**rp, "preempt-write-breaks": "socket",
+                                                             "precopy-notsent-lowat": 0}, False))
         known = {c[0] for c in cases}
         bad = [c for c in args.cases if c not in known]
         if bad:
@@ -169,6 +177,9 @@ def add_ratios(cases: list[dict], floors: dict) -> None:
                                  if ok and van and van.get("ok") and van["latency-us"].get("count") and lat["avg"]
                                  else None)
         c["case/floor-p99"] = round(lat["p99"] / c["floor-us"], 2) if ok and c["floor-us"] else None
+        # The total-time target: case total / vanilla total (medians), same link and page size.
+        c["total/vanilla"] = (round(c["total-time-ms"] / van["total-time-ms"], 2)
+                              if c.get("ok") and van and van.get("ok") and van.get("total-time-ms") else None)
         if uffd:
             # The same case in-process, same link and page size: uffd / in-process (< 1: uffd faster).
             base = next((v for v in cases if v["case"] == c["case"][:-5].replace("-proc", "") and (v["link"], v["page-size"]) == key),
@@ -237,6 +248,15 @@ def print_report(cases: list[dict], probes: dict, tg: dict, args, envs: dict) ->
             print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} uffd/in-process p50 "
                   f"{c.get('uffd/inproc-p50')}x p99 {c.get('uffd/inproc-p99')}x")
     print_trace(cases)
+    print("total time, median [min-max], and case/vanilla (target <= 1.2x):")
+    for c in cases:
+        if c.get("total-time-ms") is None:
+            continue
+        sp = c.get("total-time-ms-spread") or [c["total-time-ms"]] * 2
+        r = c.get("total/vanilla")
+        print(f"  {c['link']:<8} {page_label(c['page-size']):>4} {c['case']:<22} {c['total-time-ms'] / 1000:6.2f}s "
+              f"[{sp[0] / 1000:.2f}-{sp[1] / 1000:.2f}]  {'-' if r is None else f'{r:.2f}x'}")
+    print_split(cases)
     if tg:
         print(f"targets on the rate-limited link (p99 <= {FLOOR_FACTOR:g}x floor; vanilla/preempt p99 >= "
               f"{SPEEDUP_4K:g}x on 4K):")
