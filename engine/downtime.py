@@ -7,7 +7,8 @@ that does not scale with bytes: a sync round over every channel at the pause
 and another before the channels' FIN (a wake-up and a packet per channel on
 each side, engine/multifd_send.py). That cost is measured at every pass end
 (MultifdSender.sync_round) and counted here as a fixed part of the downtime:
-the guest stops only when the bytes *and* the fixed part fit the limit, and
+a pass still ends (the dirty log is synced) when the bytes alone fit, but the
+guest stops only when the bytes *and* the fixed part fit the limit, and
 ``expected-downtime`` reports both (docs/performance.md, "Multifd").
 """
 from __future__ import annotations

@@ -505,11 +505,11 @@ class MigrationSource:
             self._update_bandwidth()
             remaining = (sum(bm.count() for bm in self.bitmaps.values()) + self._multifd_queued()) * C.TARGET_PAGE_SIZE
             fixed = self._multifd_stop_cost()
-            expected, fits = stop_estimate(remaining, loop.bandwidth, downtime_limit, fixed)  # engine/downtime.py
+            expected, _ = stop_estimate(remaining, loop.bandwidth, downtime_limit, fixed)  # engine/downtime.py
             st.remaining = remaining
             if expected is not None:
                 st.expected_downtime_ms = int(expected * 1000)
-            if fits:
+            if stop_estimate(remaining, loop.bandwidth, downtime_limit)[1]:  # the pass ends on its bytes alone
                 remaining = (self._sync() + self._multifd_queued()) * C.TARGET_PAGE_SIZE
                 fixed = self._multifd_stop_cost()  # with the round this sync made, when it is the first
                 expected, fits = stop_estimate(remaining, loop.bandwidth, downtime_limit, fixed)
