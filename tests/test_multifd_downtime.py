@@ -182,3 +182,21 @@ def test_an_init_reply_names_both_counts():
         M.parse_init_reply(M.encode_init_reply(7, 4), 4)
     with pytest.raises(M.MultifdError, match="init reply magic"):
         M.parse_init_reply(bytes(16), 4)
+
+
+def test_the_downtime_tool_reports_the_rounds():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "tools", "bench_multifd_downtime.py"), "--channels", "3",
+                        "--size", "32M", "--repeat", "1", "--dirty-rate", "4M", "--json"],
+                       cwd=root, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout.strip().splitlines()[-1])["runs"][0]
+    assert run["status"] == "completed" and run["channels"] == 3, run
+    assert run["multifd-sync-ms"] is not None and run["stop-cost-ms"] is not None and run["phases"]["send"] >= 0
+    assert "downtime ms" in r.stdout and "expected ms" in r.stdout
