@@ -239,9 +239,15 @@ class MultifdSender:
         """End the current pass: each channel sends a SYNC packet after every page it was given.
 
         Starts a sync round; :attr:`sync_round` becomes its duration (s)
-        once every channel sent its SYNC (see :meth:`stop_cost`).
+        once every channel sent its SYNC (see :meth:`stop_cost`). Waits
+        until the previous round completed first (as QEMU's
+        multifd_send_sync_main waits for its channels): rounds never pile up,
+        even when a loop of empty passes asks for one after another.
         """
         with self.lock:
+            while self._rounds:
+                self._check()
+                self.cond.wait(IDLE_WAIT)
             self._check()
             self._hand_off()
             now = time.monotonic()
