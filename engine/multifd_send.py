@@ -3,8 +3,9 @@
 The migration thread hands out runs of dirty target pages (``send_range``,
 the same call a RAM channel takes, so engine/send_loop.py sends to either).
 Runs are gathered into a batch of about a packet (BATCH_PAGES), and each
-batch goes whole to the channel with the least queued (QEMU does the same
-with its packets: multifd_queue_page), so a host page is never split between
+batch goes whole to the channel with the least queued, the next in turn
+among equals (QEMU fills and hands out its packets the same way:
+multifd_queue_page, multifd_send_pages), so a host page is never split between
 channels and a sender thread is woken once per batch, not once per run (the
 final pass is mostly runs of one page). A sender thread cuts long runs into
 packets of at most FERRY_MULTIFD_PACKET_PAGES and gathers short runs of one
