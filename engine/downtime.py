@@ -23,7 +23,8 @@ def stop_estimate(remaining: int, bandwidth: float, limit: float, fixed: float =
     costs beyond its bytes (multifd sync rounds, >= 0).
 
     The expected downtime is ``remaining / bandwidth + fixed`` (None while
-    the bandwidth is unknown). The stop fits when ``remaining <= bandwidth *
+    the bandwidth is unknown and bytes are left; ``fixed`` when nothing is
+    left). The stop fits when ``remaining <= bandwidth *
     (limit - fixed)``: with an unknown bandwidth only when nothing is left
     and the fixed part fits, and never when the fixed part alone is over the
     limit (the expected downtime then says by how much).
@@ -33,5 +34,5 @@ def stop_estimate(remaining: int, bandwidth: float, limit: float, fixed: float =
     budget = limit - fixed
     fits = budget >= 0 and remaining <= bandwidth * budget
     if bandwidth <= 0:
-        return None, fits
+        return (fixed if remaining <= 0 else None), fits
     return remaining / bandwidth + fixed, fits

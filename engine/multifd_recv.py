@@ -194,16 +194,20 @@ class MultifdReceiver:
         try:
             self._receive(ch)
         except BaseException as e:  # noqa: BLE001 - reported, never lost
-            with self.cond:
-                if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
-                    return  # our own shutdown
-                first = self.error is None
-                if first:
-                    self.error = e
-                self.cond.notify_all()
-                self.released.notify_all()
+            self._report(e)
+
+    def _report(self, e: BaseException) -> None:
+        """Keep the first receiver error and hand it to ``on_error`` (once)."""
+        with self.cond:
+            if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
+                return  # our own shutdown
+            first = self.error is None
             if first:
-                self.on_error(e)
+                self.error = e
+            self.cond.notify_all()
+            self.released.notify_all()
+        if first:
+            self.on_error(e)
 
     def _receive(self, ch: MultifdRecvChannel) -> None:
         r = ch.reader
@@ -211,8 +215,18 @@ class MultifdReceiver:
             raise M.MultifdChannelMissing(f"multifd channel {ch.name}: connection ended before its init record")
         try:
             cid = M.parse_init(r.view()[:C.FERRY_MULTIFD_INIT_SIZE], self.n, ch.name)
-        except M.MultifdChannelsMismatch:
-            self._reply(ch, C.FERRY_MULTIFD_REPLY_CHANNELS)  # the source names both counts too
+        except M.MultifdChannelsMismatch as e:
+            # Reported before the source can learn it and close its main channel (this side's
+            # error is then this one, not a truncated stream), and answered under the lock that
+            # shutdown() takes before it closes any channel (the answer is not cut off).
+            with self.cond:
+                first = self.error is None
+                if first:
+                    self.error = e
+                    self.on_error(e)  # sets the destination's error and stops its main loader only
+                self._reply(ch, C.FERRY_MULTIFD_REPLY_CHANNELS)  # the source names both counts too
+                self.cond.notify_all()
+                self.released.notify_all()
             raise
         r.consume(C.FERRY_MULTIFD_INIT_SIZE)
         with self.cond:

@@ -51,7 +51,7 @@ def test_the_expected_downtime_holds_the_sync_rounds():
 def test_rounds_over_the_limit_never_stop_and_say_by_how_much():
     exp, fits = stop_estimate(0, 100 * MiB, 0.3, 0.5)
     assert not fits and exp == pytest.approx(0.5)
-    assert stop_estimate(0, 0.0, 0.3, 0.1) == (None, True)  # nothing left, bandwidth unknown
+    assert stop_estimate(0, 0.0, 0.3, 0.1) == (0.1, True)  # nothing left, bandwidth unknown: the rounds
     assert stop_estimate(1, 0.0, 0.3, 0.0) == (None, False)
     with pytest.raises(ValueError, match="fixed downtime -1"):
         stop_estimate(0, 1.0, 0.3, -1)
@@ -114,7 +114,8 @@ def test_a_migration_with_many_channels_reports_the_rounds_in_its_expected_downt
         assert s.wait(WAIT) == "completed", (s.stats.error, d.stats.error)
         q = s.query()
         assert q["multifd-sync-rounds"] >= 1 and q["multifd-stop-cost-ms"] > 0, q
-        assert q["expected-downtime"] >= q["multifd-stop-cost-ms"] - 1, q  # ms, rounded down
+        # ms, rounded down (query-migrate leaves out an expected downtime under 1 ms)
+        assert q.get("expected-downtime", 0) >= q["multifd-stop-cost-ms"] - 1, q
     finally:
         _completes(s, d)
 
