@@ -1,7 +1,9 @@
 """Sans-I/O codec of the multifd channels: the init record and the page packets.
 
 Format (docs/protocol.md, "Multifd channels"; constants in channels/constants.py):
-a channel opens with an init record naming its id, then carries packets. A
+a channel opens with an init record naming its id and the channel count,
+which the destination answers (the init reply: OK, or its own count when the
+counts differ), then carries packets. A
 packet names one RAM block, the offsets of its pages (data pages first, then
 zero pages), optionally one check value per page (page-checksums), then the
 data pages' bytes. QEMU's MultiFDPacket_t (migration/multifd.h, multifd.c)
