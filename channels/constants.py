@@ -222,16 +222,22 @@ FERRY_HELLO_MAX_MESSAGE = 4096
 # "Multifd channels"); QEMU's MultiFDPacket_t (migration/multifd.h) is the
 # model but not the format: a QEMU peer never gets multifd channels from Ferry.
 # Every integer big-endian. A channel opens with the init record, then carries
-# packets until one with FERRY_MULTIFD_FLAG_FIN.
+# packets until one with FERRY_MULTIFD_FLAG_FIN. The destination answers the
+# init record (the only bytes it sends on a multifd channel), so a channel count
+# that differs is named on both sides even without the channel hello.
 #   init:   be32 magic, be32 version, u8 channel id (1..N), u8 channels (N), be16 0, be32 0
+#   reply:  be32 magic, be32 version, u8 status, u8 the destination's channels, be16 0, be32 0
 #   packet: be32 magic, be16 flags, be16 idstr length, be32 normal pages,
 #           be32 zero pages, be64 packet number, be32 pass, be32 0,
 #           idstr, (normal + zero) x be64 offset (normal pages first),
 #           [(normal + zero) x be64 check value, with FLAG_CHECKS],
 #           normal x 4096 bytes of page data
 FERRY_MULTIFD_MAGIC = 0x464D4644  # "FMFD" (QEMU's MULTIFD_MAGIC is 0x11223344)
-FERRY_MULTIFD_VERSION = 1
+FERRY_MULTIFD_VERSION = 2  # 2: the destination answers the init record
 FERRY_MULTIFD_INIT_SIZE = 16
+FERRY_MULTIFD_REPLY_SIZE = 16
+FERRY_MULTIFD_REPLY_OK = 0
+FERRY_MULTIFD_REPLY_CHANNELS = 1  # multifd-channels differ: the reply carries the destination's
 FERRY_MULTIFD_HEADER_SIZE = 32
 # The channel finished every page of pass ``pass`` it was given; its next
 # packet belongs to pass + 1 and is read only once every channel reached this

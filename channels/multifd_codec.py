@@ -1,7 +1,9 @@
 """Sans-I/O codec of the multifd channels: the init record and the page packets.
 
 Format (docs/protocol.md, "Multifd channels"; constants in channels/constants.py):
-a channel opens with an init record naming its id, then carries packets. A
+a channel opens with an init record naming its id and the channel count,
+which the destination answers (the init reply: OK, or its own count when the
+counts differ), then carries packets. A
 packet names one RAM block, the offsets of its pages (data pages first, then
 zero pages), optionally one check value per page (page-checksums), then the
 data pages' bytes. QEMU's MultiFDPacket_t (migration/multifd.h, multifd.c)
@@ -55,6 +57,20 @@ class MultifdChannelMissing(MultifdError):
     """A multifd channel never connected (or its connection ended before its FIN)."""
 
 
+class MultifdChannelsMismatch(MultifdError):
+    """The two sides' multifd-channels differ (``source``, ``destination``: their values)."""
+
+    def __init__(self, message: str, source: int, destination: int):
+        super().__init__(message)
+        self.source, self.destination = source, destination
+
+
+def channels_mismatch_text(source: int, destination: int) -> str:
+    """The words both sides use for a multifd-channels mismatch (as the channel hello's mismatch says it)."""
+    return (f"multifd-channels: source {source}, destination {destination} "
+            "(set the same multifd-channels on both sides)")
+
+
 def encode_init(channel_id: int, channels: int) -> bytes:
     """The init record of multifd channel ``channel_id`` (1..``channels``): 16 bytes."""
     if not 1 <= channel_id <= channels <= 255:
@@ -65,8 +81,9 @@ def encode_init(channel_id: int, channels: int) -> bytes:
 def parse_init(buf, channels: int, name: str = "multifd") -> int:
     """The channel id of an init record (16 bytes of ``buf``), checked against ``channels``.
 
-    Raises MultifdError (magic, version, channel count differ) or
-    MultifdChannelTwice (an id outside 1..channels).
+    Raises MultifdError (magic, version), MultifdChannelsMismatch (the
+    source's channel count is not ``channels``) or MultifdChannelTwice (an id
+    outside 1..channels).
     """
     magic, version, cid, n, r1, r2 = _INIT.unpack_from(buf, 0)
     if magic != C.FERRY_MULTIFD_MAGIC:
@@ -74,12 +91,39 @@ def parse_init(buf, channels: int, name: str = "multifd") -> int:
     if version != C.FERRY_MULTIFD_VERSION:
         raise MultifdError(f"{name}: init version {version}, expected {C.FERRY_MULTIFD_VERSION}")
     if n != channels:
-        raise MultifdError(f"{name}: source has multifd-channels {n}, destination {channels}")
+        raise MultifdChannelsMismatch(f"{name}: {channels_mismatch_text(n, channels)}", n, channels)
     if r1 or r2:
         raise MultifdError(f"{name}: init reserved fields 0x{r1:x} 0x{r2:x}, expected 0")
     if not 1 <= cid <= channels:
         raise MultifdChannelTwice(f"{name}: channel id {cid}, expected 1 to {channels}")
     return cid
+
+
+def encode_init_reply(status: int, channels: int) -> bytes:
+    """The destination's answer to an init record (16 bytes): ``status`` FERRY_MULTIFD_REPLY_OK or
+    FERRY_MULTIFD_REPLY_CHANNELS, ``channels`` its own multifd-channels."""
+    return _INIT.pack(C.FERRY_MULTIFD_MAGIC, C.FERRY_MULTIFD_VERSION, status, channels, 0, 0)
+
+
+def parse_init_reply(buf, channels: int, name: str = "multifd") -> None:
+    """Check the destination's answer (16 bytes of ``buf``) to the init record of a source with
+    ``channels`` multifd channels.
+
+    Raises MultifdChannelsMismatch naming both counts (the destination has
+    another multifd-channels), MultifdError for anything else that is not an
+    OK reply (magic, version, status).
+    """
+    magic, version, status, n, r1, r2 = _INIT.unpack_from(buf, 0)
+    if magic != C.FERRY_MULTIFD_MAGIC:
+        raise MultifdError(f"{name}: init reply magic 0x{magic:08x}, expected 0x{C.FERRY_MULTIFD_MAGIC:08x}")
+    if version != C.FERRY_MULTIFD_VERSION:
+        raise MultifdError(f"{name}: init reply version {version}, expected {C.FERRY_MULTIFD_VERSION}")
+    if status == C.FERRY_MULTIFD_REPLY_CHANNELS or (status == C.FERRY_MULTIFD_REPLY_OK and n != channels):
+        raise MultifdChannelsMismatch(f"destination refused the migration: {channels_mismatch_text(channels, n)}",
+                                      channels, n)
+    if status != C.FERRY_MULTIFD_REPLY_OK or r1 or r2:
+        raise MultifdError(f"{name}: init reply status {status} (reserved 0x{r1:x} 0x{r2:x}), expected "
+                           f"{C.FERRY_MULTIFD_REPLY_OK} and 0")
 
 
 def encode_packet_head(flags: int, block: str, pages: np.ndarray, nnormal: int, packet_num: int,

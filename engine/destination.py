@@ -33,6 +33,7 @@ from . import states as ST
 from . import stats as S
 from .channel_auth import ROLE_MAIN, ROLE_MULTIFD, ROLE_POSTCOPY, ChannelGate, check_plaintext, handshake_timeout
 from .multifd_recv import MultifdReceiver
+from .multifd_send import listen_backlog, refuse_file_uri
 from .layout import LayoutLimits, check_machine_type, page_size_summary, ram_from_layout
 from .never_ran import NeverRanProof
 from .params import MigrationConfig
@@ -166,7 +167,9 @@ class MigrationDestination:
         """Bind the incoming URI; returns it with the real port (tcp port 0 allowed)."""
         if self.config.cap("multifd") and not peer_features(self.config.param("peer")).ferry_only_capabilities:
             raise ValueError("multifd: Ferry's multifd packets are not QEMU's; turn multifd off for peer=qemu")
-        listener = Listener(uri, liveness=self.config.param("liveness-timeout"))
+        if self.config.cap("multifd"):
+            refuse_file_uri(uri, "source")  # as the source refuses it, before anything is bound
+        listener = Listener(uri, backlog=listen_backlog(self.config), liveness=self.config.param("liveness-timeout"))
         try:
             check_plaintext(self.config, listener.uri, "listening on")  # PlaintextRefused (a ValueError)
         except ValueError:
@@ -324,7 +327,7 @@ class MigrationDestination:
         """query-migrate with the multifd channels: their bytes and pages, and when LISTEN closed them."""
         mf = self._multifd
         st.extra["multifd"] = {"channels": mf.n, "listen-ms": None if mf.closed_at is None
-                               else round((mf.closed_at - mf.created) * 1000, 3)}
+                               else round((mf.closed_at - mf.created) * 1000, 3), **mf.figures()}
         d = st.to_dict()
         d.setdefault("channels", {}).update(mf.stats())
         r = d["ram"]

@@ -1,6 +1,7 @@
 """Destination side of multifd: one receiver thread per multifd channel, and the sync point.
 
-Each receiver reads its channel's init record, then packets
+Each receiver reads its channel's init record and answers it (OK, or the
+destination's multifd-channels when the counts differ), then packets
 (channels/multifd_codec.py), checks each packet's pages against their check
 values (page-checksums) and writes them into guest RAM in bulk: the packet's
 data pages are a view of the reader's window, copied into guest RAM with one
@@ -13,7 +14,10 @@ loader, at RAM_SAVE_FLAG_MULTIFD_FLUSH on the main stream, calls
 SYNC of pass k, then opens pass k+1 and releases them (QEMU:
 multifd_recv_sync_main and the receivers' sem_sync in migration/multifd.c).
 So no page of pass k+1 is placed before every page of pass k, whatever the
-channels' relative speed.
+channels' relative speed. A sync round wakes each thread once: receivers
+count their arrival (the last one wakes the main loader) and then wait on a
+second condition that only the main loader's release notifies; with one
+condition for all, each arrival woke all N receivers (N x N wake-ups a pass).
 
 Placement ends at POSTCOPY_LISTEN (:meth:`close_placement`): the source
 flushes and closes its multifd channels before the switch, and a page on a
@@ -21,6 +25,7 @@ multifd channel after LISTEN is an error, never placed.
 """
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from typing import Callable
@@ -28,6 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ferry_migrate.channels import constants as C
+from ferry_migrate.channels import hello as H
 from ferry_migrate.channels import multifd_codec as M
 from ferry_migrate.channels.codec import RamRun
 from ferry_migrate.channels.errors import ChannelError
@@ -81,12 +87,16 @@ class MultifdReceiver:
         self.connect_timeout = connect_timeout
         self.channels: list[MultifdRecvChannel] = []
         self.by_id: dict[int, MultifdRecvChannel] = {}
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)  # the main loader waits here (all arrived, connected)
+        self.released = threading.Condition(self.lock)  # receivers after their SYNC wait here
+        self.arrived = 0  # channels that reached the SYNC of the open pass
         self.pass_ = 1  # the open pass
         self.error: BaseException | None = None
         self.stopped = False
         self.placement_closed = False  # POSTCOPY_LISTEN came
         self.closed_at: float | None = None
+        self.sync_waits: collections.deque = collections.deque(maxlen=4)  # s the main loader waited, last syncs
         self.created = time.monotonic()
 
     @property
@@ -100,6 +110,9 @@ class MultifdReceiver:
     def add(self, transport, index: int) -> MultifdRecvChannel:
         """A multifd connection was accepted (channel_auth verified it when a gate is up): read it."""
         ch = MultifdRecvChannel(index, QEMUFileReader(transport, bufsize=READ_BUFFER, name=multifd_channel_name(index)))
+        # A channel may carry nothing for long (every page of a pass went to the others): no idle
+        # bound here; the source's liveness is watched on the main channel and by TCP (liveness-timeout).
+        ch.reader.idle_timeout = None
         ch.thread = threading.Thread(target=self._run, args=(ch,), name=f"load-{ch.name}", daemon=True)
         with self.cond:
             self.channels.append(ch)
@@ -115,14 +128,15 @@ class MultifdReceiver:
         connected within ``connect_timeout``, or ended before its FIN), or
         ChannelError once stopped.
         """
-        deadline = time.monotonic() + self.connect_timeout
+        t0 = time.monotonic()
+        deadline = t0 + self.connect_timeout
         with self.cond:
             while True:
                 if self.error is not None:
                     raise self.error
                 if self.stopped:
                     raise ChannelError("multifd channels stopped")
-                if len(self.by_id) == self.n and all(c.reached >= self.pass_ for c in self.channels):
+                if len(self.by_id) == self.n and self.arrived >= self.n:
                     break
                 if len(self.by_id) < self.n and time.monotonic() > deadline:
                     have = sorted(self.by_id)
@@ -130,9 +144,11 @@ class MultifdReceiver:
                     raise M.MultifdChannelMissing(
                         f"multifd channel(s) {missing} of {self.n} never connected in {self.connect_timeout:g} s "
                         f"(connected: {have}); enable multifd with the same multifd-channels on both sides")
-                self.cond.wait(0.1)
+                self.cond.wait(0.1 if len(self.by_id) < self.n else 1.0)
             self.pass_ += 1
-            self.cond.notify_all()
+            self.arrived = 0
+            self.released.notify_all()
+            self.sync_waits.append(time.monotonic() - t0)
 
     def close_placement(self) -> None:
         """POSTCOPY_LISTEN: no multifd page may be placed from now on."""
@@ -144,6 +160,7 @@ class MultifdReceiver:
         with self.cond:
             self.stopped = True
             self.cond.notify_all()
+            self.released.notify_all()
         for c in self.channels:
             c.reader.shutdown()
 
@@ -156,6 +173,11 @@ class MultifdReceiver:
                 c.reader.transport.close()
             except OSError:
                 pass
+
+    def figures(self) -> dict:
+        """query-migrate figures: how long the main loader waited at the last sync points (ms, oldest
+        first; the last two of a precopy are the stop-and-copy's)."""
+        return {"sync-wait-ms": [round(w * 1000, 3) for w in self.sync_waits]}
 
     def stats(self) -> dict:
         """Per-channel figures (query-migrate ``channels``); ``last-placed-ms`` counts from this object's creation."""
@@ -172,21 +194,40 @@ class MultifdReceiver:
         try:
             self._receive(ch)
         except BaseException as e:  # noqa: BLE001 - reported, never lost
-            with self.cond:
-                if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
-                    return  # our own shutdown
-                first = self.error is None
-                if first:
-                    self.error = e
-                self.cond.notify_all()
+            self._report(e)
+
+    def _report(self, e: BaseException) -> None:
+        """Keep the first receiver error and hand it to ``on_error`` (once)."""
+        with self.cond:
+            if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
+                return  # our own shutdown
+            first = self.error is None
             if first:
-                self.on_error(e)
+                self.error = e
+            self.cond.notify_all()
+            self.released.notify_all()
+        if first:
+            self.on_error(e)
 
     def _receive(self, ch: MultifdRecvChannel) -> None:
         r = ch.reader
         if not r.fill(C.FERRY_MULTIFD_INIT_SIZE):
             raise M.MultifdChannelMissing(f"multifd channel {ch.name}: connection ended before its init record")
-        cid = M.parse_init(r.view()[:C.FERRY_MULTIFD_INIT_SIZE], self.n, ch.name)
+        try:
+            cid = M.parse_init(r.view()[:C.FERRY_MULTIFD_INIT_SIZE], self.n, ch.name)
+        except M.MultifdChannelsMismatch as e:
+            # Reported before the source can learn it and close its main channel (this side's
+            # error is then this one, not a truncated stream), and answered under the lock that
+            # shutdown() takes before it closes any channel (the answer is not cut off).
+            with self.cond:
+                first = self.error is None
+                if first:
+                    self.error = e
+                    self.on_error(e)  # sets the destination's error and stops its main loader only
+                self._reply(ch, C.FERRY_MULTIFD_REPLY_CHANNELS)  # the source names both counts too
+                self.cond.notify_all()
+                self.released.notify_all()
+            raise
         r.consume(C.FERRY_MULTIFD_INIT_SIZE)
         with self.cond:
             if cid in self.by_id:
@@ -195,6 +236,7 @@ class MultifdReceiver:
             ch.id = cid
             self.by_id[cid] = ch
             self.cond.notify_all()
+        self._reply(ch, C.FERRY_MULTIFD_REPLY_OK)
         ram = self._ram()
         received = self._received()
         ch.decoder = dec = M.MultifdDecoder(ram.infos(), ch.name)
@@ -222,12 +264,21 @@ class MultifdReceiver:
             if pkt.sync:
                 with self.cond:
                     ch.reached = pkt.pass_
-                    self.cond.notify_all()
+                    self.arrived += 1  # a packet of another pass than the open one: the decoder refused it
+                    if self.arrived >= self.n:
+                        self.cond.notify()  # only the main loader waits on it
                     while self.pass_ <= pkt.pass_:
                         if self.stopped or self.error is not None:
                             return
-                        self.cond.wait(0.1)
+                        self.released.wait(1.0)
                 dec.advance()
+
+    def _reply(self, ch: MultifdRecvChannel, status: int) -> None:
+        """Answer the init record (the source waits for it before it sends a page)."""
+        try:
+            H.send_bytes(ch.reader.transport, M.encode_init_reply(status, self.n))
+        except OSError:
+            pass  # the connection is gone: reading it says so
 
     def _place(self, ch: MultifdRecvChannel, ram, received, checker: PageChecker, pkt: M.MultifdPacket) -> None:
         """Check a packet's pages, then write them into guest RAM and mark them received."""

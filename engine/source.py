@@ -44,6 +44,7 @@ from . import stats as S
 from . import switchover as SW
 from .bitmap import PageBitmap
 from . import multifd_send as MF
+from .downtime import stop_estimate
 from .callbacks import weak_callback
 from .channel_auth import ROLE_MAIN, check_plaintext, open_channel
 from .params import MigrationConfig
@@ -177,8 +178,7 @@ class MigrationSource:
         if self.config.cap("postcopy-preempt") and not self.config.cap("postcopy-ram"):
             raise ValueError("postcopy-preempt needs the postcopy-ram capability")
         if self.config.cap("multifd"):
-            if u.scheme == "file":
-                raise ValueError("multifd needs a live destination: not possible with a file: uri")
+            MF.refuse_file_uri(u, "destination")
             if not self.peer.ferry_only_capabilities:
                 raise ValueError("multifd: Ferry's multifd packets are not QEMU's; turn multifd off for peer=qemu")
         check_plaintext(self.config, u, "connecting to")  # PlaintextRefused (a ValueError)
@@ -283,6 +283,7 @@ class MigrationSource:
                                      "duplicate": ch.zero_pages} for ch in self.channels}
             if self.multifd is not None:
                 st.channels.update(self.multifd.stats())
+                st.extra.update(self.multifd.figures())
                 if st.status not in ST.FINAL_STATES:
                     st.transferred += self.multifd.transferred
         if self.sched is not None and self.in_postcopy:
@@ -509,15 +510,18 @@ class MigrationSource:
             ch.flush()
             self._update_bandwidth()
             remaining = (sum(bm.count() for bm in self.bitmaps.values()) + self._multifd_queued()) * C.TARGET_PAGE_SIZE
-            threshold = loop.bandwidth * downtime_limit
+            fixed = self._multifd_stop_cost()
+            expected, _ = stop_estimate(remaining, loop.bandwidth, downtime_limit, fixed)  # engine/downtime.py
             st.remaining = remaining
-            if loop.bandwidth > 0:
-                st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
-            if remaining <= threshold:
+            if expected is not None:
+                st.expected_downtime_ms = int(expected * 1000)
+            if stop_estimate(remaining, loop.bandwidth, downtime_limit)[1]:  # the pass ends on its bytes alone
                 remaining = (self._sync() + self._multifd_queued()) * C.TARGET_PAGE_SIZE
-                if loop.bandwidth > 0:  # the estimate the stop decision uses
-                    st.expected_downtime_ms = int(remaining / loop.bandwidth * 1000)
-                if remaining <= threshold and not self._should_switch():
+                fixed = self._multifd_stop_cost()  # with the round this sync made, when it is the first
+                expected, fits = stop_estimate(remaining, loop.bandwidth, downtime_limit, fixed)
+                if expected is not None:  # the estimate the stop decision uses
+                    st.expected_downtime_ms = int(expected * 1000)
+                if fits and not self._should_switch():
                     return False
 
     def _should_switch(self) -> bool:
@@ -594,6 +598,8 @@ class MigrationSource:
         # The guest is paused: every byte now adds to the downtime.
         self._downtime_unlimited = True
         ch.writer.rate_limit = 0
+        if self.multifd is not None:
+            self.multifd.set_rate_limit(0)  # its channels too: the rest goes out unlimited
         t_paused = time.monotonic()
         self._sync(guest_running=False)
         t_synced = time.monotonic()
@@ -738,6 +744,11 @@ class MigrationSource:
         """Target pages queued on multifd channels, not sent yet (0 without multifd)."""
         mf = self.multifd
         return mf.queued_pages if mf is not None and not mf.finished else 0
+
+    def _multifd_stop_cost(self) -> float:
+        """Seconds the stop spends in multifd sync rounds (engine/multifd_send.py; 0 without multifd)."""
+        mf = self.multifd
+        return mf.stop_cost() if mf is not None and not mf.finished else 0.0
 
     def _multifd_bytes(self) -> int:
         return self.multifd.transferred if self.multifd is not None else 0

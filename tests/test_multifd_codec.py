@@ -170,7 +170,7 @@ def test_init_record_names_channel_id_and_count():
     assert M.parse_init(M.encode_init(3, 4), 4) == 3
     with pytest.raises(M.MultifdChannelTwice, match="channel id 5, expected 1 to 4"):
         M.parse_init(bytearray(M.encode_init(4, 4))[:8] + bytes([5, 4, 0, 0, 0, 0, 0, 0]), 4)
-    with pytest.raises(M.MultifdError, match="source has multifd-channels 2, destination 4"):
+    with pytest.raises(M.MultifdError, match="multifd-channels: source 2, destination 4"):
         M.parse_init(M.encode_init(1, 2), 4)
     with pytest.raises(ValueError):
         M.encode_init(0, 2)
