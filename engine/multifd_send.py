@@ -22,6 +22,7 @@ channels/multifd_codec.py.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 from typing import Callable
 
@@ -247,12 +248,32 @@ class MultifdSender:
         ch.writer.flush()
         return self._take(ch)
 
-    def _done(self, ch: MultifdSendChannel, item) -> None:
+    def _done(self, ch: MultifdSendChannel, item, count: int = 1) -> None:
+        """``count`` queue entries were sent (``item`` a SYNC or FIN, or ``count`` runs of that many pages)."""
         with self.cond:
-            ch.queue.popleft()
+            for _ in range(count):
+                ch.queue.popleft()
             if isinstance(item, tuple):
                 ch.queued_pages -= item[2] - item[1]
+            elif isinstance(item, int):
+                ch.queued_pages -= item
             self.cond.notify_all()
+
+    def _more(self, ch: MultifdSendChannel, block, have: int) -> list:
+        """Runs of ``block`` queued after the first one, as many as fit one packet with its ``have`` pages.
+
+        The send loop hands out runs of at most scheduler.RUN_PAGES (1 MiB); a
+        packet takes FERRY_MULTIFD_PACKET_PAGES (2 MiB): half the packets, half
+        the per-packet work on both sides.
+        """
+        out = []
+        with self.cond:
+            for nxt in itertools.islice(ch.queue, 1, None):
+                if not isinstance(nxt, tuple) or nxt[0] is not block or have + nxt[2] - nxt[1] > PACKET:
+                    break
+                out.append(nxt)
+                have += nxt[2] - nxt[1]
+        return out
 
     def _run(self, ch: MultifdSendChannel) -> None:
         try:
@@ -272,8 +293,13 @@ class MultifdSender:
                     ch.pass_ += 1
                     continue
                 block, p0, p1 = item
+                if p1 - p0 < PACKET:
+                    runs = [item] + self._more(ch, block, p1 - p0)
+                    self._packet(ch, block, [(r[1], r[2]) for r in runs])
+                    self._done(ch, sum(r[2] - r[1] for r in runs), len(runs))
+                    continue
                 for c0 in range(p0, p1, PACKET):
-                    self._packet(ch, block, c0, min(p1, c0 + PACKET))
+                    self._packet(ch, block, [(c0, min(p1, c0 + PACKET))])
                 self._done(ch, item)
         except BaseException as e:  # noqa: BLE001 - reported to the migration thread, never lost
             with self.cond:
@@ -285,33 +311,52 @@ class MultifdSender:
             if first:
                 self.on_fault(self.error)
 
-    def _packet(self, ch: MultifdSendChannel, block, c0: int, c1: int) -> None:
-        """One packet of target pages [c0, c1) of ``block``: zero pages found, check values, data by reference."""
+    def _packet(self, ch: MultifdSendChannel, block, ranges: list) -> None:
+        """One packet of the target pages of ``block`` in ``ranges`` ([(c0, c1), ...], at most PACKET
+        pages in all): zero pages found, check values, data by reference (an iovec entry per run)."""
         w = ch.writer
-        k = c1 - c0
-        if self.page_checks and self.guest_running():
-            words, base, keep = ch._stage.take(block, c0, c1)
+        staged = self.page_checks and self.guest_running()
+        datas, zeros, fpss, iovs, keeps = [], [], [], [], []
+        nd = 0
+        for c0, c1 in ranges:
+            if staged:
+                words, base, keep = ch._stage.take(block, c0, c1)
+            else:
+                words = block.words[c0:c1]
+                base, keep = block.address + c0 * PAGE, block
+            if self.page_checks:
+                fps = page_fingerprints(words)
+                nonzero = nonzero_from_fingerprints(words, fps)
+            else:
+                nonzero = nonzero_pages(words)
+            data = np.flatnonzero(nonzero)
+            zero = np.flatnonzero(~nonzero)
+            if self.page_checks:
+                fpss.append(np.concatenate((fps[data], fps[zero])))
+            if len(data):
+                iovs.append(page_iovec(base, data, PAGE))
+                keeps.append(keep)
+                nd += len(data)
+            datas.append(data + c0)
+            zeros.append(zero + c0)
+        if len(ranges) == 1:
+            pages = np.concatenate((datas[0], zeros[0]))
+            fps = fpss[0] if fpss else None
         else:
-            words = block.words[c0:c1]
-            base, keep = block.address + c0 * PAGE, block
-        checks = None
-        if self.page_checks:
-            fps = page_fingerprints(words)
-            nonzero = nonzero_from_fingerprints(words, fps)
-        else:
-            nonzero = nonzero_pages(words)
-        data = np.flatnonzero(nonzero)
-        local = np.concatenate((data, np.flatnonzero(~nonzero)))
-        pages = local + c0
-        if self.page_checks:
-            checks = fps[local] ^ place_values(block.idstr, pages)
+            pages = np.concatenate(datas + zeros)
+            # fpss holds each range's data then zero values: put every range's data values first
+            fps = None
+            if fpss:
+                nds = [len(d) for d in datas]
+                fps = np.concatenate([f[:k] for f, k in zip(fpss, nds)] + [f[k:] for f, k in zip(fpss, nds)])
+        checks = None if fps is None else fps ^ place_values(block.idstr, pages)
         ch.packets += 1
-        w.put_bytes(M.encode_packet_head(0, block.idstr, pages, len(data), ch.packets, ch.pass_, checks))
-        nd = len(data)
+        w.put_bytes(M.encode_packet_head(0, block.idstr, pages, nd, ch.packets, ch.pass_, checks))
         if nd:
-            w.put_iovec(page_iovec(base, data, PAGE), nd * PAGE, keep=keep)
+            iov = iovs[0] if len(iovs) == 1 else np.concatenate(iovs)
+            w.put_iovec(iov, nd * PAGE, keep=keeps[0] if len(keeps) == 1 else keeps)
         ch.normal_pages += nd
-        ch.zero_pages += k - nd
+        ch.zero_pages += len(pages) - nd
 
 
 def open_multifd(uri, cfg, n: int, page_checks: bool, guest_running, on_fault) -> MultifdSender:

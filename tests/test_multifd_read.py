@@ -17,6 +17,8 @@ plays the source with the codec's encoder.
   pages cleared and not marked received.
 - POSTCOPY_LISTEN while a packet's pages are being read: close_placement
   waits for it and raises its error when its check fails.
+- The sender merges runs queued behind each other into packets of up to 512
+  pages (zero pages among them); the receiver places them all, digests equal.
 """
 from __future__ import annotations
 
@@ -38,8 +40,10 @@ from ferry_migrate.channels.errors import PageIntegrityError
 from ferry_migrate.channels.iovec import page_iovec
 from ferry_migrate.channels.multifd_read import PacketReader
 from ferry_migrate.channels.pagecheck import check_values
+from ferry_migrate.channels.qemufile import QEMUFileWriter
 from ferry_migrate.channels.transport import SocketTransport, Transport
 from ferry_migrate.engine.multifd_recv import MultifdReceiver, fingerprints_in_place
+from ferry_migrate.engine.multifd_send import MultifdSender
 from ferry_migrate.engine.postcopy import ReceivedPages
 from ferry_migrate.engine.ram import GuestRAM
 
@@ -287,3 +291,51 @@ def test_fingerprints_in_place_match_those_of_a_copy():
             assert (fingerprints_in_place(w, p) == want).all()
     finally:
         ram.close()
+
+
+@pytest.mark.parametrize("checks", [True, False])
+def test_queued_runs_go_out_merged_into_packets_and_land_whole(checks):
+    """The sender merges runs queued behind each other into one packet (at most 512 pages): the
+    receiver places every page, zero pages among them, and the digests agree."""
+    src, dst = GuestRAM.create(8 << 20), GuestRAM.create(8 << 20)
+    received = ReceivedPages(dst)
+    errors: list = []
+    laid_out = threading.Event()  # the receiver reads nothing before: the sender blocks, runs queue up
+
+    def ram():
+        laid_out.wait(WAIT)
+        return dst
+    a, b = socket.socketpair()
+    rx = MultifdReceiver(1, ram, lambda: received, lambda: checks, errors.append, WAIT)
+    tx = None
+    try:
+        src.fill("mixed")  # one page in four is a zero page
+        dst.blocks[0].words[:] = 7  # stale contents everywhere
+        rx.add(SocketTransport(b, "test"), 1)
+        tx = MultifdSender([QEMUFileWriter(SocketTransport(a, "test"))], page_checks=checks)
+        blk = src.blocks[0]
+        runs = [(p, min(p + 100, blk.npages)) for p in range(0, blk.npages, 100)]
+        feeder = threading.Thread(target=lambda: [tx.send_range(blk, p, q) for p, q in runs])
+        feeder.start()
+        wait_until(lambda: tx.queued_pages >= 900, WAIT, "runs queued behind a blocked send")
+        laid_out.set()
+        feeder.join(WAIT)
+        tx.sync()
+        wait_until(lambda: rx.channels[0].reached == 1 or errors, WAIT, "the SYNC")
+        rx.sync_main()
+        tx.finish(WAIT)
+        wait_until(lambda: rx.channels[0].done or errors, WAIT, "FIN")
+        assert not errors
+        assert dst.digests() == src.digests()
+        assert received.bitmaps[blk.idstr].bits.all()
+        sent = tx.stats()["multifd-1"]
+        assert sent["packets"] - 2 < len(runs)  # merged (SYNC and FIN are packets too)
+        assert sent["normal"] == rx.stats()["multifd-1"]["normal"] == blk.npages - blk.npages // 4
+    finally:
+        laid_out.set()
+        if tx is not None:
+            tx.shutdown()
+        rx.close()
+        a.close()
+        src.close()
+        dst.close()
