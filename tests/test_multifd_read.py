@@ -312,7 +312,9 @@ def test_queued_runs_go_out_merged_into_packets_and_land_whole(checks):
         src.fill("mixed")  # one page in four is a zero page
         dst.blocks[0].words[:] = 7  # stale contents everywhere
         rx.add(SocketTransport(b, "test"), 1)
-        tx = MultifdSender([QEMUFileWriter(SocketTransport(a, "test"))], page_checks=checks)
+        ta = SocketTransport(a, "test")
+        ta.tune(sndbuf=64 << 10)  # the first packet fills the socket: the sender blocks, the rest queues up
+        tx = MultifdSender([QEMUFileWriter(ta)], page_checks=checks)
         blk = src.blocks[0]
         runs = [(p, min(p + 100, blk.npages)) for p in range(0, blk.npages, 100)]
         feeder = threading.Thread(target=lambda: [tx.send_range(blk, p, q) for p, q in runs])
