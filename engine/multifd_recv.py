@@ -180,12 +180,12 @@ class MultifdReceiver:
         with self.cond:
             self.placement_closed = True
             self.closed_at = time.monotonic()
-            stuck = not self.cond.wait_for(lambda: not any(c.placing for c in self.channels), self.connect_timeout)
+            self.cond.wait_for(lambda: not any(c.placing for c in self.channels), self.connect_timeout)
+            stuck = [c.name for c in self.channels if c.placing]
             err = self.error
         if stuck:
             self.shutdown()
-            names = [c.name for c in self.channels if c.placing]
-            raise M.MultifdError(f"multifd channel(s) {names}: a packet's pages still being read "
+            raise M.MultifdError(f"multifd channel(s) {stuck}: a packet's pages still being read "
                                  f"{self.connect_timeout:g} s after POSTCOPY_LISTEN")
         if err is not None:
             raise err
