@@ -93,6 +93,18 @@ def advance(iov: np.ndarray, i: int, n: int) -> int:
     return i + k
 
 
+def page_iovec(address: int, pages: np.ndarray, page_size: int = 4096) -> np.ndarray:
+    """IOVEC array for ``pages`` (page indices, unique) of memory at ``address``: one entry per run of
+    consecutive pages, in the order of ``pages`` (the order their bytes go or come on the stream)."""
+    pages = np.asarray(pages, np.int64)
+    brk = np.flatnonzero(np.diff(pages) != 1) + 1
+    first = np.concatenate(([0], brk))
+    iov = np.empty(len(first), IOVEC)
+    iov["base"] = np.uint64(address) + pages[first].astype(np.uint64) * np.uint64(page_size)
+    iov["len"] = np.diff(np.concatenate((first, [len(pages)]))).astype(np.uint64) * np.uint64(page_size)
+    return iov
+
+
 def writev_all(fd: int, iov: np.ndarray) -> int:
     """Write every byte ``iov`` describes to ``fd``; returns the byte count.
 

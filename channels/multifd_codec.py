@@ -14,8 +14,10 @@ a packet for a pass already synced is caught, and a FIN flag that ends the
 channel.
 
 Everything here is pure: :class:`MultifdDecoder` is handed bytes and returns
-packets whose page data are views of those bytes; :func:`encode_packet_head`
-returns the bytes before the page data (the data go out by reference).
+packets whose page data are views of those bytes (:meth:`~MultifdDecoder.next_packet`),
+or a packet's head alone (:meth:`~MultifdDecoder.next_head`: the receiver reads
+the page data straight into guest memory); :func:`encode_packet_head` returns
+the bytes before the page data (the data go out by reference).
 """
 from __future__ import annotations
 
@@ -155,7 +157,7 @@ class MultifdPacket:
     ``block``: BlockInfo (None for a packet without pages); ``pages``: int64
     target-page indices, data pages first; ``nnormal``: how many are data
     pages; ``data``: (nnormal, 4096) uint8 view into the decoder's input (valid
-    until that buffer changes); ``checks``: (n,) uint64 or None; ``flags``,
+    until that buffer changes), None from :meth:`MultifdDecoder.next_head`; ``checks``: (n,) uint64 or None; ``flags``,
     ``packet_num``, ``pass_`` as on the wire.
     """
 
@@ -212,6 +214,22 @@ class MultifdDecoder:
 
     def next_packet(self, buf):
         """Decode one packet from ``buf``; returns (MultifdPacket, consumed) or (NEED_DATA, bytes needed)."""
+        return self._decode(buf, True)
+
+    def next_head(self, buf):
+        """Decode one packet's head from ``buf``: everything but its page data.
+
+        Returns (MultifdPacket with ``data`` None, head bytes consumed) or
+        (NEED_DATA, bytes needed); the packet's ``nnormal`` data pages
+        (``PAGE * nnormal`` bytes) follow the head on the stream, and the
+        caller reads them itself (engine/multifd_recv.py reads them straight
+        into guest memory). The same checks as :meth:`next_packet`, all made
+        before any page byte is read; the channel offset in messages counts
+        the data as read.
+        """
+        return self._decode(buf, False)
+
+    def _decode(self, buf, with_data: bool):
         if self.done:
             raise self._err(MultifdError, "bytes after the FIN packet")
         if self.synced:
@@ -244,7 +262,7 @@ class MultifdDecoder:
             raise self._err(MultifdError, f"{n} pages with an idstr of {idlen} bytes")
         checked = bool(flags & C.FERRY_MULTIFD_FLAG_CHECKS)
         pos = C.FERRY_MULTIFD_HEADER_SIZE
-        end = pos + idlen + 8 * n * (2 if checked else 1) + PAGE * nnormal
+        end = pos + idlen + 8 * n * (2 if checked else 1) + (PAGE * nnormal if with_data else 0)
         if len(buf) < end:
             return NEED_DATA, end
         blk = None
@@ -272,9 +290,9 @@ class MultifdDecoder:
         if checked:
             checks = np.frombuffer(buf, ">u8", n, pos).astype(np.uint64)
             pos += 8 * n
-        data = np.frombuffer(buf, np.uint8, PAGE * nnormal, pos).reshape(nnormal, PAGE)
+        data = np.frombuffer(buf, np.uint8, PAGE * nnormal, pos).reshape(nnormal, PAGE) if with_data else None
         self.packet_num = num
-        self.offset += end
+        self.offset += end if with_data else end + PAGE * nnormal
         if flags & C.FERRY_MULTIFD_FLAG_SYNC:
             self.synced = True
         if flags & C.FERRY_MULTIFD_FLAG_FIN:

@@ -421,24 +421,36 @@ class QEMUFileReader(_StickyError):
             elif self._end == len(self._buf):
                 self._make_room(need)
             try:
-                n = self.transport.recv_into(self._mv[self._end:])
+                n = self._recv(need)
             except OSError as e:
-                self.transport.aborted = e
-                timeout = _timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
-                self.set_error(timeout or ChannelError(f"read failed: {e.strerror or e}"))
-                self._check()
+                self._read_failed(e)
             if n == 0:
-                # Woken by shutdown() from another thread: that is the sticky
-                # error, not a clean end of stream.
-                self._check()
-                if self.transport.torn_down():
-                    self.set_error(self._teardown_error())
-                    self._check()
-                self.eof = True
+                self._read_ended()
                 return self._end - self._start >= need
             self._end += n
             self.transferred += n
         return True
+
+    def _recv(self, need: int) -> int:
+        """One read into the window after its end; bytes read (0: end of stream). Reads ahead."""
+        return self.transport.recv_into(self._mv[self._end:])
+
+    def _read_failed(self, e: OSError) -> None:
+        """A read raised ``e``: keep it as the sticky error (PeerTimeout or ChannelError) and raise that."""
+        self.transport.aborted = e
+        timeout = _timeout_error(e, self.name, "recv", self._idle_timeout, self.transport.liveness)
+        self.set_error(timeout or ChannelError(f"read failed: {e.strerror or e}"))
+        self._check()
+
+    def _read_ended(self) -> None:
+        """A read returned 0: raise the sticky error of a shutdown or a torn-down connection, else mark EOF."""
+        # Woken by shutdown() from another thread: that is the sticky
+        # error, not a clean end of stream.
+        self._check()
+        if self.transport.torn_down():
+            self.set_error(self._teardown_error())
+            self._check()
+        self.eof = True
 
     def _teardown_error(self) -> ChannelError:
         """The error of a connection the kernel tore down while the writer on it got the errno."""

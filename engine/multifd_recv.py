@@ -2,11 +2,25 @@
 
 Each receiver reads its channel's init record and answers it (OK, or the
 destination's multifd-channels when the counts differ), then packets
-(channels/multifd_codec.py), checks each packet's pages against their check
-values (page-checksums) and writes them into guest RAM in bulk: the packet's
-data pages are a view of the reader's window, copied into guest RAM with one
-numpy assignment; ``recv_into`` and the copies release the GIL, so N
-receivers work in parallel.
+(channels/multifd_codec.py). A packet's head (block, offsets, check values)
+is read and checked first, then its data pages are read *straight into
+guest RAM*: one recvmsg per packet with an iovec per run of consecutive
+pages, built in bulk with numpy (channels/multifd_read.py), as QEMU's
+multifd receiver reads into the pages' host addresses
+(migration/multifd-nocomp.c). No page byte is copied in user space; zero
+pages are cleared in bulk. The socket calls and numpy passes release the
+GIL, so N receivers work in parallel.
+
+Integrity (page-checksums): the check values are verified on the pages in
+guest RAM, right after they were read (their fingerprints computed in place,
+aligned). A mismatch fails the migration, the packet's data pages are
+cleared and never marked received. A damaged page still never reaches a
+running guest: multifd carries precopy only (its channels end before the
+switch, and no multifd page is placed after POSTCOPY_LISTEN: see below), and
+the destination's guest does not run before the migration completed, which
+a failed check prevents. The bad-input checks of the head (page count,
+offsets, pass, after LISTEN, a missing check value) all come before any page
+byte is read.
 
 Passes: after its SYNC packet of pass k a receiver stops reading. The main
 loader, at RAM_SAVE_FLAG_MULTIFD_FLUSH on the main stream, calls
@@ -21,7 +35,10 @@ condition for all, each arrival woke all N receivers (N x N wake-ups a pass).
 
 Placement ends at POSTCOPY_LISTEN (:meth:`close_placement`): the source
 flushes and closes its multifd channels before the switch, and a page on a
-multifd channel after LISTEN is an error, never placed.
+multifd channel after LISTEN is an error, never placed. A packet whose pages
+are being read when LISTEN comes (only a misbehaving source sends one) is
+finished and checked before LISTEN goes on, and its error fails the
+migration.
 """
 from __future__ import annotations
 
@@ -35,20 +52,36 @@ import numpy as np
 from ferry_migrate.channels import constants as C
 from ferry_migrate.channels import hello as H
 from ferry_migrate.channels import multifd_codec as M
-from ferry_migrate.channels.codec import RamRun
-from ferry_migrate.channels.errors import ChannelError
-from ferry_migrate.channels.pagecheck import PageChecker
-from ferry_migrate.channels.qemufile import QEMUFileReader
+from ferry_migrate.channels.errors import ChannelError, PageIntegrityError, UnverifiedStreamError
+from ferry_migrate.channels.iovec import page_iovec
+from ferry_migrate.channels.multifd_read import PacketReader
+from ferry_migrate.channels.pagecheck import page_fingerprints, place_values
 
 from .multifd_send import multifd_channel_name
+from .ram import page_selector
 
-READ_BUFFER = 4 << 20  # bytes: two whole packets of 2 MiB
+PAGE = C.TARGET_PAGE_SIZE
+
+
+def fingerprints_in_place(words: np.ndarray, pages: np.ndarray) -> np.ndarray:
+    """Fingerprints (channels/pagecheck.py) of target ``pages`` of (npages, 512) ``words``, in their order.
+
+    Computed on the memory itself (page-aligned): no copy when the pages are
+    consecutive or fill at least half of their span, else one gather.
+    """
+    sel = page_selector(pages)
+    if isinstance(sel, slice):
+        return page_fingerprints(words[sel])
+    lo, hi = int(pages.min()), int(pages.max()) + 1
+    if hi - lo <= 2 * len(pages):
+        return page_fingerprints(words[lo:hi])[pages - lo]
+    return page_fingerprints(words[pages])
 
 
 class MultifdRecvChannel:
     """One multifd channel of the destination: reader, decoder, checker, figures."""
 
-    def __init__(self, index: int, reader: QEMUFileReader):
+    def __init__(self, index: int, reader: PacketReader):
         self.index = index  # order of acceptance (the hello's index when there is one)
         self.id: int | None = None  # from its init record
         self.name = multifd_channel_name(index)
@@ -56,6 +89,7 @@ class MultifdRecvChannel:
         self.decoder: M.MultifdDecoder | None = None
         self.reached = 0  # the last pass whose SYNC this channel read
         self.done = False  # FIN read
+        self.placing = False  # reading a packet's pages into guest RAM, or checking them (under cond)
         self.normal_pages = 0
         self.zero_pages = 0
         self.last_placed: float | None = None  # monotonic time of its last placement
@@ -74,7 +108,8 @@ class MultifdReceiver:
     set as pages are placed); ``require_checks``: page-checksums;
     ``on_error(err)``: called once with the first receiver's error;
     ``connect_timeout``: seconds :meth:`sync_main` waits for a channel that
-    has not connected before MultifdChannelMissing.
+    has not connected before MultifdChannelMissing (and :meth:`close_placement`
+    for a packet being read).
     """
 
     def __init__(self, channels: int, ram: Callable, received: Callable, require_checks: Callable[[], bool],
@@ -109,7 +144,7 @@ class MultifdReceiver:
 
     def add(self, transport, index: int) -> MultifdRecvChannel:
         """A multifd connection was accepted (channel_auth verified it when a gate is up): read it."""
-        ch = MultifdRecvChannel(index, QEMUFileReader(transport, bufsize=READ_BUFFER, name=multifd_channel_name(index)))
+        ch = MultifdRecvChannel(index, PacketReader(transport, name=multifd_channel_name(index)))
         # A channel may carry nothing for long (every page of a pass went to the others): no idle
         # bound here; the source's liveness is watched on the main channel and by TCP (liveness-timeout).
         ch.reader.idle_timeout = None
@@ -151,10 +186,25 @@ class MultifdReceiver:
             self.sync_waits.append(time.monotonic() - t0)
 
     def close_placement(self) -> None:
-        """POSTCOPY_LISTEN: no multifd page may be placed from now on."""
+        """POSTCOPY_LISTEN: no multifd page may be placed from now on.
+
+        Waits (up to ``connect_timeout``) for a packet whose pages are being
+        read, and raises a receiver's error: pages whose check failed are not
+        left behind a LISTEN that went on. A packet still being read then
+        stops every channel, with MultifdError.
+        """
         with self.cond:
             self.placement_closed = True
             self.closed_at = time.monotonic()
+            self.cond.wait_for(lambda: not any(c.placing for c in self.channels), self.connect_timeout)
+            stuck = [c.name for c in self.channels if c.placing]
+            err = self.error
+        if stuck:
+            self.shutdown()
+            raise M.MultifdError(f"multifd channel(s) {stuck}: a packet's pages still being read "
+                                 f"{self.connect_timeout:g} s after POSTCOPY_LISTEN")
+        if err is not None:
+            raise err
 
     def shutdown(self) -> None:
         with self.cond:
@@ -194,12 +244,15 @@ class MultifdReceiver:
         try:
             self._receive(ch)
         except BaseException as e:  # noqa: BLE001 - reported, never lost
-            self._report(e)
+            self._report(e, ch)
 
-    def _report(self, e: BaseException) -> None:
+    def _report(self, e: BaseException, ch: MultifdRecvChannel | None = None) -> None:
         """Keep the first receiver error and hand it to ``on_error`` (once)."""
         with self.cond:
+            if ch is not None:
+                ch.placing = False  # with its error recorded: close_placement sees both at once
             if self.stopped and isinstance(e, ChannelError) and not isinstance(e, M.MultifdError):
+                self.cond.notify_all()
                 return  # our own shutdown
             first = self.error is None
             if first:
@@ -240,18 +293,18 @@ class MultifdReceiver:
         ram = self._ram()
         received = self._received()
         ch.decoder = dec = M.MultifdDecoder(ram.infos(), ch.name)
-        checker = PageChecker(ch.name, self._require_checks())
+        required = self._require_checks()
         while True:
-            pkt, n = dec.next_packet(r.view())
+            pkt, n = dec.next_head(r.view())
             if pkt is M.NEED_DATA:
                 if not r.fill(n):
                     raise M.MultifdChannelMissing(
                         f"multifd channel {ch.name}: connection ended before its FIN (after {r.transferred} bytes, "
                         f"packet {dec.packet_num}, pass {dec.pass_})")
                 continue
-            if len(pkt.pages):
-                self._place(ch, ram, received, checker, pkt)
             r.consume(n)
+            if len(pkt.pages):
+                self._place(ch, ram.blocks[pkt.block.index], received, required, pkt)
             if pkt.fin:
                 ch.done = True
                 # Nothing follows FIN: give the socket back now, not when the migration
@@ -280,23 +333,58 @@ class MultifdReceiver:
         except OSError:
             pass  # the connection is gone: reading it says so
 
-    def _place(self, ch: MultifdRecvChannel, ram, received, checker: PageChecker, pkt: M.MultifdPacket) -> None:
-        """Check a packet's pages, then write them into guest RAM and mark them received."""
-        if self.placement_closed:
-            raise M.MultifdError(f"multifd channel {ch.name}: {len(pkt.pages)} pages of block "
-                                 f"{pkt.block.idstr!r} after POSTCOPY_LISTEN; not placed")
-        k = pkt.nnormal
-        checks = pkt.checks
-        runs = []
-        if k:
-            runs.append(RamRun(pkt.block, pkt.pages[:k], pkt.data, None if checks is None else checks[:k]))
-        if k < len(pkt.pages):
-            runs.append(RamRun(pkt.block, pkt.pages[k:], None, None if checks is None else checks[k:]))
-        for run in runs:
-            checker.check(run)  # PageIntegrityError / UnverifiedStreamError before anything is written
-            blk = ram.blocks[run.block.index]
-            blk.write_pages(run.pages, run.data)
-            received.bitmaps[blk.idstr].bits[run.pages] = True
+    def _place(self, ch: MultifdRecvChannel, blk, received, required: bool, pkt: M.MultifdPacket) -> None:
+        """Read a packet's data pages straight into guest RAM, check them, clear its zero pages, mark
+        them received.
+
+        Raises (nothing marked received then): MultifdError after LISTEN or
+        UnverifiedStreamError (page-checksums on, no check values) before a
+        byte is read; MultifdChannelMissing (the stream ended in the page
+        data) or PageIntegrityError (a check value differs) after, the
+        packet's data pages cleared.
+        """
+        n, k = len(pkt.pages), pkt.nnormal
+        if pkt.checks is None and required:
+            raise UnverifiedStreamError(
+                f"multifd channel {ch.name}: packet {pkt.packet_num} ({n} pages from offset "
+                f"0x{int(pkt.pages[0]) << C.TARGET_PAGE_BITS:x} of block {blk.idstr!r}) carries no check values, "
+                "and page-checksums is on; not placed")
+        with self.cond:
+            if self.placement_closed:
+                raise M.MultifdError(f"multifd channel {ch.name}: {n} pages of block {blk.idstr!r} after "
+                                     "POSTCOPY_LISTEN; not placed")
+            ch.placing = True  # cleared below, or by _run once the error is recorded
+        data = pkt.pages[:k]
+        try:
+            if k and not ch.reader.read_pages(page_iovec(blk.address, data, PAGE), blk.view, blk.address):
+                raise M.MultifdChannelMissing(
+                    f"multifd channel {ch.name}: connection ended before its FIN, in the pages of packet "
+                    f"{pkt.packet_num} (after {ch.reader.transferred} bytes, pass {pkt.pass_})")
+            if pkt.checks is not None:
+                self._verify(ch, blk, pkt)
+        except BaseException:
+            if k:
+                blk.pages[page_selector(data)] = 0  # what arrived of them is not what was sent
+            raise
+        if k < n:
+            blk.write_pages(page_selector(pkt.pages[k:]), None)
+        received.bitmaps[blk.idstr].bits[page_selector(pkt.pages)] = True
         ch.normal_pages += k
-        ch.zero_pages += len(pkt.pages) - k
+        ch.zero_pages += n - k
         ch.last_placed = time.monotonic()
+        with self.cond:
+            ch.placing = False
+            self.cond.notify_all()
+
+    @staticmethod
+    def _verify(ch: MultifdRecvChannel, blk, pkt: M.MultifdPacket) -> None:
+        """Check values of a packet's pages as they are in guest RAM (data pages) or will be (zero pages)."""
+        k = pkt.nnormal
+        actual = place_values(blk.idstr, pkt.pages)
+        if k:
+            actual[:k] ^= fingerprints_in_place(blk.words, pkt.pages[:k])
+        bad = np.flatnonzero(actual != pkt.checks)
+        if len(bad):
+            i = int(bad[0])
+            raise PageIntegrityError(ch.name, blk.idstr, int(pkt.pages[i]) << C.TARGET_PAGE_BITS,
+                                     int(pkt.checks[i]), int(actual[i]), len(bad))
