@@ -312,22 +312,8 @@ def throughput_main(args) -> int:
           f"{os.getloadavg()[0]:.2f} (shared machine: figures under load), guest {format_size(args.size)}, "
           f"destination workload {'light (64 pages/s)' if args.light else 'none'}, switch at "
           f"{args.after_percent} %, median of {args.repeat} [min-max]")
-    head = (f"{'link':<8} {'page':>4} {'guest':>5} {'case':<11} {'phase MiB/s':>22} {'overall MiB/s':>22} "
-            f"{'/precopy':>8} {'total':>7}")
-    print(head)
-    print("-" * len(head))
-    for c in cases:
-        pre = (f"{c['link']:<8} {page_label(c['page-size']):>4} {page_label(c.get('size', args.size)):>5} "
-               f"{c['case']:<11}")
-        if c.get("phase-MiBps") is None:
-            print(f"{pre} ERROR {c.get('error')}")
-            continue
-        sp, so = c.get("phase-MiBps-spread", [0, 0]), c.get("overall-MiBps-spread", [0, 0])
-        ratio = c.get("ratio-to-precopy")
-        print(f"{pre} {c['phase-MiBps']:>8.1f} [{sp[0]:.0f}-{sp[1]:.0f}]{'':>4} "
-              f"{c['overall-MiBps']:>8.1f} [{so[0]:.0f}-{so[1]:.0f}]{'':>4} "
-              f"{'-' if ratio is None else f'{ratio:.2f}':>8} {c['total-time-ms'] / 1000:>6.2f}s"
-              f"{'' if c['ok'] else '  FAILED: ' + str(c.get('error'))}")
+    for line in throughput_table(cases, args.size):
+        print(line)
     print("phase = precopy: all bytes over setup end -> confirmation; postcopy: bytes sent after the switch over "
           "switch end -> confirmation. /precopy = phase rate over precopy's.")
     print_split(cases)
@@ -339,6 +325,35 @@ def throughput_main(args) -> int:
             "all-ok": all(c.get("ok") for c in cases),
         }))
     return 0 if all(c.get("ok") for c in cases) else 1
+
+
+def throughput_table(cases: list[dict], size: int) -> list[str]:
+    """The --throughput table as lines: one per case, columns as wide as their longest cell
+    (case names such as ``preempt-socket`` and spreads such as ``[1241-1242]`` vary in width)."""
+    rows = []
+    for c in cases:
+        pre = [c["link"], page_label(c["page-size"]), page_label(c.get("size", size)), c["case"]]
+        if c.get("phase-MiBps") is None:
+            rows.append((pre, None, f"ERROR {c.get('error')}"))
+            continue
+        sp, so = c.get("phase-MiBps-spread", [0, 0]), c.get("overall-MiBps-spread", [0, 0])
+        ratio = c.get("ratio-to-precopy")
+        cells = [f"{c['phase-MiBps']:.1f} [{sp[0]:.0f}-{sp[1]:.0f}]", f"{c['overall-MiBps']:.1f} [{so[0]:.0f}-{so[1]:.0f}]",
+                 "-" if ratio is None else f"{ratio:.2f}", f"{c['total-time-ms'] / 1000:.2f}s"]
+        rows.append((pre, cells, "" if c["ok"] else "  FAILED: " + str(c.get("error"))))
+    names = ["link", "page", "guest", "case", "phase MiB/s", "overall MiB/s", "/precopy", "total"]
+    left = {0, 3}  # link and case read left-aligned, figures right-aligned
+    width = [max([len(n)] + [len((r[0] + (r[1] or []))[i]) for r in rows if i < len(r[0]) + len(r[1] or [])])
+             for i, n in enumerate(names)]
+
+    def line(cells):
+        return " ".join(f"{v:<{width[i]}}" if i in left else f"{v:>{width[i]}}" for i, v in enumerate(cells))
+
+    head = line(names)
+    out = [head, "-" * len(head)]
+    for pre, cells, note in rows:
+        out.append(line(pre) + " " + note if cells is None else line(pre + cells) + note)
+    return out
 
 
 def install_signal_handlers() -> None:
