@@ -82,6 +82,19 @@ def _postcopy_lines(s: dict, d: dict, w: int) -> list[str]:
     return lines
 
 
+def more_lines(s: dict, d: dict, w: int) -> list[str]:
+    """The "more" lines: the figures the engine adds beyond QEMU's, per side, from both sides'
+    query-migrate. A figure not measured (null, e.g. multifd-sync-ms before any sync round)
+    is left out rather than printed as a placeholder."""
+    lines = []
+    for side, q in (("source", s), ("destination", d)):
+        other = {k: v for k, v in q.items() if k not in KNOWN and v is not None and not isinstance(v, (dict, list))}
+        if other:
+            lines.append(f"  {'more':<{w}} {side:<12} "
+                         + ", ".join(f"{k} {UNITS.get(k, str)(v)}" for k, v in sorted(other.items())))
+    return lines
+
+
 def render(out: Outcome) -> list[str]:
     """Report lines (rich markup)."""
     s, d = out.source, out.destination
@@ -158,12 +171,7 @@ def render(out: Outcome) -> list[str]:
                      f"{ch.get('duplicate', 0)} zero")
     if "postcopy-active" in out.states("source"):
         lines += _postcopy_lines(s, d, w)
-    # Figures the engine adds beyond QEMU's.
-    for side, q in (("source", s), ("destination", d)):
-        other = {k: v for k, v in q.items() if k not in KNOWN and not isinstance(v, (dict, list))}
-        if other:
-            lines.append(f"  {'more':<{w}} {side:<12} "
-                         + ", ".join(f"{k} {UNITS.get(k, str)(v)}" for k, v in sorted(other.items())))
+    lines += more_lines(s, d, w)
     lines.append(f"  {'workers':<{w}} source       {_worker_line('source', out)}")
     lines.append(f"  {'':<{w}} destination  {_worker_line('destination', out)}")
     if s.get("digests"):
