@@ -455,6 +455,11 @@ def cmd_demo(args) -> int:
             # The demo's workers start with multifd off: the parameter alone would change nothing.
             raise ValueError(f"parameter 'multifd-channels' {params['multifd-channels']}: has no effect without "
                              "the multifd capability; add --cap multifd")
+        if "preempt-write-breaks" in params and not (caps.get("postcopy-ram") and caps.get("postcopy-preempt")):
+            # It shapes the PRECOPY channel's writes after a preempt switch only: without one it changes nothing.
+            how = "drop --precopy" if args.precopy else "leave postcopy-ram and postcopy-preempt on"
+            raise ValueError(f"parameter 'preempt-write-breaks' {params['preempt-write-breaks']}: has no effect "
+                             f"without postcopy-ram and postcopy-preempt; {how}")
         _check_demo_hugepages(args)
         if args.uri is not None and args.uri.startswith("file:") and caps.get("postcopy-ram"):
             raise ValueError(f"migration uri {args.uri!r}: the demo's postcopy needs a live destination; "
