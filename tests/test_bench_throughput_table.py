@@ -39,3 +39,13 @@ def test_a_failed_case_keeps_its_row_and_error():
              {"link": "loopback", "page-size": MIB2, "case": "preempt", "phase-MiBps": None, "error": "boom"}]
     lines = bench_postcopy.throughput_table(cases, 256 << 20)
     assert lines[-1].split()[3] == "preempt" and lines[-1].endswith("ERROR boom")
+
+
+def test_a_bad_breaks_mode_is_refused_before_any_run():
+    import subprocess
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench_postcopy.py"), "--quick", "--throughput",
+                        "--breaks", "socket,nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr[-500:])
+    assert "... loopback" not in r.stderr  # no case started
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--breaks 'nope'" in last and "step, floor, idle, socket" in last, last

@@ -50,6 +50,7 @@ from ferry_migrate.engine.local import GuestConfig, run_local_migration  # noqa:
 from ferry_migrate.engine.phasesplit import merge_splits, split  # noqa: E402
 from ferry_migrate.engine.ram import format_size  # noqa: E402
 from ferry_migrate.engine.reqtrace import STEPS, join, step_summary  # noqa: E402
+from ferry_migrate.engine.send_loop import BREAK_MODES  # noqa: E402
 from ferry_migrate.engine.testbed import LinkShape, Testbed, TestbedError, cleanup_stale, parse_rate, probe_link  # noqa: E402
 from ferry_migrate.engine.workload import WorkloadConfig  # noqa: E402
 from bench_args import page_sizes_arg, positive_arg, size_arg, size_type  # noqa: E402
@@ -483,6 +484,9 @@ def parse_args(argv=None):
                    help="--throughput: add preempt-nolowat (precopy-notsent-lowat 0)")
     a = p.parse_args(argv)
     a.breaks = [x.strip() for x in a.breaks.split(",") if x.strip()]
+    bad = [x for x in a.breaks if x not in BREAK_MODES]
+    if bad:  # refused here rather than after the other cases ran
+        p.error(f"--breaks {bad[0]!r}: expected a comma list of {', '.join(BREAK_MODES)}")
     a.knob_cases = [("preempt-nolowat", {"precopy-notsent-lowat": 0})] if a.nolowat else []
     try:
         a.preempt_channels = [int(x) for x in a.preempt_channels.split(",") if x.strip()]
