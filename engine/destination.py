@@ -298,6 +298,9 @@ class MigrationDestination:
         if st.status not in S.FINAL_STATES and self.ram is not None:
             st.remaining = (self.ram.npages - self.received.count()) * C.TARGET_PAGE_SIZE
         st.extra.update(self.urgent.metrics())
+        if self._channel is None and self.gate.mismatch is not None and st.status == ST.SETUP:
+            # A source whose hello was refused never reaches this side's state: say why here too.
+            st.extra["incoming-refused"] = str(self.gate.mismatch)
         if self.postcopy_advised and self.faults is not None:
             st.extra.update(self.faults.metrics())
             if st.status in S.FINAL_STATES:  # engine/reqtrace.py: stage times of each request
