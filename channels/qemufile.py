@@ -198,10 +198,7 @@ class QEMUFileWriter(_StickyError):
     def flush(self) -> None:
         """Send everything queued. Raises ChannelError on failure (sticky)."""
         with self._lock:
-            self._check()
-            self._move_small()
-            iov, self._iov = self._iov, []
-            total, self._iov_bytes = self._iov_bytes, 0
+            iov, total = self._take_queued()
             if not iov:
                 return
             # One writev over everything queued; ``iov`` keeps every buffer alive until it returns.
@@ -222,10 +219,7 @@ class QEMUFileWriter(_StickyError):
         if piece <= 0:
             raise ValueError(f"flush piece of {piece} bytes: must be positive")
         with self._lock:
-            self._check()
-            self._move_small()
-            iov, self._iov = self._iov, []
-            total, self._iov_bytes = self._iov_bytes, 0
+            iov, total = self._take_queued()
             if not iov:
                 return
             arr = self._gather(iov)
@@ -249,11 +243,7 @@ class QEMUFileWriter(_StickyError):
                     i = k + 1
                 done = target
                 if done < total:
-                    try:
-                        between()
-                    except BaseException as e:
-                        self.set_error(ChannelError(f"stream left mid-record ({total - done} bytes unsent): {e!r}"))
-                        raise
+                    self._between(between, total - done)
 
     def can_drain(self) -> bool:
         """True when :meth:`flush_drain` may write this transport: a plain stream socket
@@ -276,10 +266,7 @@ class QEMUFileWriter(_StickyError):
         PeerTimeout; a failed write raises ChannelError. Needs :meth:`can_drain`.
         """
         with self._lock:
-            self._check()
-            self._move_small()
-            iov, self._iov = self._iov, []
-            total, self._iov_bytes = self._iov_bytes, 0
+            iov, total = self._take_queued()
             if not iov:
                 return
             arr = self._gather(iov)
@@ -293,11 +280,7 @@ class QEMUFileWriter(_StickyError):
             i = done = 0
             while done < total:
                 if pending():
-                    try:
-                        between()
-                    except BaseException as e:
-                        self.set_error(ChannelError(f"stream left mid-record ({total - done} bytes unsent): {e!r}"))
-                        raise
+                    self._between(between, total - done)
                 try:
                     n = sendmsg_nowait(fd, arr[i:])
                 except OSError as e:
@@ -319,6 +302,23 @@ class QEMUFileWriter(_StickyError):
                         except BlockingIOError:
                             pass
 
+    def _take_queued(self) -> tuple[list, int]:
+        """Under the lock: everything queued (buffers, bytes), the queue left empty. Raises the sticky error."""
+        self._check()
+        self._move_small()
+        iov, self._iov = self._iov, []
+        total, self._iov_bytes = self._iov_bytes, 0
+        return iov, total
+
+    def _between(self, between: Callable[[], None], unsent: int) -> None:
+        """Call ``between()`` mid-record; if it raises, the stream is left with ``unsent`` bytes of
+        the record unwritten: keep that as the sticky error and re-raise."""
+        try:
+            between()
+        except BaseException as e:
+            self.set_error(ChannelError(f"stream left mid-record ({unsent} bytes unsent): {e!r}"))
+            raise
+
     def _send_failed(self, e: OSError) -> None:
         """A write failed with ``e``: keep the sticky error (PeerTimeout or ChannelError) and raise it."""
         self.transport.aborted = e
@@ -331,10 +331,7 @@ class QEMUFileWriter(_StickyError):
         try:
             self._send_iovec(arr)
         except OSError as e:
-            self.transport.aborted = e
-            timeout = _timeout_error(e, self.name, "send", self._timeout, self.transport.liveness)
-            self.set_error(timeout or ChannelError(f"write failed: {e.strerror or e}"))
-            self._check()
+            self._send_failed(e)
         except ChannelError as e:
             self.set_error(e)
             self._check()
