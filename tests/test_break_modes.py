@@ -161,16 +161,9 @@ def test_socket_mode_serves_a_request_while_a_record_is_half_written():
         page_done.set()
         h.postcopy.extend(_recv_all(h.qb))
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (precopy_reader, postcopy_reader)]
     try:
-        for t in threads:
-            t.start()
-        h.send_all()
-        for t in threads:
-            t.join(WAIT)
+        pre_pages, pre_ends, post_pages = h.run_readers((precopy_reader, postcopy_reader), True)
         assert page_done.is_set()
-        pre_pages, pre_ends = decode(bytes(h.precopy), True, "precopy")
-        post_pages, _ = decode(bytes(h.postcopy), True, "postcopy-1")
     finally:
         h.close()
     assert post_pages == list(range(requested, requested + TPH))

@@ -173,6 +173,19 @@ class Harness:
         self.pa.shutdown(socket.SHUT_WR)
         self.qa.shutdown(socket.SHUT_WR)
 
+    def run_readers(self, readers, checks: bool) -> tuple[list, list, list]:
+        """Start ``readers`` (functions) in threads, send everything, join them; decode both
+        streams -> (PRECOPY pages, PRECOPY record ends, POSTCOPY pages)."""
+        threads = [threading.Thread(target=f, daemon=True) for f in readers]
+        for t in threads:
+            t.start()
+        self.send_all()
+        for t in threads:
+            t.join(WAIT)
+        pre_pages, pre_ends = decode(bytes(self.precopy), checks, "precopy")
+        post_pages, _ = decode(bytes(self.postcopy), checks, "postcopy-1")
+        return pre_pages, pre_ends, post_pages
+
     def close(self):
         for s in (self.pa, self.pb, self.qa, self.qb):
             s.close()
@@ -222,16 +235,9 @@ def test_request_served_while_a_record_is_half_written(checks):
                     if pages == TPH:
                         page_done.set()
 
-    threads = [threading.Thread(target=f, daemon=True) for f in (precopy_reader, postcopy_reader)]
     try:
-        for t in threads:
-            t.start()
-        h.send_all()
-        for t in threads:
-            t.join(WAIT)
+        pre_pages, pre_ends, post_pages = h.run_readers((precopy_reader, postcopy_reader), checks)
         assert page_done.is_set()
-        pre_pages, pre_ends = decode(bytes(h.precopy), checks, "precopy")
-        post_pages, _ = decode(bytes(h.postcopy), checks, "postcopy-1")
     finally:
         h.close()
     # The requested page on its POSTCOPY channel, whole; every other page once, in order, on PRECOPY.
