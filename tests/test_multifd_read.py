@@ -41,11 +41,12 @@ from ferry_migrate.channels.iovec import page_iovec
 from ferry_migrate.channels.multifd_read import PacketReader
 from ferry_migrate.channels.pagecheck import check_values
 from ferry_migrate.channels.transport import SocketTransport, Transport
-from ferry_migrate.engine.multifd_recv import MultifdReceiver, fingerprints_in_place
-from ferry_migrate.engine.postcopy import ReceivedPages
+from ferry_migrate.engine.multifd_recv import fingerprints_in_place
 from ferry_migrate.engine.ram import GuestRAM
 
 from .conftest import wait_until
+from .test_multifd_recv import Rig as ChannelsRig
+from .test_multifd_recv import rigs
 
 PAGE = C.TARGET_PAGE_SIZE
 NPAGES = 256  # a 1 MiB guest
@@ -88,34 +89,18 @@ def feed_in_chunks(sock: socket.socket, peer_fd: int, data: bytes, cuts: list[in
         pos = c
 
 
-class Rig:
-    def __init__(self, checks: bool, timeout: float = WAIT):
-        self.ram = GuestRAM.create(NPAGES * PAGE)
-        self.received = ReceivedPages(self.ram)
-        self.errors: list = []
-        self.rx = MultifdReceiver(1, lambda: self.ram, lambda: self.received, lambda: checks,
-                                  self.errors.append, timeout)
-        self.a, b = socket.socketpair()
-        self.b_fd = b.fileno()
-        self.rx.add(SocketTransport(b, "test"), 1)
+class Rig(ChannelsRig):
+    """One multifd channel on an NPAGES guest: ``a`` is the source's end, ``b_fd`` the receiver's socket."""
 
-    def close(self):
-        self.rx.close()
-        self.a.close()
-        self.ram.close()
+    def __init__(self, checks: bool, timeout: float = WAIT):
+        super().__init__(1, checks, timeout, size=NPAGES * PAGE)
+        self.a = self.connect(1)
+        self.b_fd = self.rx.channels[0].reader.transport.fileno()
 
 
 @pytest.fixture
 def rig():
-    made = []
-
-    def make(*a, **kw):
-        r = Rig(*a, **kw)
-        made.append(r)
-        return r
-    yield make
-    for r in made:
-        r.close()
+    yield from rigs(Rig)
 
 
 @st.composite

@@ -31,10 +31,10 @@ PAGE = C.TARGET_PAGE_SIZE
 
 
 class Rig:
-    """A receiver of ``n`` channels on one 4 MiB guest, fed through socket pairs."""
+    """A receiver of ``n`` channels on one guest of ``size`` bytes, fed through socket pairs."""
 
-    def __init__(self, n: int, checks: bool = False, timeout: float = 30.0):
-        self.ram = GuestRAM.create(4 << 20)
+    def __init__(self, n: int, checks: bool = False, timeout: float = 30.0, size: int = 4 << 20):
+        self.ram = GuestRAM.create(size)
         self.received = ReceivedPages(self.ram)
         self.errors: list = []
         self.rx = MultifdReceiver(n, lambda: self.ram, lambda: self.received, lambda: checks,
@@ -54,17 +54,22 @@ class Rig:
         self.ram.close()
 
 
-@pytest.fixture
-def rig():
+def rigs(cls):
+    """Fixture body: a maker of ``cls`` rigs, every one closed at the end."""
     made = []
 
     def make(*a, **kw):
-        r = Rig(*a, **kw)
+        r = cls(*a, **kw)
         made.append(r)
         return r
     yield make
     for r in made:
         r.close()
+
+
+@pytest.fixture
+def rig():
+    yield from rigs(Rig)
 
 
 def packet(pages, fill: int, num: int, pass_: int, flags: int = 0, checks=None, nnormal=None) -> bytes:
