@@ -169,7 +169,9 @@ def encode_reply(secret: str, hello_mac: bytes, status: int, message: str = "") 
 
 # --- blocking exchange over a Transport ---
 
-def _recv_exact(transport, n: int, what: str) -> bytes:
+def recv_exact(transport, n: int, what: str) -> bytes:
+    """Exactly ``n`` bytes from ``transport``; ChannelError naming ``what`` on a closed connection,
+    an error or a timeout (with how many bytes came)."""
     buf = bytearray(n)
     mv = memoryview(buf)
     got = 0
@@ -202,10 +204,10 @@ def send_bytes(transport, data: bytes) -> None:
 
 def read_hello(transport, secret: str) -> Hello:
     """Read one hello from ``transport`` and verify it; HelloRefused/HelloError/ChannelError."""
-    head = _recv_exact(transport, C.FERRY_HELLO_FIXED_SIZE, "channel hello")
+    head = recv_exact(transport, C.FERRY_HELLO_FIXED_SIZE, "channel hello")
     flen = parse_hello_fixed(head)[5]
-    feats = _recv_exact(transport, flen, "channel hello features") if flen else b""
-    mac = _recv_exact(transport, C.FERRY_HELLO_MAC_SIZE, "channel hello HMAC")
+    feats = recv_exact(transport, flen, "channel hello features") if flen else b""
+    mac = recv_exact(transport, C.FERRY_HELLO_MAC_SIZE, "channel hello HMAC")
     return verify_hello(secret, head, feats, mac)
 
 
@@ -218,7 +220,7 @@ def read_reply(transport, secret: str, hello_bytes: bytes) -> str:
     destination refused the hello: wrong secret, TLS on one side only).
     """
     try:
-        head = _recv_exact(transport, _REPLY.size, "channel hello reply")
+        head = recv_exact(transport, _REPLY.size, "channel hello reply")
     except ChannelError as e:
         raise ChannelError(f"{e} (the destination refused the channel hello: is migration-secret the same on "
                            "both sides, and tls-creds set on both or neither?)") from e
@@ -227,8 +229,8 @@ def read_reply(transport, secret: str, hello_bytes: bytes) -> str:
         raise HelloRefused(f"not a Ferry hello reply: first bytes {head[:8].hex()}{_looks_like(head)}")
     if mlen > C.FERRY_HELLO_MAX_MESSAGE:
         raise HelloError(f"hello reply message length {mlen}: at most {C.FERRY_HELLO_MAX_MESSAGE}")
-    msg = _recv_exact(transport, mlen, "channel hello reply") if mlen else b""
-    mac = _recv_exact(transport, C.FERRY_HELLO_MAC_SIZE, "channel hello reply HMAC")
+    msg = recv_exact(transport, mlen, "channel hello reply") if mlen else b""
+    mac = recv_exact(transport, C.FERRY_HELLO_MAC_SIZE, "channel hello reply HMAC")
     hello_mac = hello_bytes[-C.FERRY_HELLO_MAC_SIZE:]
     want = hmac.new(secret_key(secret), hello_mac + head + msg, hashlib.sha256).digest()
     text = msg.decode("utf-8", "replace")

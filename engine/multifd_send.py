@@ -540,7 +540,7 @@ def read_init_replies(writers: list, n: int, timeout: float, failed: BaseExcepti
         try:
             # After the deadline only answers already here are read.
             t.set_recv_timeout(max(0.05, deadline - time.monotonic()))
-            buf = _recv_exact(t, C.FERRY_MULTIFD_REPLY_SIZE, f"multifd channel {w.name}: answer to its init record")
+            buf = H.recv_exact(t, C.FERRY_MULTIFD_REPLY_SIZE, f"multifd channel {w.name}: answer to its init record")
             t.set_recv_timeout(None)
             M.parse_init_reply(buf, n, w.name)
         except M.MultifdChannelsMismatch as e:
@@ -550,20 +550,6 @@ def read_init_replies(writers: list, n: int, timeout: float, failed: BaseExcepti
                 first = e if isinstance(e, ChannelError) else ChannelError(f"multifd channel {w.name}: {e}")
     if first is not None:
         raise first
-
-
-def _recv_exact(t, size: int, what: str) -> bytes:
-    buf = bytearray(size)
-    view, got = memoryview(buf), 0
-    while got < size:
-        try:
-            r = t.recv_into(view[got:])
-        except OSError as e:
-            raise ChannelError(f"{what}: {e.strerror or e} after {got} of {size} bytes") from e
-        if r == 0:
-            raise ChannelError(f"{what}: the destination closed the connection after {got} of {size} bytes")
-        got += r
-    return bytes(buf)
 
 
 def write_flush(ch, section_id: int, end: bool = False) -> None:
