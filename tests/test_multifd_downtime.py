@@ -162,7 +162,10 @@ def test_a_channel_count_mismatch_names_the_parameter_and_both_values(src_n, dst
         assert s.wait(WAIT) == "failed"
         assert words in s.stats.error and "destination refused the migration" in s.stats.error, s.stats.error
         if secret:
-            assert d.status == ST.SETUP  # the hello refused it: nothing reached the destination's state
+            # The hello refused it: nothing reached the destination's state, and its query says why.
+            q = d.query()
+            assert q["status"] == ST.SETUP and "error-desc" not in q
+            assert words in q["incoming-refused"], q.get("incoming-refused")
         else:
             # Without the hello the destination learns it from the init records, fails, and says it too.
             assert d.wait(WAIT) == "failed", d.status
